@@ -1,0 +1,454 @@
+//! Typed configuration of the Quiver gateway.
+//!
+//! One TOML file (`quiver serve --config quiver.toml`) configures the front
+//! end (`[server]`), its certificate (`[tls]`) and the models it serves
+//! (`[[models]]`); see `DESIGN.md`, "Configuration". This crate turns that
+//! text into the typed [`Config`] that the gateway wires together, and knows
+//! nothing of sockets, models or threads: it only checks that an address
+//! parses as a [`SocketAddr`] and that a device is spelled `cpu`, `cuda` or
+//! `cuda:N`.
+//!
+//! Loading is two steps. The text is parsed by serde into *raw* structs,
+//! where every field is optional and unknown fields are rejected; a TOML
+//! syntax or type error stops here as one [`FieldError`] with the location
+//! toml reports. The raw structs are then checked into the typed ones, and
+//! every error found on the way (ranges, spellings, cross-field rules such as
+//! duplicate model names or a certificate without its key) is collected with
+//! its path, so an operator fixes a file in one pass:
+//!
+//! ```text
+//! models[1].max_batch_size: must be between 1 and 4096, got 0
+//! tls.key: required when tls.cert is set
+//! ```
+//!
+//! Every knob has a default, a unit (in its name or its doc) and, where it
+//! bounds memory, its worst case in its doc comment. The ranges are checked
+//! again by [`Config::validate`], so a configuration changed after loading
+//! (command-line flags) is held to the same rules.
+//!
+//! Relative paths (`tls.cert`, `models[].path`) are kept as written: they are
+//! relative to the working directory of the process, not to the file.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod raw;
+mod syntax;
+mod validate;
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole configuration of one gateway process.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The network front end: listeners and limits (`[server]`).
+    pub server: Server,
+    /// The certificate of the QUIC (and TLS-on-TCP) listeners (`[tls]`).
+    pub tls: Tls,
+    /// The models served, at least one, with unique names (`[[models]]`).
+    pub models: Vec<Model>,
+}
+
+impl Config {
+    /// The text of the embedded default configuration (`examples/default.toml`):
+    /// what `quiver serve` runs with no `--config`.
+    pub const EMBEDDED_DEFAULT_TOML: &'static str = include_str!("../examples/default.toml");
+
+    /// Parses and checks a configuration from TOML text.
+    ///
+    /// # Errors
+    ///
+    /// A TOML syntax or type error (including an unknown field) gives one
+    /// [`FieldError`], with the key path and the line and column that toml
+    /// reports. Otherwise every range, spelling and cross-field error in the
+    /// file is reported, each with its path.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw = syntax::parse_raw(text).map_err(|error| ConfigError {
+            errors: vec![error],
+        })?;
+        validate::from_raw(raw)
+    }
+
+    /// Reads and parses the configuration file at `path`.
+    ///
+    /// # Errors
+    ///
+    /// A file that cannot be read gives one error with path `<file>` that
+    /// names the file and the reason; otherwise as [`Config::parse`].
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+            errors: vec![FieldError::new(
+                "<file>",
+                format!("cannot read {}: {error}", path.display()),
+            )],
+        })?;
+        Config::parse(&text)
+    }
+
+    /// The embedded default configuration ([`Config::EMBEDDED_DEFAULT_TOML`]),
+    /// parsed: models `identity` and `mlp` (demo weights) on the CPU, and the
+    /// server on its defaults.
+    #[must_use]
+    pub fn embedded_default() -> Config {
+        // A constant text: the test `embedded_default_parses` guarantees it.
+        Config::parse(Config::EMBEDDED_DEFAULT_TOML)
+            .expect("the embedded default configuration parses (tested)")
+    }
+
+    /// Checks the ranges and cross-field rules of a configuration that was
+    /// changed after loading (for example by command-line flags), with the
+    /// same paths and messages as [`Config::parse`].
+    ///
+    /// # Errors
+    ///
+    /// Every error found, each with its path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = validate::Errors::default();
+        validate::check_config(self, &mut errors);
+        errors.into_result(())
+    }
+
+    /// The model named `name`, if it is configured.
+    #[must_use]
+    pub fn model(&self, name: &str) -> Option<&Model> {
+        self.models.iter().find(|model| model.name == name)
+    }
+}
+
+/// The network front end (`[server]`).
+///
+/// Worst-case request bytes held by the front end at once:
+/// `max_connections × max_concurrent_streams × max_frame_bytes`
+/// (defaults: 1024 × 256 × 16 MiB = 4 TiB). That product is an upper bound,
+/// not a budget: size `max_connections` and `max_frame_bytes` to the memory
+/// of the machine.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Server {
+    /// UDP address of the QUIC listener (ALPN `quiver/1`, later also `h3`).
+    /// TOML `quic_listen`, a string. Default `0.0.0.0:4433`.
+    pub quic_listen: SocketAddr,
+    /// TCP address of the Prometheus `/metrics` endpoint, or `None` for no
+    /// endpoint. TOML `metrics_listen`, a string; `""` or `"off"` disables it.
+    /// Default `0.0.0.0:8002`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Largest request frame accepted, in bytes; a larger one is refused
+    /// before it is buffered. TOML `max_frame_bytes`. Default 16 MiB
+    /// (16 777 216), range 1 KiB..=1 GiB. Worst case per connection:
+    /// `max_concurrent_streams × max_frame_bytes`.
+    pub max_frame_bytes: u32,
+    /// Streams a client may open at once on one QUIC connection. TOML
+    /// `max_concurrent_streams`. Default 256, range 1..=65535.
+    pub max_concurrent_streams: u32,
+    /// Client connections held at once; more are refused. TOML
+    /// `max_connections`. Default 1024, range 1..=1 048 576.
+    pub max_connections: u32,
+    /// A connection with no traffic for this long is closed. TOML
+    /// `idle_timeout_ms`, milliseconds. Default 30 000 (30 s), range
+    /// 1..=3 600 000 (1 h).
+    pub idle_timeout: Duration,
+    /// On SIGINT or SIGTERM, how long in-flight requests may drain before
+    /// the process exits. TOML `shutdown_grace_ms`, milliseconds. Default
+    /// 10 000 (10 s), range 0..=600 000 (10 min); 0 exits without draining.
+    pub shutdown_grace: Duration,
+}
+
+impl Server {
+    /// Default of [`Server::quic_listen`]: `0.0.0.0:4433`.
+    pub const DEFAULT_QUIC_LISTEN: SocketAddr =
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 4433));
+    /// Default of [`Server::metrics_listen`]: `0.0.0.0:8002` (Triton's port).
+    pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8002));
+    /// Default of [`Server::max_frame_bytes`]: 16 MiB.
+    pub const DEFAULT_MAX_FRAME_BYTES: u32 = 16 << 20;
+    /// Default of [`Server::max_concurrent_streams`].
+    pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+    /// Default of [`Server::max_connections`].
+    pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
+    /// Default of [`Server::idle_timeout`]: 30 s.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_millis(30_000);
+    /// Default of [`Server::shutdown_grace`]: 10 s.
+    pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_millis(10_000);
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            quic_listen: Server::DEFAULT_QUIC_LISTEN,
+            metrics_listen: Some(Server::DEFAULT_METRICS_LISTEN),
+            max_frame_bytes: Server::DEFAULT_MAX_FRAME_BYTES,
+            max_concurrent_streams: Server::DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_connections: Server::DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: Server::DEFAULT_IDLE_TIMEOUT,
+            shutdown_grace: Server::DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// The certificate of the listeners (`[tls]`): both files or neither.
+///
+/// With neither, a self-signed certificate is made at start-up (and its
+/// fingerprint printed). TLS 1.3 is always on for QUIC.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Tls {
+    /// PEM file with the certificate chain, leaf first. TOML `cert`.
+    /// Default none.
+    pub cert: Option<PathBuf>,
+    /// PEM file with the private key of `cert`. TOML `key`. Default none.
+    pub key: Option<PathBuf>,
+}
+
+/// One served model (`[[models]]`), with its batcher's knobs.
+///
+/// Worst-case request bytes queued for one model:
+/// `queue_capacity × priority_levels × server.max_frame_bytes`
+/// (defaults: 1024 × 2 × 16 MiB = 32 GiB); see
+/// [`Model::worst_case_queued_bytes`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Model {
+    /// Name clients ask for (`/v2/models/{name}`). Required; 1 to 128 of
+    /// `A-Z a-z 0-9 _ . -`, not `.` or `..`, unique in the file.
+    pub name: String,
+    /// What the model computes. Required: `"identity"` or `"mlp"`.
+    pub kind: ModelKind,
+    /// Model directory in the Hugging Face layout (for `mlp`: `config.json`
+    /// and `model.safetensors`). An `mlp` needs `path` or `demo`, not both;
+    /// `identity` takes neither. Default none.
+    pub path: Option<PathBuf>,
+    /// `mlp` only, instead of `path`: deterministic demo weights
+    /// (`[models.demo]`). Default none.
+    pub demo: Option<MlpDemo>,
+    /// Device that runs the model: `"cpu"`, `"cuda"` (the first GPU) or
+    /// `"cuda:N"`. Default `"cpu"`.
+    pub device: String,
+    /// Most requests (rows) in one batch. TOML `max_batch_size`. Default 32,
+    /// range 1..=4096.
+    pub max_batch_size: u32,
+    /// Most padded tokens in one batch (rows × longest sequence); bounds the
+    /// activation memory of one batch. TOML `max_batch_tokens`. Default
+    /// 16 384, range 1..=16 777 216, and at least `max_batch_size`.
+    pub max_batch_tokens: u32,
+    /// Longest a request waits for its batch to fill before the batch is
+    /// dispatched anyway. TOML `max_queue_delay_us`, microseconds. Default
+    /// 2000 (2 ms), range 0..=10 000 000 (10 s); 0 dispatches at once.
+    pub max_queue_delay: Duration,
+    /// Requests queued per priority lane; a full lane answers `Overloaded`.
+    /// TOML `queue_capacity`. Default 1024, range 1..=1 048 576. Worst case
+    /// `queue_capacity × priority_levels × server.max_frame_bytes` bytes
+    /// queued for this model.
+    pub queue_capacity: u32,
+    /// Priority lanes of the admission queue (0 is the most urgent). TOML
+    /// `priority_levels`. Default 2, range 1..=16.
+    pub priority_levels: u8,
+    /// Deadline of a request that sends none. TOML `default_timeout_ms`,
+    /// milliseconds. Default 1000 (1 s), range 1..=3 600 000 (1 h).
+    pub default_timeout: Duration,
+    /// Batches on the device at once (1: one batch computes while the next
+    /// one forms). TOML `max_in_flight`. Default 1, range 1..=8. Worst case
+    /// `max_in_flight` batches of activation memory on the device.
+    pub max_in_flight: u32,
+}
+
+impl Model {
+    /// Default of [`Model::device`].
+    pub const DEFAULT_DEVICE: &'static str = "cpu";
+    /// Default of [`Model::max_batch_size`].
+    pub const DEFAULT_MAX_BATCH_SIZE: u32 = 32;
+    /// Default of [`Model::max_batch_tokens`].
+    pub const DEFAULT_MAX_BATCH_TOKENS: u32 = 16_384;
+    /// Default of [`Model::max_queue_delay`]: 2 ms.
+    pub const DEFAULT_MAX_QUEUE_DELAY: Duration = Duration::from_micros(2000);
+    /// Default of [`Model::queue_capacity`].
+    pub const DEFAULT_QUEUE_CAPACITY: u32 = 1024;
+    /// Default of [`Model::priority_levels`].
+    pub const DEFAULT_PRIORITY_LEVELS: u8 = 2;
+    /// Default of [`Model::default_timeout`]: 1 s.
+    pub const DEFAULT_DEFAULT_TIMEOUT: Duration = Duration::from_millis(1000);
+    /// Default of [`Model::max_in_flight`].
+    pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1;
+
+    /// A model of `kind` named `name` with every other knob on its default
+    /// (no `path`, no `demo`).
+    #[must_use]
+    pub fn new(name: impl Into<String>, kind: ModelKind) -> Model {
+        Model {
+            name: name.into(),
+            kind,
+            path: None,
+            demo: None,
+            device: Model::DEFAULT_DEVICE.to_owned(),
+            max_batch_size: Model::DEFAULT_MAX_BATCH_SIZE,
+            max_batch_tokens: Model::DEFAULT_MAX_BATCH_TOKENS,
+            max_queue_delay: Model::DEFAULT_MAX_QUEUE_DELAY,
+            queue_capacity: Model::DEFAULT_QUEUE_CAPACITY,
+            priority_levels: Model::DEFAULT_PRIORITY_LEVELS,
+            default_timeout: Model::DEFAULT_DEFAULT_TIMEOUT,
+            max_in_flight: Model::DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+
+    /// The CUDA ordinal of [`Model::device`]: `None` for `cpu`, `Some(0)`
+    /// for `cuda`, `Some(n)` for `cuda:n`; `None` also for a spelling that
+    /// [`Config::validate`] rejects.
+    #[must_use]
+    pub fn cuda_ordinal(&self) -> Option<u32> {
+        validate::parse_device(&self.device).ok().flatten()
+    }
+
+    /// Upper bound of the request bytes queued for this model:
+    /// `queue_capacity × priority_levels × max_frame_bytes`.
+    #[must_use]
+    pub fn worst_case_queued_bytes(&self, max_frame_bytes: u32) -> u64 {
+        u64::from(self.queue_capacity)
+            * u64::from(self.priority_levels)
+            * u64::from(max_frame_bytes)
+    }
+}
+
+/// What a model computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelKind {
+    /// Echoes its input: measures the serving overhead alone.
+    Identity,
+    /// A tabular multi-layer perceptron (dense layers).
+    Mlp,
+}
+
+impl ModelKind {
+    /// Every kind, in the order of the error message that lists them.
+    pub const ALL: [ModelKind; 2] = [ModelKind::Identity, ModelKind::Mlp];
+
+    /// The spelling in the TOML file: `"identity"` or `"mlp"`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Identity => "identity",
+            ModelKind::Mlp => "mlp",
+        }
+    }
+
+    /// The kind spelled `text`, if any (exact, lower case).
+    #[must_use]
+    pub fn from_name(text: &str) -> Option<ModelKind> {
+        ModelKind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
+    }
+}
+
+impl fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Deterministic demo weights for an `mlp` (`[models.demo]`): a model that
+/// serves without a model directory.
+///
+/// Weights take `4 × Σ (fan_in + 1) × fan_out` bytes (f32, with biases)
+/// over the layers `inputs → hidden… → outputs`; at most 2^28 parameters
+/// (1 GiB) are accepted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MlpDemo {
+    /// Input features per row. Default 16, range 1..=65536.
+    pub inputs: u32,
+    /// Width of each hidden layer, in order. Default `[64]`; 0 to 16
+    /// layers, each 1..=65536 wide.
+    pub hidden: Vec<u32>,
+    /// Output features per row. Default 4, range 1..=65536.
+    pub outputs: u32,
+    /// Activation after each hidden layer: `relu`, `gelu`, `tanh`,
+    /// `sigmoid` or `none`. Default `relu`.
+    pub activation: String,
+    /// Seed of the weight generator: the same seed gives the same weights.
+    /// Default 42, range 0..=2^63−1 (a TOML integer).
+    pub seed: u64,
+}
+
+impl MlpDemo {
+    /// The accepted spellings of [`MlpDemo::activation`].
+    pub const ACTIVATIONS: [&'static str; 5] = ["relu", "gelu", "tanh", "sigmoid", "none"];
+
+    /// Parameters (weights and biases) of the demo model.
+    #[must_use]
+    pub fn parameter_count(&self) -> u64 {
+        let mut widths = Vec::with_capacity(self.hidden.len() + 2);
+        widths.push(self.inputs);
+        widths.extend_from_slice(&self.hidden);
+        widths.push(self.outputs);
+        widths
+            .windows(2)
+            .map(|pair| (u64::from(pair[0]) + 1) * u64::from(pair[1]))
+            .sum()
+    }
+}
+
+impl Default for MlpDemo {
+    fn default() -> Self {
+        MlpDemo {
+            inputs: 16,
+            hidden: vec![64],
+            outputs: 4,
+            activation: "relu".to_owned(),
+            seed: 42,
+        }
+    }
+}
+
+/// Every error found in a configuration; `Display` writes one
+/// `path: message` per line.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{}", render_lines(errors))]
+pub struct ConfigError {
+    /// The errors, in the order of the file, cross-field errors after the
+    /// fields they join.
+    pub errors: Vec<FieldError>,
+}
+
+impl ConfigError {
+    /// The paths of the errors, in order (for tests and summaries).
+    #[must_use]
+    pub fn paths(&self) -> Vec<&str> {
+        self.errors
+            .iter()
+            .map(|error| error.path.as_str())
+            .collect()
+    }
+}
+
+fn render_lines(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(FieldError::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One error at one place of the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Where: a key path such as `models[1].max_batch_size`, `models` or
+    /// `tls.key`; `<file>` when the file could not be read; for a TOML
+    /// syntax error, the line and column (`line 3, column 7`).
+    pub path: String,
+    /// What is wrong, and what was found.
+    pub message: String,
+}
+
+impl FieldError {
+    /// An error at `path`.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> FieldError {
+        FieldError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}

@@ -1,0 +1,61 @@
+//! The file as serde reads it: every field optional, unknown fields refused.
+//!
+//! Integers are read as `i64` (what TOML holds) and addresses and kinds as
+//! strings, so that a negative count or a misspelt kind reaches validation
+//! and is reported with the others, instead of stopping serde at the first.
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub(crate) server: Option<RawServer>,
+    pub(crate) tls: Option<RawTls>,
+    pub(crate) models: Option<Vec<RawModel>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawServer {
+    pub(crate) quic_listen: Option<String>,
+    pub(crate) metrics_listen: Option<String>,
+    pub(crate) max_frame_bytes: Option<i64>,
+    pub(crate) max_concurrent_streams: Option<i64>,
+    pub(crate) max_connections: Option<i64>,
+    pub(crate) idle_timeout_ms: Option<i64>,
+    pub(crate) shutdown_grace_ms: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub(crate) cert: Option<String>,
+    pub(crate) key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawModel {
+    pub(crate) name: Option<String>,
+    pub(crate) kind: Option<String>,
+    pub(crate) path: Option<String>,
+    pub(crate) demo: Option<RawDemo>,
+    pub(crate) device: Option<String>,
+    pub(crate) max_batch_size: Option<i64>,
+    pub(crate) max_batch_tokens: Option<i64>,
+    pub(crate) max_queue_delay_us: Option<i64>,
+    pub(crate) queue_capacity: Option<i64>,
+    pub(crate) priority_levels: Option<i64>,
+    pub(crate) default_timeout_ms: Option<i64>,
+    pub(crate) max_in_flight: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDemo {
+    pub(crate) inputs: Option<i64>,
+    pub(crate) hidden: Option<Vec<i64>>,
+    pub(crate) outputs: Option<i64>,
+    pub(crate) activation: Option<String>,
+    pub(crate) seed: Option<i64>,
+}

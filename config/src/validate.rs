@@ -1,0 +1,599 @@
+//! Raw structs to typed ones, collecting every error with its path.
+//!
+//! Two layers, so that [`Config::validate`] holds a configuration changed
+//! after loading to the same rules as a file:
+//!
+//! - *conversion* (`from_raw`) turns what serde read into the typed values:
+//!   addresses parsed, kinds spelled right, required fields present, and
+//!   integers that do not fit their type reported with the knob's range (a
+//!   default stands in, so that checking goes on);
+//! - *checks* (`check_*`) run on the typed values: ranges and cross-field
+//!   rules.
+//!
+//! The bounds live once, in the constants below, for both layers and for
+//! the messages.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::raw::{RawConfig, RawDemo, RawModel, RawServer, RawTls};
+use crate::{Config, ConfigError, FieldError, MlpDemo, Model, ModelKind, Server, Tls};
+
+/// An inclusive range of a knob, in the unit of its TOML field.
+#[derive(Clone, Copy, Debug)]
+struct Bound {
+    min: u64,
+    max: u64,
+}
+
+impl Bound {
+    const fn new(min: u64, max: u64) -> Bound {
+        Bound { min, max }
+    }
+
+    fn message(self, got: impl std::fmt::Display) -> String {
+        format!("must be between {} and {}, got {got}", self.min, self.max)
+    }
+}
+
+const MAX_FRAME_BYTES: Bound = Bound::new(1 << 10, 1 << 30);
+const MAX_CONCURRENT_STREAMS: Bound = Bound::new(1, 65_535);
+const MAX_CONNECTIONS: Bound = Bound::new(1, 1 << 20);
+const IDLE_TIMEOUT_MS: Bound = Bound::new(1, 3_600_000);
+const SHUTDOWN_GRACE_MS: Bound = Bound::new(0, 600_000);
+
+const MAX_BATCH_SIZE: Bound = Bound::new(1, 4096);
+const MAX_BATCH_TOKENS: Bound = Bound::new(1, 1 << 24);
+const MAX_QUEUE_DELAY_US: Bound = Bound::new(0, 10_000_000);
+const QUEUE_CAPACITY: Bound = Bound::new(1, 1 << 20);
+const PRIORITY_LEVELS: Bound = Bound::new(1, 16);
+const DEFAULT_TIMEOUT_MS: Bound = Bound::new(1, 3_600_000);
+const MAX_IN_FLIGHT: Bound = Bound::new(1, 8);
+
+const DEMO_WIDTH: Bound = Bound::new(1, 65_536);
+const DEMO_MAX_HIDDEN_LAYERS: usize = 16;
+const DEMO_MAX_PARAMETERS: u64 = 1 << 28;
+const SEED: Bound = Bound::new(0, i64::MAX as u64);
+
+const MODEL_NAME_MAX_LEN: usize = 128;
+
+/// Errors found so far, in the order they were found.
+#[derive(Debug, Default)]
+pub(crate) struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError::new(path, message));
+    }
+
+    pub(crate) fn into_result<T>(self, value: T) -> Result<T, ConfigError> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigError { errors: self.0 })
+        }
+    }
+
+    /// An integer of the file as `T`, or `None` (reported with `bound`)
+    /// where it is out of `bound`.
+    fn int<T: TryFrom<i64>>(&mut self, path: &str, raw: Option<i64>, bound: Bound) -> Option<T> {
+        let raw = raw?;
+        let converted = u64::try_from(raw)
+            .ok()
+            .filter(|value| (bound.min..=bound.max).contains(value))
+            .and_then(|_| T::try_from(raw).ok());
+        if converted.is_none() {
+            self.push(path, bound.message(raw));
+        }
+        converted
+    }
+
+    fn bounded(&mut self, path: &str, value: u64, bound: Bound) {
+        if !(bound.min..=bound.max).contains(&value) {
+            self.push(path, bound.message(value));
+        }
+    }
+
+    fn bounded_millis(&mut self, path: &str, value: Duration, bound: Bound) {
+        let millis = u64::try_from(value.as_millis()).unwrap_or(u64::MAX);
+        self.bounded(path, millis, bound);
+    }
+
+    fn bounded_micros(&mut self, path: &str, value: Duration, bound: Bound) {
+        let micros = u64::try_from(value.as_micros()).unwrap_or(u64::MAX);
+        self.bounded(path, micros, bound);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Conversion: raw to typed.
+
+pub(crate) fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut errors = Errors::default();
+
+    let server = convert_server(raw.server.unwrap_or_default(), &mut errors);
+    check_server(&server, &mut errors);
+
+    let tls = convert_tls(raw.tls.unwrap_or_default());
+    check_tls(&tls, &mut errors);
+
+    let raw_models = raw.models.unwrap_or_default();
+    let mut models = Vec::with_capacity(raw_models.len());
+    for (index, raw_model) in raw_models.into_iter().enumerate() {
+        let prefix = format!("models[{index}]");
+        let (model, known) = convert_model(raw_model, &prefix, &mut errors);
+        check_model(&model, &prefix, known, &mut errors);
+        models.push(model);
+    }
+    check_models(&models, &mut errors);
+
+    errors.into_result(Config {
+        server,
+        tls,
+        models,
+    })
+}
+
+fn convert_server(raw: RawServer, errors: &mut Errors) -> Server {
+    let defaults = Server::default();
+    let quic_listen = match raw.quic_listen {
+        None => defaults.quic_listen,
+        Some(text) => parse_socket_addr(&text).unwrap_or_else(|reason| {
+            errors.push(
+                "server.quic_listen",
+                format!("must be an IP address and port such as \"0.0.0.0:4433\", got \"{text}\" ({reason})"),
+            );
+            defaults.quic_listen
+        }),
+    };
+    let metrics_listen = match raw.metrics_listen {
+        None => defaults.metrics_listen,
+        Some(text) if text.is_empty() || text == "off" => None,
+        Some(text) => match parse_socket_addr(&text) {
+            Ok(address) => Some(address),
+            Err(reason) => {
+                errors.push(
+                    "server.metrics_listen",
+                    format!(
+                        "must be an IP address and port such as \"0.0.0.0:8002\", or \"off\", got \"{text}\" ({reason})"
+                    ),
+                );
+                defaults.metrics_listen
+            }
+        },
+    };
+    Server {
+        quic_listen,
+        metrics_listen,
+        max_frame_bytes: errors
+            .int(
+                "server.max_frame_bytes",
+                raw.max_frame_bytes,
+                MAX_FRAME_BYTES,
+            )
+            .unwrap_or(defaults.max_frame_bytes),
+        max_concurrent_streams: errors
+            .int(
+                "server.max_concurrent_streams",
+                raw.max_concurrent_streams,
+                MAX_CONCURRENT_STREAMS,
+            )
+            .unwrap_or(defaults.max_concurrent_streams),
+        max_connections: errors
+            .int(
+                "server.max_connections",
+                raw.max_connections,
+                MAX_CONNECTIONS,
+            )
+            .unwrap_or(defaults.max_connections),
+        idle_timeout: errors
+            .int(
+                "server.idle_timeout_ms",
+                raw.idle_timeout_ms,
+                IDLE_TIMEOUT_MS,
+            )
+            .map_or(defaults.idle_timeout, Duration::from_millis),
+        shutdown_grace: errors
+            .int(
+                "server.shutdown_grace_ms",
+                raw.shutdown_grace_ms,
+                SHUTDOWN_GRACE_MS,
+            )
+            .map_or(defaults.shutdown_grace, Duration::from_millis),
+    }
+}
+
+fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.trim()
+        .parse::<SocketAddr>()
+        .map_err(|error| error.to_string())
+}
+
+fn convert_tls(raw: RawTls) -> Tls {
+    Tls {
+        cert: raw.cert.map(PathBuf::from),
+        key: raw.key.map(PathBuf::from),
+    }
+}
+
+/// Which fields of a converted model are what the file said, so that checks
+/// do not report on the stand-ins for missing or unreadable ones.
+#[derive(Clone, Copy, Debug)]
+struct Known {
+    name: bool,
+    kind: bool,
+    batch_size_and_tokens: bool,
+}
+
+impl Known {
+    const ALL: Known = Known {
+        name: true,
+        kind: true,
+        batch_size_and_tokens: true,
+    };
+}
+
+fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Known) {
+    let at = |field: &str| format!("{prefix}.{field}");
+    let mut known = Known::ALL;
+
+    let name = raw.name.unwrap_or_else(|| {
+        errors.push(at("name"), "required");
+        known.name = false;
+        String::new()
+    });
+    let kind = match raw.kind {
+        None => {
+            errors.push(at("kind"), "required: \"identity\" or \"mlp\"");
+            known.kind = false;
+            ModelKind::Identity
+        }
+        Some(text) => ModelKind::from_name(&text).unwrap_or_else(|| {
+            errors.push(
+                at("kind"),
+                format!("must be \"identity\" or \"mlp\", got \"{text}\""),
+            );
+            known.kind = false;
+            ModelKind::Identity
+        }),
+    };
+    let mut model = Model::new(name, kind);
+    model.path = raw.path.map(PathBuf::from);
+    model.demo = raw.demo.map(|demo| convert_demo(demo, &at("demo"), errors));
+    if let Some(device) = raw.device {
+        model.device = device;
+    }
+
+    let max_batch_size = errors.int(&at("max_batch_size"), raw.max_batch_size, MAX_BATCH_SIZE);
+    let max_batch_tokens = errors.int(
+        &at("max_batch_tokens"),
+        raw.max_batch_tokens,
+        MAX_BATCH_TOKENS,
+    );
+    // A stand-in for one would make the cross-field check between the two
+    // report a number the file does not hold.
+    known.batch_size_and_tokens = (raw.max_batch_size.is_none() || max_batch_size.is_some())
+        && (raw.max_batch_tokens.is_none() || max_batch_tokens.is_some());
+    if let Some(value) = max_batch_size {
+        model.max_batch_size = value;
+    }
+    if let Some(value) = max_batch_tokens {
+        model.max_batch_tokens = value;
+    }
+    if let Some(micros) = errors.int(
+        &at("max_queue_delay_us"),
+        raw.max_queue_delay_us,
+        MAX_QUEUE_DELAY_US,
+    ) {
+        model.max_queue_delay = Duration::from_micros(micros);
+    }
+    if let Some(value) = errors.int(&at("queue_capacity"), raw.queue_capacity, QUEUE_CAPACITY) {
+        model.queue_capacity = value;
+    }
+    if let Some(value) = errors.int(&at("priority_levels"), raw.priority_levels, PRIORITY_LEVELS) {
+        model.priority_levels = value;
+    }
+    if let Some(millis) = errors.int(
+        &at("default_timeout_ms"),
+        raw.default_timeout_ms,
+        DEFAULT_TIMEOUT_MS,
+    ) {
+        model.default_timeout = Duration::from_millis(millis);
+    }
+    if let Some(value) = errors.int(&at("max_in_flight"), raw.max_in_flight, MAX_IN_FLIGHT) {
+        model.max_in_flight = value;
+    }
+    (model, known)
+}
+
+fn convert_demo(raw: RawDemo, prefix: &str, errors: &mut Errors) -> MlpDemo {
+    let at = |field: &str| format!("{prefix}.{field}");
+    let defaults = MlpDemo::default();
+    let hidden = match raw.hidden {
+        None => defaults.hidden,
+        Some(widths) => widths
+            .into_iter()
+            .enumerate()
+            .map(|(index, width)| {
+                errors
+                    .int(
+                        &format!("{prefix}.hidden[{index}]"),
+                        Some(width),
+                        DEMO_WIDTH,
+                    )
+                    // The stand-in keeps the layer count, which is checked too.
+                    .unwrap_or(1)
+            })
+            .collect(),
+    };
+    MlpDemo {
+        inputs: errors
+            .int(&at("inputs"), raw.inputs, DEMO_WIDTH)
+            .unwrap_or(defaults.inputs),
+        hidden,
+        outputs: errors
+            .int(&at("outputs"), raw.outputs, DEMO_WIDTH)
+            .unwrap_or(defaults.outputs),
+        activation: raw.activation.unwrap_or(defaults.activation),
+        seed: errors
+            .int(&at("seed"), raw.seed, SEED)
+            .unwrap_or(defaults.seed),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Checks: typed values, ranges and cross-field rules.
+
+pub(crate) fn check_config(config: &Config, errors: &mut Errors) {
+    check_server(&config.server, errors);
+    check_tls(&config.tls, errors);
+    for (index, model) in config.models.iter().enumerate() {
+        check_model(model, &format!("models[{index}]"), Known::ALL, errors);
+    }
+    check_models(&config.models, errors);
+}
+
+fn check_server(server: &Server, errors: &mut Errors) {
+    errors.bounded(
+        "server.max_frame_bytes",
+        server.max_frame_bytes.into(),
+        MAX_FRAME_BYTES,
+    );
+    errors.bounded(
+        "server.max_concurrent_streams",
+        server.max_concurrent_streams.into(),
+        MAX_CONCURRENT_STREAMS,
+    );
+    errors.bounded(
+        "server.max_connections",
+        server.max_connections.into(),
+        MAX_CONNECTIONS,
+    );
+    errors.bounded_millis(
+        "server.idle_timeout_ms",
+        server.idle_timeout,
+        IDLE_TIMEOUT_MS,
+    );
+    errors.bounded_millis(
+        "server.shutdown_grace_ms",
+        server.shutdown_grace,
+        SHUTDOWN_GRACE_MS,
+    );
+}
+
+fn check_tls(tls: &Tls, errors: &mut Errors) {
+    for (field, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+        if path
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty())
+        {
+            errors.push(
+                field,
+                "must not be empty (leave it out for a self-signed certificate)",
+            );
+        }
+    }
+    match (&tls.cert, &tls.key) {
+        (Some(_), None) => errors.push("tls.key", "required when tls.cert is set"),
+        (None, Some(_)) => errors.push("tls.cert", "required when tls.key is set"),
+        _ => {}
+    }
+}
+
+fn check_model(model: &Model, prefix: &str, known: Known, errors: &mut Errors) {
+    let at = |field: &str| format!("{prefix}.{field}");
+
+    if known.name
+        && let Err(message) = check_model_name(&model.name)
+    {
+        errors.push(at("name"), message);
+    }
+    if let Err(message) = parse_device(&model.device) {
+        errors.push(at("device"), message);
+    }
+
+    if model
+        .path
+        .as_ref()
+        .is_some_and(|path| path.as_os_str().is_empty())
+    {
+        errors.push(at("path"), "must not be empty");
+    }
+    if known.kind {
+        match model.kind {
+            ModelKind::Identity => {
+                if model.path.is_some() {
+                    errors.push(at("path"), "kind \"identity\" loads no model directory");
+                }
+                if model.demo.is_some() {
+                    errors.push(at("demo"), "only for kind \"mlp\"");
+                }
+            }
+            ModelKind::Mlp => match (&model.path, &model.demo) {
+                (None, None) => errors.push(
+                    prefix,
+                    "kind \"mlp\" needs `path` (a model directory) or `[models.demo]`",
+                ),
+                (Some(_), Some(_)) => errors.push(
+                    prefix,
+                    "`path` and `[models.demo]` exclude each other: give one",
+                ),
+                _ => {}
+            },
+        }
+    }
+    if let Some(demo) = &model.demo {
+        check_demo(demo, &at("demo"), errors);
+    }
+
+    errors.bounded(
+        &at("max_batch_size"),
+        model.max_batch_size.into(),
+        MAX_BATCH_SIZE,
+    );
+    errors.bounded(
+        &at("max_batch_tokens"),
+        model.max_batch_tokens.into(),
+        MAX_BATCH_TOKENS,
+    );
+    errors.bounded_micros(
+        &at("max_queue_delay_us"),
+        model.max_queue_delay,
+        MAX_QUEUE_DELAY_US,
+    );
+    errors.bounded(
+        &at("queue_capacity"),
+        model.queue_capacity.into(),
+        QUEUE_CAPACITY,
+    );
+    errors.bounded(
+        &at("priority_levels"),
+        model.priority_levels.into(),
+        PRIORITY_LEVELS,
+    );
+    errors.bounded_millis(
+        &at("default_timeout_ms"),
+        model.default_timeout,
+        DEFAULT_TIMEOUT_MS,
+    );
+    errors.bounded(
+        &at("max_in_flight"),
+        model.max_in_flight.into(),
+        MAX_IN_FLIGHT,
+    );
+    // Every request is at least one token, so a token budget under the row
+    // budget makes `max_batch_size` unreachable.
+    if known.batch_size_and_tokens && model.max_batch_tokens < model.max_batch_size {
+        errors.push(
+            at("max_batch_tokens"),
+            format!(
+                "must be at least max_batch_size ({}), got {}",
+                model.max_batch_size, model.max_batch_tokens
+            ),
+        );
+    }
+}
+
+fn check_model_name(name: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    if name.is_empty() || name.len() > MODEL_NAME_MAX_LEN || !name.chars().all(allowed) {
+        return Err(format!(
+            "must be 1 to {MODEL_NAME_MAX_LEN} of A-Z a-z 0-9 _ . -, got \"{}\"",
+            name.escape_debug()
+        ));
+    }
+    // Both would be rewritten by URL path normalisation (`/v2/models/..`).
+    if name == "." || name == ".." {
+        return Err(format!("must not be \"{name}\""));
+    }
+    Ok(())
+}
+
+/// `Ok(None)` for the CPU, `Ok(Some(n))` for CUDA device `n`, else the
+/// message of the error.
+pub(crate) fn parse_device(device: &str) -> Result<Option<u32>, String> {
+    let ordinal = match device {
+        "cpu" => return Ok(None),
+        "cuda" => Some(0),
+        other => other
+            .strip_prefix("cuda:")
+            .filter(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|digits| digits.parse::<u32>().ok()),
+    };
+    ordinal.map(Some).ok_or_else(|| {
+        format!(
+            "must be \"cpu\", \"cuda\" or \"cuda:N\", got \"{}\"",
+            device.escape_debug()
+        )
+    })
+}
+
+fn check_demo(demo: &MlpDemo, prefix: &str, errors: &mut Errors) {
+    let at = |field: &str| format!("{prefix}.{field}");
+    errors.bounded(&at("inputs"), demo.inputs.into(), DEMO_WIDTH);
+    errors.bounded(&at("outputs"), demo.outputs.into(), DEMO_WIDTH);
+    if demo.hidden.len() > DEMO_MAX_HIDDEN_LAYERS {
+        errors.push(
+            at("hidden"),
+            format!(
+                "at most {DEMO_MAX_HIDDEN_LAYERS} layers, got {}",
+                demo.hidden.len()
+            ),
+        );
+    }
+    for (index, width) in demo.hidden.iter().enumerate() {
+        errors.bounded(
+            &format!("{prefix}.hidden[{index}]"),
+            (*width).into(),
+            DEMO_WIDTH,
+        );
+    }
+    if !MlpDemo::ACTIVATIONS.contains(&demo.activation.as_str()) {
+        errors.push(
+            at("activation"),
+            format!(
+                "must be one of {}, got \"{}\"",
+                MlpDemo::ACTIVATIONS.join(", "),
+                demo.activation.escape_debug()
+            ),
+        );
+    }
+    errors.bounded(&at("seed"), demo.seed, SEED);
+    let parameters = demo.parameter_count();
+    if parameters > DEMO_MAX_PARAMETERS {
+        errors.push(
+            prefix,
+            format!(
+                "{parameters} parameters, more than the {DEMO_MAX_PARAMETERS} (1 GiB of f32) allowed"
+            ),
+        );
+    }
+}
+
+fn check_models(models: &[Model], errors: &mut Errors) {
+    if models.is_empty() {
+        errors.push(
+            "models",
+            "at least one model is required (a [[models]] table)",
+        );
+    }
+    let mut first_index: HashMap<&str, usize> = HashMap::new();
+    for (index, model) in models.iter().enumerate() {
+        if model.name.is_empty() {
+            continue; // reported as missing or malformed already
+        }
+        if let Some(first) = first_index.get(model.name.as_str()) {
+            errors.push(
+                format!("models[{index}].name"),
+                format!(
+                    "duplicate of models[{first}].name \"{}\"",
+                    model.name.escape_debug()
+                ),
+            );
+        } else {
+            first_index.insert(&model.name, index);
+        }
+    }
+}

@@ -1,0 +1,802 @@
+//! The public contract of `quiver-config`: defaults, the examples, and every
+//! error with its exact path and message.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use quiver_config::{Config, ConfigError, FieldError, MlpDemo, Model, ModelKind, Server, Tls};
+
+/// One identity model: the smallest valid file.
+const MINIMAL: &str = "[[models]]\nname = \"echo\"\nkind = \"identity\"\n";
+
+fn errors(text: &str) -> Vec<FieldError> {
+    match Config::parse(text) {
+        Ok(config) => panic!("expected errors, parsed {config:#?}"),
+        Err(error) => error.errors,
+    }
+}
+
+fn error(path: &str, message: &str) -> FieldError {
+    FieldError::new(path, message)
+}
+
+/// A minimal file with `line` added to the `[server]` table.
+fn with_server(line: &str) -> String {
+    format!("[server]\n{line}\n{MINIMAL}")
+}
+
+/// A minimal file with `line` added to its model.
+fn with_model(line: &str) -> String {
+    format!("{MINIMAL}{line}\n")
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+#[test]
+fn embedded_default_parses() {
+    let config = Config::parse(Config::EMBEDDED_DEFAULT_TOML).unwrap();
+    assert_eq!(config, Config::embedded_default());
+    assert_eq!(config.server, Server::default());
+    assert_eq!(config.tls, Tls::default());
+
+    let mut mlp = Model::new("mlp", ModelKind::Mlp);
+    mlp.demo = Some(MlpDemo {
+        inputs: 16,
+        hidden: vec![64],
+        outputs: 4,
+        activation: "relu".to_owned(),
+        seed: 42,
+    });
+    assert_eq!(
+        config.models,
+        vec![Model::new("identity", ModelKind::Identity), mlp]
+    );
+    assert_eq!(config.model("mlp").unwrap().cuda_ordinal(), None);
+}
+
+#[test]
+fn defaults_of_every_knob() {
+    let config = Config::parse(MINIMAL).unwrap();
+    let server = &config.server;
+    assert_eq!(server.quic_listen, addr("0.0.0.0:4433"));
+    assert_eq!(server.metrics_listen, Some(addr("0.0.0.0:8002")));
+    assert_eq!(server.max_frame_bytes, 16 * 1024 * 1024);
+    assert_eq!(server.max_concurrent_streams, 256);
+    assert_eq!(server.max_connections, 1024);
+    assert_eq!(server.idle_timeout, Duration::from_secs(30));
+    assert_eq!(server.shutdown_grace, Duration::from_secs(10));
+    assert_eq!(
+        config.tls,
+        Tls {
+            cert: None,
+            key: None
+        }
+    );
+
+    let [model] = config.models.as_slice() else {
+        panic!("one model expected: {:?}", config.models)
+    };
+    assert_eq!(model.name, "echo");
+    assert_eq!(model.kind, ModelKind::Identity);
+    assert_eq!(model.path, None);
+    assert_eq!(model.demo, None);
+    assert_eq!(model.device, "cpu");
+    assert_eq!(model.max_batch_size, 32);
+    assert_eq!(model.max_batch_tokens, 16384);
+    assert_eq!(model.max_queue_delay, Duration::from_micros(2000));
+    assert_eq!(model.queue_capacity, 1024);
+    assert_eq!(model.priority_levels, 2);
+    assert_eq!(model.default_timeout, Duration::from_millis(1000));
+    assert_eq!(model.max_in_flight, 1);
+    assert_eq!(
+        model.worst_case_queued_bytes(server.max_frame_bytes),
+        32 << 30
+    );
+
+    let demo = Config::parse("[[models]]\nname = \"m\"\nkind = \"mlp\"\n[models.demo]\n").unwrap();
+    assert_eq!(demo.models[0].demo, Some(MlpDemo::default()));
+    assert_eq!(
+        MlpDemo::default(),
+        MlpDemo {
+            inputs: 16,
+            hidden: vec![64],
+            outputs: 4,
+            activation: "relu".to_owned(),
+            seed: 42
+        }
+    );
+}
+
+#[test]
+fn full_example_parses_and_holds_only_defaults() {
+    let text = include_str!("../examples/full.toml");
+    let config = Config::parse(text).unwrap();
+    let mut mlp = Model::new("mlp", ModelKind::Mlp);
+    mlp.demo = Some(MlpDemo::default());
+    assert_eq!(
+        config,
+        Config {
+            server: Server::default(),
+            tls: Tls::default(),
+            models: vec![mlp],
+        }
+    );
+    assert_eq!(
+        config.models[0].demo.as_ref().unwrap().parameter_count(),
+        1348
+    );
+}
+
+#[test]
+fn every_knob_is_read() {
+    let text = r#"
+[server]
+quic_listen = "127.0.0.1:9000"
+metrics_listen = "[::1]:9100"
+max_frame_bytes = 2048
+max_concurrent_streams = 7
+max_connections = 9
+idle_timeout_ms = 1500
+shutdown_grace_ms = 0
+
+[tls]
+cert = "c.pem"
+key = "k.pem"
+
+[[models]]
+name = "m-1.v2_x"
+kind = "mlp"
+path = "/models/m"
+device = "cuda:3"
+max_batch_size = 8
+max_batch_tokens = 512
+max_queue_delay_us = 0
+queue_capacity = 16
+priority_levels = 4
+default_timeout_ms = 250
+max_in_flight = 2
+
+[[models]]
+name = "d"
+kind = "mlp"
+device = "cuda"
+[models.demo]
+inputs = 3
+hidden = []
+outputs = 1
+activation = "none"
+seed = 7
+"#;
+    let config = Config::parse(text).unwrap();
+    assert_eq!(
+        config.server,
+        Server {
+            quic_listen: addr("127.0.0.1:9000"),
+            metrics_listen: Some(addr("[::1]:9100")),
+            max_frame_bytes: 2048,
+            max_concurrent_streams: 7,
+            max_connections: 9,
+            idle_timeout: Duration::from_millis(1500),
+            shutdown_grace: Duration::ZERO,
+        }
+    );
+    assert_eq!(
+        config.tls,
+        Tls {
+            cert: Some(PathBuf::from("c.pem")),
+            key: Some(PathBuf::from("k.pem")),
+        }
+    );
+    assert_eq!(
+        config.models[0],
+        Model {
+            name: "m-1.v2_x".to_owned(),
+            kind: ModelKind::Mlp,
+            path: Some(PathBuf::from("/models/m")),
+            demo: None,
+            device: "cuda:3".to_owned(),
+            max_batch_size: 8,
+            max_batch_tokens: 512,
+            max_queue_delay: Duration::ZERO,
+            queue_capacity: 16,
+            priority_levels: 4,
+            default_timeout: Duration::from_millis(250),
+            max_in_flight: 2,
+        }
+    );
+    assert_eq!(config.models[0].cuda_ordinal(), Some(3));
+    assert_eq!(config.models[1].cuda_ordinal(), Some(0));
+    assert_eq!(
+        config.models[1].demo,
+        Some(MlpDemo {
+            inputs: 3,
+            hidden: vec![],
+            outputs: 1,
+            activation: "none".to_owned(),
+            seed: 7,
+        })
+    );
+    assert_eq!(ModelKind::Mlp.as_str(), "mlp");
+    assert_eq!(ModelKind::Identity.to_string(), "identity");
+}
+
+#[test]
+fn range_errors_name_their_exact_path() {
+    // (file, path, message): both ends of each range, in the file's unit.
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            with_server("max_frame_bytes = 1023"),
+            "server.max_frame_bytes",
+            "must be between 1024 and 1073741824, got 1023",
+        ),
+        (
+            with_server("max_frame_bytes = 1073741825"),
+            "server.max_frame_bytes",
+            "must be between 1024 and 1073741824, got 1073741825",
+        ),
+        (
+            with_server("max_concurrent_streams = 0"),
+            "server.max_concurrent_streams",
+            "must be between 1 and 65535, got 0",
+        ),
+        (
+            with_server("max_concurrent_streams = 65536"),
+            "server.max_concurrent_streams",
+            "must be between 1 and 65535, got 65536",
+        ),
+        (
+            with_server("max_connections = 0"),
+            "server.max_connections",
+            "must be between 1 and 1048576, got 0",
+        ),
+        (
+            with_server("max_connections = -5"),
+            "server.max_connections",
+            "must be between 1 and 1048576, got -5",
+        ),
+        (
+            with_server("idle_timeout_ms = 0"),
+            "server.idle_timeout_ms",
+            "must be between 1 and 3600000, got 0",
+        ),
+        (
+            with_server("shutdown_grace_ms = 600001"),
+            "server.shutdown_grace_ms",
+            "must be between 0 and 600000, got 600001",
+        ),
+        (
+            with_server("shutdown_grace_ms = -1"),
+            "server.shutdown_grace_ms",
+            "must be between 0 and 600000, got -1",
+        ),
+        (
+            with_model("max_batch_size = 0"),
+            "models[0].max_batch_size",
+            "must be between 1 and 4096, got 0",
+        ),
+        (
+            with_model("max_batch_size = 4097"),
+            "models[0].max_batch_size",
+            "must be between 1 and 4096, got 4097",
+        ),
+        (
+            with_model("max_batch_tokens = 0"),
+            "models[0].max_batch_tokens",
+            "must be between 1 and 16777216, got 0",
+        ),
+        (
+            with_model("max_batch_tokens = 16777217"),
+            "models[0].max_batch_tokens",
+            "must be between 1 and 16777216, got 16777217",
+        ),
+        (
+            with_model("max_queue_delay_us = 10000001"),
+            "models[0].max_queue_delay_us",
+            "must be between 0 and 10000000, got 10000001",
+        ),
+        (
+            with_model("max_queue_delay_us = -1"),
+            "models[0].max_queue_delay_us",
+            "must be between 0 and 10000000, got -1",
+        ),
+        (
+            with_model("queue_capacity = 0"),
+            "models[0].queue_capacity",
+            "must be between 1 and 1048576, got 0",
+        ),
+        (
+            with_model("queue_capacity = 1048577"),
+            "models[0].queue_capacity",
+            "must be between 1 and 1048576, got 1048577",
+        ),
+        (
+            with_model("priority_levels = 0"),
+            "models[0].priority_levels",
+            "must be between 1 and 16, got 0",
+        ),
+        (
+            with_model("priority_levels = 17"),
+            "models[0].priority_levels",
+            "must be between 1 and 16, got 17",
+        ),
+        (
+            with_model("priority_levels = 256"),
+            "models[0].priority_levels",
+            "must be between 1 and 16, got 256",
+        ),
+        (
+            with_model("default_timeout_ms = 0"),
+            "models[0].default_timeout_ms",
+            "must be between 1 and 3600000, got 0",
+        ),
+        (
+            with_model("default_timeout_ms = 3600001"),
+            "models[0].default_timeout_ms",
+            "must be between 1 and 3600000, got 3600001",
+        ),
+        (
+            with_model("max_in_flight = 0"),
+            "models[0].max_in_flight",
+            "must be between 1 and 8, got 0",
+        ),
+        (
+            with_model("max_in_flight = 9"),
+            "models[0].max_in_flight",
+            "must be between 1 and 8, got 9",
+        ),
+    ];
+    for (text, path, message) in cases {
+        assert_eq!(errors(&text), vec![error(path, message)], "file:\n{text}");
+    }
+    // The ends themselves are accepted.
+    for line in [
+        "max_frame_bytes = 1024",
+        "max_frame_bytes = 1073741824",
+        "max_concurrent_streams = 65535",
+        "shutdown_grace_ms = 0",
+        "idle_timeout_ms = 3600000",
+    ] {
+        Config::parse(&with_server(line)).unwrap();
+    }
+    for line in [
+        "max_batch_size = 1",
+        "max_batch_size = 4096\nmax_batch_tokens = 16777216",
+        "max_queue_delay_us = 0",
+        "max_queue_delay_us = 10000000",
+        "priority_levels = 16",
+        "max_in_flight = 8",
+        "default_timeout_ms = 3600000",
+    ] {
+        Config::parse(&with_model(line)).unwrap();
+    }
+}
+
+#[test]
+fn the_path_counts_models() {
+    let text =
+        format!("{MINIMAL}[[models]]\nname = \"b\"\nkind = \"identity\"\nmax_batch_size = 0\n");
+    assert_eq!(
+        errors(&text),
+        vec![error(
+            "models[1].max_batch_size",
+            "must be between 1 and 4096, got 0"
+        )]
+    );
+}
+
+#[test]
+fn several_errors_in_one_file_are_all_reported() {
+    let text = r#"
+[server]
+quic_listen = "nowhere"
+max_frame_bytes = 1
+
+[tls]
+cert = "cert.pem"
+
+[[models]]
+name = "a"
+kind = "mlp"
+device = "gpu"
+max_batch_size = 0
+
+[[models]]
+name = "a"
+kind = "identity"
+priority_levels = 99
+"#;
+    let error = Config::parse(text).unwrap_err();
+    assert_eq!(
+        error.paths(),
+        vec![
+            "server.quic_listen",
+            "server.max_frame_bytes",
+            "tls.key",
+            "models[0].max_batch_size",
+            "models[0].device",
+            "models[0]",
+            "models[1].priority_levels",
+            "models[1].name",
+        ],
+        "{error}"
+    );
+    // Display: one `path: message` per line.
+    let shown = error.to_string();
+    assert_eq!(shown.lines().count(), 8, "{shown}");
+    assert!(
+        shown.contains("models[0].max_batch_size: must be between 1 and 4096, got 0\n"),
+        "{shown}"
+    );
+    assert!(
+        shown.ends_with("models[1].name: duplicate of models[0].name \"a\""),
+        "{shown}"
+    );
+}
+
+#[test]
+fn unknown_fields_are_rejected_with_their_path() {
+    let cases = [
+        (
+            format!("[server]\nport = 1\n{MINIMAL}"),
+            "server.port",
+            "unknown field `port`",
+            2,
+        ),
+        (
+            with_model("batch = 4"),
+            "models[0].batch",
+            "unknown field `batch`",
+            4,
+        ),
+        (
+            format!(
+                "{MINIMAL}[[models]]\nname = \"m\"\nkind = \"mlp\"\n[models.demo]\nlayers = 2\n"
+            ),
+            "models[1].demo.layers",
+            "unknown field `layers`",
+            8,
+        ),
+        (
+            format!("title = \"x\"\n{MINIMAL}"),
+            "title",
+            "unknown field `title`",
+            1,
+        ),
+        // The old spelling of a duration, without its unit, is unknown too.
+        (
+            with_model("max_queue_delay = 5"),
+            "models[0].max_queue_delay",
+            "unknown field `max_queue_delay`",
+            4,
+        ),
+    ];
+    for (text, path, message, line) in cases {
+        let found = errors(&text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].path, path, "{found:?}");
+        assert!(found[0].message.starts_with(message), "{found:?}");
+        assert!(
+            found[0]
+                .message
+                .ends_with(&format!("(line {line}, column 1)")),
+            "{found:?}"
+        );
+    }
+}
+
+#[test]
+fn type_errors_give_one_error_with_path_and_line() {
+    let found = errors(&with_model("max_batch_size = \"big\""));
+    assert_eq!(
+        found,
+        vec![error(
+            "models[0].max_batch_size",
+            "invalid type: string \"big\", expected i64 (line 4, column 18)"
+        )]
+    );
+    let found =
+        errors("[[models]]\nname = \"m\"\nkind = \"mlp\"\n[models.demo]\nhidden = [8, 1.5]\n");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].path, "models[0].demo.hidden[1]", "{found:?}");
+    assert!(
+        found[0].message.ends_with("(line 5, column 14)"),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn syntax_error_is_reported_with_its_location() {
+    let found = errors("[server]\nquic_listen = \n");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].path, "line 2, column 15", "{found:?}");
+    assert!(!found[0].message.is_empty());
+
+    let found = errors("[[models]\nname = \"x\"\n");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].path.starts_with("line 1, column "), "{found:?}");
+}
+
+#[test]
+fn duplicate_model_names() {
+    let text = format!("{MINIMAL}{MINIMAL}{MINIMAL}");
+    assert_eq!(
+        errors(&text),
+        vec![
+            error("models[1].name", "duplicate of models[0].name \"echo\""),
+            error("models[2].name", "duplicate of models[0].name \"echo\""),
+        ]
+    );
+}
+
+#[test]
+fn cert_and_key_come_together() {
+    assert_eq!(
+        errors(&format!("[tls]\ncert = \"c.pem\"\n{MINIMAL}")),
+        vec![error("tls.key", "required when tls.cert is set")]
+    );
+    assert_eq!(
+        errors(&format!("[tls]\nkey = \"k.pem\"\n{MINIMAL}")),
+        vec![error("tls.cert", "required when tls.key is set")]
+    );
+    let found = errors(&format!("[tls]\ncert = \"\"\nkey = \"k.pem\"\n{MINIMAL}"));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].path, "tls.cert");
+}
+
+#[test]
+fn model_kind_rules() {
+    assert_eq!(
+        errors("[[models]]\nname = \"m\"\nkind = \"mlp\"\n"),
+        vec![error(
+            "models[0]",
+            "kind \"mlp\" needs `path` (a model directory) or `[models.demo]`"
+        )]
+    );
+    assert_eq!(
+        errors("[[models]]\nname = \"m\"\nkind = \"mlp\"\npath = \"/m\"\n[models.demo]\n"),
+        vec![error(
+            "models[0]",
+            "`path` and `[models.demo]` exclude each other: give one"
+        )]
+    );
+    assert_eq!(
+        errors(&format!("{MINIMAL}[models.demo]\n")),
+        vec![error("models[0].demo", "only for kind \"mlp\"")]
+    );
+    assert_eq!(
+        errors(&with_model("path = \"/models/x\"")),
+        vec![error(
+            "models[0].path",
+            "kind \"identity\" loads no model directory"
+        )]
+    );
+    assert_eq!(
+        errors("[[models]]\nname = \"m\"\nkind = \"bert\"\n"),
+        vec![error(
+            "models[0].kind",
+            "must be \"identity\" or \"mlp\", got \"bert\""
+        )]
+    );
+    assert_eq!(
+        errors("[[models]]\n"),
+        vec![
+            error("models[0].name", "required"),
+            error("models[0].kind", "required: \"identity\" or \"mlp\""),
+        ]
+    );
+}
+
+#[test]
+fn at_least_one_model() {
+    let want = vec![error(
+        "models",
+        "at least one model is required (a [[models]] table)",
+    )];
+    assert_eq!(errors(""), want);
+    assert_eq!(errors("[server]\n"), want);
+    assert_eq!(errors("models = []\n"), want);
+}
+
+#[test]
+fn model_names() {
+    let long = "n".repeat(128);
+    Config::parse(&format!(
+        "[[models]]\nname = \"{long}\"\nkind = \"identity\"\n"
+    ))
+    .unwrap();
+    for bad in ["", "a b", "a/b", "ü", ".."] {
+        let found = errors(&format!(
+            "[[models]]\nname = \"{bad}\"\nkind = \"identity\"\n"
+        ));
+        assert_eq!(found.len(), 1, "{bad:?}: {found:?}");
+        assert_eq!(found[0].path, "models[0].name", "{bad:?}");
+    }
+    let too_long = "n".repeat(129);
+    let found = errors(&format!(
+        "[[models]]\nname = \"{too_long}\"\nkind = \"identity\"\n"
+    ));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].message.starts_with("must be 1 to 128 of"),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn device_strings() {
+    for good in ["cpu", "cuda", "cuda:0", "cuda:12"] {
+        Config::parse(&with_model(&format!("device = \"{good}\""))).unwrap();
+    }
+    for bad in [
+        "gpu",
+        "CPU",
+        "cuda:",
+        "cuda:x",
+        "cuda:-1",
+        "cuda:+1",
+        "cuda:99999999999",
+        "cuda0",
+        " cpu",
+    ] {
+        assert_eq!(
+            errors(&with_model(&format!("device = \"{bad}\""))),
+            vec![error(
+                "models[0].device",
+                &format!("must be \"cpu\", \"cuda\" or \"cuda:N\", got \"{bad}\"")
+            )],
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn socket_addresses() {
+    for bad in ["4433", "localhost:4433", "0.0.0.0", "0.0.0.0:99999", ""] {
+        let found = errors(&with_server(&format!("quic_listen = \"{bad}\"")));
+        assert_eq!(found.len(), 1, "{bad:?}: {found:?}");
+        assert_eq!(found[0].path, "server.quic_listen", "{bad:?}");
+        assert!(
+            found[0].message.starts_with(&format!(
+                "must be an IP address and port such as \"0.0.0.0:4433\", got \"{bad}\""
+            )),
+            "{found:?}"
+        );
+    }
+    let found = errors(&with_server("metrics_listen = \"on\""));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].path, "server.metrics_listen");
+    let config = Config::parse(&with_server("quic_listen = \"[::]:443\"")).unwrap();
+    assert_eq!(config.server.quic_listen, addr("[::]:443"));
+}
+
+#[test]
+fn metrics_off_disables_the_endpoint() {
+    for off in ["off", ""] {
+        let config = Config::parse(&with_server(&format!("metrics_listen = \"{off}\""))).unwrap();
+        assert_eq!(config.server.metrics_listen, None, "{off:?}");
+    }
+    let config = Config::parse(&with_server("metrics_listen = \"127.0.0.1:9102\"")).unwrap();
+    assert_eq!(config.server.metrics_listen, Some(addr("127.0.0.1:9102")));
+}
+
+#[test]
+fn batch_tokens_cover_the_batch_rows() {
+    assert_eq!(
+        errors(&with_model("max_batch_size = 64\nmax_batch_tokens = 63")),
+        vec![error(
+            "models[0].max_batch_tokens",
+            "must be at least max_batch_size (64), got 63"
+        )]
+    );
+    // A bad max_batch_size is reported alone, not compared with a stand-in.
+    assert_eq!(
+        errors(&with_model("max_batch_size = -1\nmax_batch_tokens = 8")),
+        vec![error(
+            "models[0].max_batch_size",
+            "must be between 1 and 4096, got -1"
+        )]
+    );
+}
+
+#[test]
+fn demo_weights_are_checked() {
+    let demo =
+        |body: &str| format!("[[models]]\nname = \"m\"\nkind = \"mlp\"\n[models.demo]\n{body}\n");
+    assert_eq!(
+        errors(&demo("activation = \"swish\"")),
+        vec![error(
+            "models[0].demo.activation",
+            "must be one of relu, gelu, tanh, sigmoid, none, got \"swish\""
+        )]
+    );
+    assert_eq!(
+        errors(&demo("inputs = 0\nhidden = [8, 0, 70000]\nseed = -3")),
+        vec![
+            error(
+                "models[0].demo.hidden[1]",
+                "must be between 1 and 65536, got 0"
+            ),
+            error(
+                "models[0].demo.hidden[2]",
+                "must be between 1 and 65536, got 70000"
+            ),
+            error(
+                "models[0].demo.inputs",
+                "must be between 1 and 65536, got 0"
+            ),
+            error(
+                "models[0].demo.seed",
+                "must be between 0 and 9223372036854775807, got -3"
+            ),
+        ]
+    );
+    let found = errors(&demo(&format!("hidden = [{}]", ["1"; 17].join(", "))));
+    assert_eq!(
+        found,
+        vec![error("models[0].demo.hidden", "at most 16 layers, got 17")]
+    );
+    let found = errors(&demo("inputs = 65536\nhidden = [65536]"));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].path, "models[0].demo");
+    assert!(found[0].message.contains("parameters"), "{found:?}");
+}
+
+#[test]
+fn validate_holds_a_changed_config_to_the_same_rules() {
+    let mut config = Config::embedded_default();
+    assert_eq!(config.validate(), Ok(()));
+    config.server.max_frame_bytes = 10;
+    config.models[1].max_batch_size = 0;
+    config.models[1].max_queue_delay = Duration::from_secs(11);
+    config.models[1].device = "tpu".to_owned();
+    config.models[0].name = "mlp".to_owned();
+    config.tls.key = Some(PathBuf::from("k.pem"));
+    let error = config.validate().unwrap_err();
+    assert_eq!(
+        error.paths(),
+        vec![
+            "server.max_frame_bytes",
+            "tls.cert",
+            "models[1].device",
+            "models[1].max_batch_size",
+            "models[1].max_queue_delay_us",
+            "models[1].name",
+        ],
+        "{error}"
+    );
+}
+
+#[test]
+fn from_file_reads_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("quiver.toml");
+    std::fs::write(&path, MINIMAL).unwrap();
+    assert_eq!(
+        Config::from_file(&path).unwrap(),
+        Config::parse(MINIMAL).unwrap()
+    );
+
+    std::fs::write(&path, with_model("max_in_flight = 0")).unwrap();
+    assert_eq!(
+        Config::from_file(&path).unwrap_err().paths(),
+        vec!["models[0].max_in_flight"]
+    );
+}
+
+#[test]
+fn from_file_on_a_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.toml");
+    let ConfigError { errors } = Config::from_file(&path).unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].path, "<file>");
+    assert!(errors[0].message.contains("absent.toml"), "{errors:?}");
+
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    Config::from_file(&examples.join("default.toml")).unwrap();
+    Config::from_file(&examples.join("full.toml")).unwrap();
+}
