@@ -1,0 +1,33 @@
+//! `quiver-kernels`: Quiver's devices, its `Model` trait and the candle models behind it.
+//!
+//! In the data path of `DESIGN.md` this crate is the last hop before the hardware: the
+//! gateway's front ends turn wire tensors into [`HostTensor`]s (with [`HostTensor::from_raw`]
+//! for KServe v2 raw bytes), the router calls [`Model::prepare`] on the front end to validate
+//! a request and learn its cost ([`Prepared::rows`], [`Prepared::tokens`]) for the scheduler,
+//! and the device thread calls [`Model::forward`] on a whole batch.
+//!
+//! The crate is a leaf: it knows nothing of queues, protocols or the batcher, so each model
+//! can be tested and benchmarked on its own.
+//!
+//! - [`tensor`]: datatypes, host tensors and the KServe v2 raw binary codec.
+//! - [`device`]: `cpu` / `cuda:N` and the mapping onto candle devices.
+//! - [`model`]: the [`Model`] trait, signatures, input validation and [`load`].
+//! - [`identity`]: the echo model (serving overhead alone).
+//! - [`mlp`]: dense layers from safetensors, and deterministic demo weights.
+//! - [`error`]: the crate's error enums, one per kind of fault.
+
+#![warn(missing_docs)]
+
+pub mod device;
+pub mod error;
+pub mod identity;
+pub mod mlp;
+pub mod model;
+pub mod tensor;
+
+pub use device::Device;
+pub use error::{DeviceError, InputError, LoadError, ModelError};
+pub use identity::Identity;
+pub use mlp::{Activation, Mlp, MlpConfig, write_mlp};
+pub use model::{Model, ModelSpec, Prepared, Signature, TensorSpec, load};
+pub use tensor::{DataType, HostTensor, TensorData};
