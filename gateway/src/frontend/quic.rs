@@ -1,0 +1,347 @@
+//! The QUIC native front end (ALPN `quiver/1`, UDP 4433 by default).
+//!
+//! One request per bidirectional stream: the client sends one
+//! length-prefixed `ModelInferRequest` and the server answers with one
+//! length-prefixed `Reply` on the same stream. A frame larger than the limit
+//! is refused after its 4-byte header (the stream is stopped, the body never
+//! read). A client that stops the stream before its answer cancels the
+//! request: the scheduler skips it if it has not been dispatched.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use quiver_batching::CancelToken;
+use tokio::sync::Notify;
+
+use crate::error::{Code, GatewayError};
+use crate::framing::{self, FrameError};
+use crate::metrics::Metrics;
+use crate::proto::ModelInferRequest;
+use crate::proto::native::{Reply, Status, reply};
+use crate::router::Router;
+use crate::tensor;
+use crate::tls::{self, Identity, TlsError};
+
+/// The protocol label of this front end in metrics.
+pub const PROTOCOL: &str = "quic";
+
+/// Application error code sent with STOP_SENDING when a frame is too large.
+pub const STOP_TOO_LARGE: u32 = 0x1;
+
+/// Limits of the QUIC listener.
+#[derive(Clone, Debug)]
+pub struct QuicLimits {
+    /// Largest request frame, in bytes.
+    pub max_frame_bytes: u32,
+    /// Concurrent bidirectional streams a connection may open.
+    pub max_concurrent_streams: u32,
+    /// Connections at once; more are refused.
+    pub max_connections: u32,
+    /// Idle time after which a connection is closed.
+    pub idle_timeout: Duration,
+}
+
+/// The one mapping of gateway errors to the native protocol's status.
+pub fn native_status(err: &GatewayError) -> Status {
+    let code = match err {
+        GatewayError::InvalidArgument(_) | GatewayError::Input(_) => Code::InvalidArgument,
+        GatewayError::UnknownModel(_) => Code::NotFound,
+        GatewayError::TooLarge { .. } | GatewayError::Overloaded { .. } => Code::ResourceExhausted,
+        GatewayError::DeadlineUnreachable { .. } | GatewayError::ShuttingDown => Code::Unavailable,
+        GatewayError::DeadlineExceeded => Code::DeadlineExceeded,
+        GatewayError::Model { .. } => Code::Internal,
+        GatewayError::Cancelled => Code::Cancelled,
+        GatewayError::Unauthenticated(_) => Code::Unauthenticated,
+    };
+    Status {
+        code: code as i32,
+        message: err.to_string(),
+    }
+}
+
+/// Binds the QUIC endpoint on `addr` with the server's identity.
+pub fn bind(
+    addr: std::net::SocketAddr,
+    identity: &Identity,
+    limits: &QuicLimits,
+) -> Result<quinn::Endpoint, BindError> {
+    // One UDP port for both protocols; the handshake's ALPN picks one.
+    let rustls = tls::server_config(identity, &[crate::NATIVE_ALPN, super::h3::ALPN])?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(rustls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(limits.max_concurrent_streams.into())
+        // HTTP/3 needs the peer's control and QPACK streams (3), plus slack
+        // for grease streams; the native protocol opens none.
+        .max_concurrent_uni_streams(8u32.into())
+        .max_idle_timeout(quinn::IdleTimeout::try_from(limits.idle_timeout).ok());
+    config.transport_config(Arc::new(transport));
+    quinn::Endpoint::server(config, addr).map_err(|source| BindError::Io { addr, source })
+}
+
+/// Why the QUIC listener could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot bind UDP {addr}: {source}")]
+    Io {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Counts the streams being served, so shutdown can wait for them.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl InFlight {
+    /// Counts one more stream until the guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self.clone())
+    }
+
+    /// Streams being served now.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Waits until no stream is being served.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One stream being served; see [`InFlight::enter`].
+#[derive(Debug)]
+pub struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+struct Ctx {
+    router: Arc<Router>,
+    metrics: Arc<Metrics>,
+    limits: QuicLimits,
+    in_flight: Arc<InFlight>,
+    h3: Option<super::h3::H3Service>,
+}
+
+/// Accepts connections until the endpoint is closed. Connections that
+/// chose ALPN `h3` go to `h3` (refused when it is `None`).
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    router: Arc<Router>,
+    metrics: Arc<Metrics>,
+    limits: QuicLimits,
+    in_flight: Arc<InFlight>,
+    h3: Option<super::h3::H3Service>,
+) {
+    let ctx = Arc::new(Ctx {
+        router,
+        metrics,
+        limits,
+        in_flight,
+        h3,
+    });
+    while let Some(incoming) = endpoint.accept().await {
+        if endpoint.open_connections() > ctx.limits.max_connections as usize {
+            tracing::warn!(
+                remote = %incoming.remote_address(),
+                limit = ctx.limits.max_connections,
+                "connection refused: too many connections"
+            );
+            incoming.refuse();
+            continue;
+        }
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) if alpn(&conn).as_deref() == Some(super::h3::ALPN) => {
+                    match ctx.h3.clone() {
+                        Some(h3) => super::h3::serve_connection(conn, h3).await,
+                        None => conn.close(0x0101u32.into(), b"HTTP/3 is off"),
+                    }
+                }
+                Ok(conn) => serve_connection(conn, ctx).await,
+                Err(e) => tracing::debug!(error = %e, "handshake failed"),
+            }
+        });
+    }
+}
+
+/// The ALPN protocol the handshake chose.
+fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+async fn serve_connection(conn: quinn::Connection, ctx: Arc<Ctx>) {
+    tracing::debug!(remote = %conn.remote_address(), "connection open");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let guard = ctx.in_flight.enter();
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    serve_stream(send, recv, &ctx).await;
+                    drop(guard);
+                });
+            }
+            Err(e) => {
+                tracing::debug!(remote = %conn.remote_address(), reason = %e, "connection closed");
+                return;
+            }
+        }
+    }
+}
+
+async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, ctx: &Ctx) {
+    let started = Instant::now();
+    let req = match framing::read_frame::<ModelInferRequest>(&mut recv, ctx.limits.max_frame_bytes)
+        .await
+    {
+        Ok(req) => req,
+        Err(FrameError::Read(reason)) => {
+            // The client reset its stream or the connection went: no one to answer.
+            tracing::debug!(%reason, "request stream reset before its frame");
+            return;
+        }
+        Err(e) => {
+            let err = match e {
+                FrameError::TooLarge { declared, limit } => {
+                    // Refuse the rest of the body without reading it.
+                    let _ = recv.stop(STOP_TOO_LARGE.into());
+                    GatewayError::TooLarge {
+                        limit,
+                        got: declared,
+                    }
+                }
+                other => GatewayError::InvalidArgument(format!("malformed request frame: {other}")),
+            };
+            return answer(&mut send, ctx, "", started, Err(err)).await;
+        }
+    };
+    // Bounded label values: only configured model names.
+    let model = ctx
+        .router
+        .model(&req.model_name)
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    let req = match tensor::request_from_proto(req) {
+        Ok(r) => r,
+        Err(e) => return answer(&mut send, ctx, &model, started, Err(e)).await,
+    };
+    let cancel = CancelToken::new();
+    let stopped = send.stopped();
+    let result = tokio::select! {
+        // Polling the request first admits it before a stop already received
+        // is seen, so a cancelled request always ends in the scheduler,
+        // which counts it and never computes it.
+        biased;
+        result = ctx.router.infer(req, cancel.clone()) => result,
+        _ = stopped => {
+            cancel.cancel();
+            ctx.metrics.record_request(&model, PROTOCOL, "cancelled", started.elapsed());
+            return;
+        }
+    };
+    answer(
+        &mut send,
+        ctx,
+        &model,
+        started,
+        result.map(tensor::response_to_proto),
+    )
+    .await;
+}
+
+async fn answer(
+    send: &mut quinn::SendStream,
+    ctx: &Ctx,
+    model: &str,
+    started: Instant,
+    result: Result<crate::proto::ModelInferResponse, GatewayError>,
+) {
+    let (outcome, reply) = match result {
+        Ok(resp) => ("ok", reply::Result::Response(resp)),
+        Err(e) => {
+            tracing::debug!(model, error = %e, "request failed");
+            (e.outcome(), reply::Result::Status(native_status(&e)))
+        }
+    };
+    ctx.metrics
+        .record_request(model, PROTOCOL, outcome, started.elapsed());
+    let reply = Reply {
+        result: Some(reply),
+    };
+    if let Err(e) = framing::write_frame(send, &reply).await {
+        tracing::debug!(error = %e, "reply not delivered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_maps_to_the_design_table() {
+        let cases: Vec<(GatewayError, Code)> = vec![
+            (
+                GatewayError::InvalidArgument("x".into()),
+                Code::InvalidArgument,
+            ),
+            (GatewayError::UnknownModel("m".into()), Code::NotFound),
+            (
+                GatewayError::Overloaded {
+                    model: "m".into(),
+                    reason: quiver_batching::RejectReason::Overloaded,
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                GatewayError::DeadlineUnreachable {
+                    timeout: Duration::from_millis(1),
+                    predicted: Duration::from_millis(2),
+                },
+                Code::Unavailable,
+            ),
+            (GatewayError::DeadlineExceeded, Code::DeadlineExceeded),
+            (
+                GatewayError::Model {
+                    model: "m".into(),
+                    message: "boom".into(),
+                },
+                Code::Internal,
+            ),
+            (
+                GatewayError::TooLarge { limit: 1, got: 2 },
+                Code::ResourceExhausted,
+            ),
+        ];
+        for (err, code) in cases {
+            assert_eq!(native_status(&err).code, code as i32, "{err}");
+        }
+    }
+}

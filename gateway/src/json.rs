@@ -1,0 +1,322 @@
+//! The Open Inference Protocol's JSON tensors (KServe v2 REST), and their
+//! conversion to and from the protobuf messages.
+//!
+//! `quiver infer` reads a KServe v2 JSON request body and prints the JSON
+//! response, so what a user writes for curl against a REST server works over
+//! QUIC too.
+
+use std::collections::HashMap;
+
+use quiver_kernels::{DataType, HostTensor, TensorData};
+use serde_json::{Map, Value, json};
+
+use crate::error::GatewayError;
+use crate::proto::inference::{
+    InferParameter, ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice,
+    model_infer_request::InferRequestedOutputTensor,
+};
+use crate::tensor::{outputs_from_proto, request_to_proto};
+
+fn invalid(msg: impl Into<String>) -> GatewayError {
+    GatewayError::InvalidArgument(msg.into())
+}
+
+/// Decodes one JSON input tensor: `{"name", "datatype", "shape", "data"}`,
+/// `data` flat or nested in row-major order.
+pub fn tensor_from_json(v: &Value) -> Result<HostTensor, GatewayError> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| invalid("each tensor must be a JSON object"))?;
+    let name = obj
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("tensor is missing its 'name'"))?;
+    let dt = obj
+        .get("datatype")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid(format!("tensor '{name}' is missing its 'datatype'")))?;
+    let datatype = DataType::parse(dt)
+        .ok_or_else(|| invalid(format!("tensor '{name}' has unknown datatype '{dt}'")))?;
+    let shape = obj
+        .get("shape")
+        .and_then(Value::as_array)
+        .ok_or_else(|| invalid(format!("tensor '{name}' is missing its 'shape'")))?
+        .iter()
+        .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+        .collect::<Option<Vec<usize>>>()
+        .ok_or_else(|| {
+            invalid(format!(
+                "tensor '{name}': shape must be non-negative integers"
+            ))
+        })?;
+    let data = obj
+        .get("data")
+        .ok_or_else(|| invalid(format!("tensor '{name}' is missing its 'data'")))?;
+    let mut flat = Vec::new();
+    flatten(data, &mut flat);
+    let bad = |what: &str| invalid(format!("tensor '{name}': every element must be {what}"));
+    macro_rules! ints {
+        ($variant:ident, $t:ty, $what:literal) => {
+            TensorData::$variant(
+                flat.iter()
+                    .map(|v| v.as_i64().and_then(|i| <$t>::try_from(i).ok()))
+                    .collect::<Option<Vec<$t>>>()
+                    .ok_or_else(|| bad($what))?,
+            )
+        };
+    }
+    macro_rules! uints {
+        ($variant:ident, $t:ty, $what:literal) => {
+            TensorData::$variant(
+                flat.iter()
+                    .map(|v| v.as_u64().and_then(|i| <$t>::try_from(i).ok()))
+                    .collect::<Option<Vec<$t>>>()
+                    .ok_or_else(|| bad($what))?,
+            )
+        };
+    }
+    let data = match datatype {
+        DataType::Bool => TensorData::Bool(
+            flat.iter()
+                .map(|v| v.as_bool())
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("a boolean"))?,
+        ),
+        DataType::Uint8 => uints!(U8, u8, "an integer in UINT8 range"),
+        DataType::Uint16 => uints!(U16, u16, "an integer in UINT16 range"),
+        DataType::Uint32 => uints!(U32, u32, "an integer in UINT32 range"),
+        DataType::Uint64 => uints!(U64, u64, "an integer in UINT64 range"),
+        DataType::Int8 => ints!(I8, i8, "an integer in INT8 range"),
+        DataType::Int16 => ints!(I16, i16, "an integer in INT16 range"),
+        DataType::Int32 => ints!(I32, i32, "an integer in INT32 range"),
+        DataType::Int64 => ints!(I64, i64, "an integer in INT64 range"),
+        DataType::Fp32 => TensorData::F32(
+            flat.iter()
+                .map(|v| v.as_f64().map(|f| f as f32))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("a number"))?,
+        ),
+        DataType::Fp64 => TensorData::F64(
+            flat.iter()
+                .map(|v| v.as_f64())
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("a number"))?,
+        ),
+        DataType::Bytes => TensorData::Bytes(
+            flat.iter()
+                .map(|v| v.as_str().map(|s| s.as_bytes().to_vec()))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("a string"))?,
+        ),
+        other => {
+            return Err(invalid(format!(
+                "tensor '{name}': datatype {} is not supported in JSON",
+                other.as_str()
+            )));
+        }
+    };
+    Ok(HostTensor::new(name, shape, data)?)
+}
+
+fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
+        other => out.push(other),
+    }
+}
+
+/// Encodes a tensor as KServe v2 JSON with flat `data`.
+pub fn tensor_to_json(t: &HostTensor) -> Value {
+    let data: Value = match &t.data {
+        TensorData::Bool(v) => json!(v),
+        TensorData::U8(v) => json!(v),
+        TensorData::U16(v) => json!(v),
+        TensorData::U32(v) => json!(v),
+        TensorData::U64(v) => json!(v),
+        TensorData::I8(v) => json!(v),
+        TensorData::I16(v) => json!(v),
+        TensorData::I32(v) => json!(v),
+        TensorData::I64(v) => json!(v),
+        TensorData::F32(v) => json!(v),
+        TensorData::F64(v) => json!(v),
+        TensorData::Bytes(v) => Value::Array(
+            v.iter()
+                .map(|b| Value::String(String::from_utf8_lossy(b).into_owned()))
+                .collect(),
+        ),
+        #[allow(unreachable_patterns)]
+        _ => Value::Null,
+    };
+    json!({
+        "name": t.name,
+        "datatype": t.datatype().as_str(),
+        "shape": t.shape,
+        "data": data,
+    })
+}
+
+/// Decodes a JSON parameter map into protobuf parameters.
+pub fn parameters_from_json(
+    v: Option<&Value>,
+) -> Result<HashMap<String, InferParameter>, GatewayError> {
+    let Some(v) = v else {
+        return Ok(HashMap::new());
+    };
+    let obj = v
+        .as_object()
+        .ok_or_else(|| invalid("'parameters' must be a JSON object"))?;
+    obj.iter()
+        .map(|(k, v)| {
+            let choice = match v {
+                Value::Bool(b) => ParameterChoice::BoolParam(*b),
+                Value::String(s) => ParameterChoice::StringParam(s.clone()),
+                Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+                    (Some(i), _) => ParameterChoice::Int64Param(i),
+                    (None, Some(u)) => ParameterChoice::Uint64Param(u),
+                    _ => ParameterChoice::DoubleParam(n.as_f64().unwrap_or(f64::NAN)),
+                },
+                _ => {
+                    return Err(invalid(format!(
+                        "parameter '{k}' must be a boolean, number or string"
+                    )));
+                }
+            };
+            Ok((
+                k.clone(),
+                InferParameter {
+                    parameter_choice: Some(choice),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Encodes protobuf parameters as a JSON object.
+pub fn parameters_to_json(p: &HashMap<String, InferParameter>) -> Value {
+    let mut keys: Vec<&String> = p.keys().collect();
+    keys.sort();
+    let mut map = Map::new();
+    for k in keys {
+        let v = match p[k].parameter_choice.as_ref() {
+            Some(ParameterChoice::BoolParam(b)) => json!(b),
+            Some(ParameterChoice::Int64Param(i)) => json!(i),
+            Some(ParameterChoice::Uint64Param(u)) => json!(u),
+            Some(ParameterChoice::DoubleParam(d)) => json!(d),
+            Some(ParameterChoice::StringParam(s)) => json!(s),
+            None => Value::Null,
+        };
+        map.insert(k.clone(), v);
+    }
+    Value::Object(map)
+}
+
+/// Builds a protobuf request (tensors in `raw_input_contents`) from a KServe
+/// v2 JSON request body.
+pub fn request_from_json(model: &str, body: &Value) -> Result<ModelInferRequest, GatewayError> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| invalid("the request body must be a JSON object"))?;
+    let inputs = obj
+        .get("inputs")
+        .and_then(Value::as_array)
+        .ok_or_else(|| invalid("the request needs an 'inputs' array"))?
+        .iter()
+        .map(tensor_from_json)
+        .collect::<Result<Vec<_>, _>>()?;
+    let id = obj.get("id").and_then(Value::as_str).unwrap_or_default();
+    let parameters = parameters_from_json(obj.get("parameters"))?;
+    let mut req = request_to_proto(model, id, &inputs, parameters);
+    if let Some(outputs) = obj.get("outputs") {
+        let outputs = outputs
+            .as_array()
+            .ok_or_else(|| invalid("'outputs' must be an array"))?;
+        for o in outputs {
+            let name = o
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| invalid("each requested output needs a 'name'"))?;
+            req.outputs.push(InferRequestedOutputTensor {
+                name: name.into(),
+                parameters: HashMap::new(),
+            });
+        }
+    }
+    Ok(req)
+}
+
+/// Encodes a protobuf response as a KServe v2 JSON response body.
+pub fn response_to_json(resp: &ModelInferResponse) -> Result<Value, GatewayError> {
+    let outputs = outputs_from_proto(resp)?;
+    Ok(json!({
+        "model_name": resp.model_name,
+        "model_version": resp.model_version,
+        "id": resp.id,
+        "parameters": parameters_to_json(&resp.parameters),
+        "outputs": outputs.iter().map(tensor_to_json).collect::<Vec<_>>(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_data_flattens_in_row_major_order() {
+        let t = tensor_from_json(&json!({
+            "name": "INPUT0", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3, 4.5]]
+        }))
+        .expect("valid tensor");
+        assert_eq!(t.shape, vec![2, 2]);
+        assert_eq!(t.data, TensorData::F32(vec![1.0, 2.0, 3.0, 4.5]));
+    }
+
+    #[test]
+    fn element_count_must_match_the_shape() {
+        let err = tensor_from_json(&json!({
+            "name": "INPUT0", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3]
+        }));
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn wrong_element_type_is_an_error_naming_the_tensor() {
+        let err = tensor_from_json(&json!({
+            "name": "X", "datatype": "INT32", "shape": [1], "data": ["a"]
+        }))
+        .expect_err("strings are not INT32");
+        assert!(err.to_string().contains("'X'"), "{err}");
+    }
+
+    #[test]
+    fn request_and_response_round_trip() {
+        let req = request_from_json(
+            "identity",
+            &json!({"id": "7", "parameters": {"timeout": 5000, "priority": 1},
+                    "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}],
+                    "outputs": [{"name": "OUTPUT0"}]}),
+        )
+        .expect("valid request");
+        assert_eq!(req.raw_input_contents.len(), 1);
+        assert_eq!(req.outputs[0].name, "OUTPUT0");
+        let resp = ModelInferResponse {
+            model_name: "identity".into(),
+            model_version: "1".into(),
+            id: req.id.clone(),
+            parameters: req.parameters.clone(),
+            outputs: vec![
+                crate::proto::inference::model_infer_response::InferOutputTensor {
+                    name: "OUTPUT0".into(),
+                    datatype: "FP32".into(),
+                    shape: vec![1, 3],
+                    parameters: HashMap::new(),
+                    contents: None,
+                },
+            ],
+            raw_output_contents: req.raw_input_contents.clone(),
+        };
+        let v = response_to_json(&resp).expect("valid response");
+        assert_eq!(v["outputs"][0]["data"], json!([1.0, 2.0, 3.0]));
+        assert_eq!(v["parameters"]["timeout"], json!(5000));
+        assert_eq!(v["id"], json!("7"));
+    }
+}

@@ -1,0 +1,30 @@
+//! The Quiver gateway: it joins the leaves of the workspace.
+//!
+//! A request enters through a front end ([`frontend::quic`] for the QUIC
+//! native protocol), is decoded into one [`request::InferRequest`], and goes
+//! to the [`router::Router`]. The router validates it against the model's
+//! signature (`quiver_kernels::Model::prepare`), asks the model's scheduler
+//! whether the deadline can be met, and admits it into the bounded lanes of
+//! `quiver_batching`. One OS thread per model and device ([`device`]) drives
+//! the scheduler and runs the batches on `quiver_kernels` models. Every
+//! accepted request ends with exactly one answer: a result or a typed
+//! [`error::GatewayError`].
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod device;
+pub mod error;
+pub mod framing;
+pub mod frontend;
+pub mod json;
+pub mod metrics;
+pub mod proto;
+pub mod request;
+pub mod router;
+pub mod serve;
+pub mod tensor;
+pub mod tls;
+pub mod upstream;
+
+/// The ALPN protocol name of Quiver's QUIC native protocol.
+pub const NATIVE_ALPN: &[u8] = b"quiver/1";

@@ -1,0 +1,333 @@
+//! The `quiver` command: `serve`, `infer` and `config check`.
+#![forbid(unsafe_code)]
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use quiver_config::Config;
+use quiver_gateway::client::{Client, ClientOptions};
+use quiver_gateway::json;
+use quiver_gateway::serve::{self, Overrides};
+use quiver_gateway::tls::Trust;
+
+/// Quiver: an inference edge gateway. Clients send KServe v2 (Open Inference
+/// Protocol) requests over QUIC; a deadline-aware dynamic batcher runs them on
+/// the local devices.
+#[derive(Debug, Parser)]
+#[command(name = "quiver", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve models. With no --config, serves the embedded default: the
+    /// `identity` model and a demo MLP named `mlp`.
+    Serve(ServeArgs),
+    /// Send one KServe v2 JSON inference request (read from stdin) over the
+    /// QUIC native protocol and print the JSON response.
+    Infer(InferArgs),
+    /// Work with configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// TOML configuration file (see config/examples/). Without it, the
+    /// embedded default (config/examples/default.toml) is served.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// UDP address of the QUIC listener; overrides server.quic_listen
+    /// (default 0.0.0.0:4433).
+    #[arg(long, value_name = "ADDR")]
+    quic_listen: Option<SocketAddr>,
+    /// TCP address of the Prometheus /metrics listener, or `off`; overrides
+    /// server.metrics_listen (default 0.0.0.0:8002).
+    #[arg(long, value_name = "ADDR|off")]
+    metrics_listen: Option<String>,
+    /// TCP address of the KServe v2 REST listener (HTTP/1.1, h2c), or
+    /// `off`; overrides server.http_listen (default 0.0.0.0:8000).
+    #[arg(long, value_name = "ADDR|off")]
+    http_listen: Option<String>,
+    /// TCP address of the gRPC listener, or `off`; overrides
+    /// server.grpc_listen (default 0.0.0.0:8001).
+    #[arg(long, value_name = "ADDR|off")]
+    grpc_listen: Option<String>,
+    /// Write the self-signed certificate (when no [tls] is configured) to
+    /// this file as PEM, for clients' --ca.
+    #[arg(long, value_name = "FILE")]
+    cert_out: Option<PathBuf>,
+    /// Serve this model directory, without a configuration file; repeatable.
+    /// `NAME=DIR` names the model, else it is the directory's name. The kind
+    /// comes from the files: `tokenizer.json` or `modules.json` makes an
+    /// `embedding`, a `config.json` with `layers` an `mlp`. Every other knob
+    /// takes its default.
+    #[arg(long = "model", value_name = "[NAME=]DIR", conflicts_with = "config")]
+    models: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct InferArgs {
+    /// The gateway's QUIC address.
+    #[arg(long, default_value = "127.0.0.1:4433", value_name = "ADDR")]
+    addr: SocketAddr,
+    /// The model to call.
+    #[arg(long, short = 'm')]
+    model: String,
+    /// Trust the server certificate(s) in this PEM file (e.g. the file
+    /// `quiver serve --cert-out` wrote).
+    #[arg(long, value_name = "FILE", group = "trust")]
+    ca: Option<PathBuf>,
+    /// Trust exactly the certificate with this SHA-256 fingerprint, as
+    /// `quiver serve` prints it.
+    #[arg(long, value_name = "SHA256", group = "trust")]
+    pin: Option<String>,
+    /// Accept any server certificate (testing only: no protection against
+    /// impersonation).
+    #[arg(long, group = "trust")]
+    insecure: bool,
+    /// The name the server certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Read the request body from this file instead of stdin.
+    #[arg(long, short = 'i', value_name = "FILE")]
+    input: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file: exit 0 if valid, else list every
+    /// error with its path and exit 2.
+    Check {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+    /// Print the embedded default configuration.
+    Default,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Serve(args) => serve_cmd(args),
+        Command::Infer(args) => infer_cmd(args),
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => match Config::from_file(&file) {
+            Ok(config) => {
+                println!(
+                    "{}: valid ({} model{})",
+                    file.display(),
+                    config.models.len(),
+                    if config.models.len() == 1 { "" } else { "s" }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: invalid configuration\n{e}", file.display());
+                ExitCode::from(2)
+            }
+        },
+        Command::Config {
+            command: ConfigCommand::Default,
+        } => {
+            print!("{}", Config::EMBEDDED_DEFAULT_TOML);
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("quiver-io")
+        .build()
+}
+
+fn serve_cmd(args: ServeArgs) -> ExitCode {
+    let config = match &args.config {
+        Some(path) => match Config::from_file(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{}: invalid configuration\n{e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None if !args.models.is_empty() => match config_for_dirs(&args.models) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("--model: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::embedded_default(),
+    };
+    let http_listen = match listen_flag("--http-listen", args.http_listen.as_deref()) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let grpc_listen = match listen_flag("--grpc-listen", args.grpc_listen.as_deref()) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let metrics_listen = match args.metrics_listen.as_deref() {
+        None => None,
+        Some("off") | Some("") => Some(None),
+        Some(s) => match s.parse::<SocketAddr>() {
+            Ok(a) => Some(Some(a)),
+            Err(e) => {
+                eprintln!("--metrics-listen: '{s}' is not an address or 'off': {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let overrides = Overrides {
+        quic_listen: args.quic_listen,
+        metrics_listen,
+        http_listen,
+        grpc_listen,
+        cert_out: args.cert_out,
+    };
+    let result = runtime()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(serve::run(config, overrides)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("quiver: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The embedded default's server settings serving the `--model` directories.
+fn config_for_dirs(args: &[String]) -> Result<Config, String> {
+    let mut config = Config::embedded_default();
+    config.models = args
+        .iter()
+        .map(|arg| model_for_dir(arg))
+        .collect::<Result<_, _>>()?;
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+/// One `--model [NAME=]DIR`: its name and the kind its files show.
+fn model_for_dir(arg: &str) -> Result<quiver_config::Model, String> {
+    use quiver_config::{Model, ModelKind};
+    let (name, dir) = match arg.split_once('=') {
+        Some((name, dir)) => (Some(name.to_owned()), PathBuf::from(dir)),
+        None => (None, PathBuf::from(arg)),
+    };
+    if !dir.is_dir() {
+        return Err(format!("{} is not a directory", dir.display()));
+    }
+    let name = match name {
+        Some(n) => n,
+        None => dir
+            .canonicalize()
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .ok_or_else(|| format!("{}: cannot name the model; use NAME=DIR", dir.display()))?,
+    };
+    let kind = if dir.join("tokenizer.json").is_file() || dir.join("modules.json").is_file() {
+        ModelKind::Embedding
+    } else if std::fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v.get("layers").is_some())
+    {
+        ModelKind::Mlp
+    } else {
+        return Err(format!(
+            "{}: not a model directory (no tokenizer.json or modules.json for an embedding, \
+             no config.json with `layers` for an mlp)",
+            dir.display()
+        ));
+    };
+    let mut model = Model::new(name, kind);
+    model.path = Some(dir);
+    Ok(model)
+}
+
+/// An `ADDR|off` flag: `None` when absent, `Some(None)` for `off`.
+fn listen_flag(flag: &str, value: Option<&str>) -> Result<Option<Option<SocketAddr>>, ExitCode> {
+    match value {
+        None => Ok(None),
+        Some("off") | Some("") => Ok(Some(None)),
+        Some(s) => s.parse::<SocketAddr>().map(|a| Some(Some(a))).map_err(|e| {
+            eprintln!("{flag}: '{s}' is not an address or 'off': {e}");
+            ExitCode::from(2)
+        }),
+    }
+}
+
+fn infer_cmd(args: InferArgs) -> ExitCode {
+    match infer(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("quiver infer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn infer(args: InferArgs) -> anyhow::Result<ExitCode> {
+    let mut body = String::new();
+    match &args.input {
+        Some(path) => body = std::fs::read_to_string(path)?,
+        None => {
+            std::io::stdin().read_to_string(&mut body)?;
+        }
+    }
+    let value: serde_json::Value = serde_json::from_str(&body)
+        .map_err(|e| anyhow::anyhow!("the request body is not valid JSON: {e}"))?;
+    let request = json::request_from_json(&args.model, &value)?;
+    let trust = match (args.ca, args.pin, args.insecure) {
+        (Some(ca), _, _) => Trust::CaFile(ca),
+        (None, Some(pin), _) => Trust::Pinned(pin),
+        (None, None, true) => Trust::Insecure,
+        (None, None, false) => anyhow::bail!(
+            "say how to trust the server: --ca FILE, --pin SHA256 (printed by `quiver serve`), or --insecure"
+        ),
+    };
+    let mut options = ClientOptions::new(trust);
+    options.server_name = args.server_name;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let client = Client::connect(args.addr, options).await?;
+        let result = client.infer(&request).await;
+        client.close().await;
+        match result {
+            Ok(resp) => {
+                let v = json::response_to_json(&resp)?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                let code = e.code();
+                eprintln!("quiver infer: {e}");
+                Ok(match code {
+                    Some(_) => ExitCode::from(3),
+                    None => ExitCode::FAILURE,
+                })
+            }
+        }
+    })
+}

@@ -1,0 +1,471 @@
+//! Prometheus metrics, served as text on the metrics listener (`/metrics`).
+//!
+//! One [`Metrics`] is shared by the front ends, the router and the device
+//! threads. Label values are bounded: model names come from the
+//! configuration, protocols, outcomes and reasons from fixed lists.
+//!
+//! Request, queue and compute durations are recorded in hdrhistogram
+//! ([`LatencyFamily`]) and exported twice at each scrape: as a Prometheus
+//! histogram (`_bucket`, `_sum`, `_count`; rates and aggregation across
+//! gateways) and as gauges of the exact p50, p90 and p99 since start
+//! (`..._quantile_seconds{quantile="0.99"}`). prometheus-client has no
+//! summary type, hence the gauges.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub model: String,
+    pub protocol: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BatchLabels {
+    pub model: String,
+    pub reason: &'static str,
+}
+
+/// A request refused before any compute, by model (empty when the model is
+/// unknown or not yet read), protocol and reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabels {
+    pub model: String,
+    pub protocol: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuantileLabels {
+    model: String,
+    quantile: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BucketLabels {
+    model: String,
+}
+
+fn batch_size_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 13))
+}
+
+/// Quantiles exported for every latency.
+pub const QUANTILES: [(f64, &str); 3] = [(0.5, "0.5"), (0.9, "0.9"), (0.99, "0.99")];
+
+/// Upper bounds (seconds) of the exported histogram buckets: 50 µs doubling
+/// to ~52 s.
+fn bucket_bounds() -> impl Iterator<Item = f64> {
+    (0..21).map(|i| 50e-6 * f64::from(1u32 << i))
+}
+
+/// One latency distribution, recorded in microseconds by hdrhistogram (3
+/// significant digits, 1 µs to 1 h; longer values are clamped to 1 h).
+/// Memory: about 30 KiB each, one per model and metric.
+#[derive(Clone, Debug)]
+pub struct Latency {
+    inner: Arc<Mutex<Recorded>>,
+}
+
+#[derive(Debug)]
+struct Recorded {
+    histogram: hdrhistogram::Histogram<u64>,
+    /// Exact sum of the observed seconds.
+    sum: f64,
+}
+
+impl Latency {
+    const MAX_US: u64 = 3_600_000_000;
+
+    fn new() -> Self {
+        // Bounds are constants within hdrhistogram's limits.
+        let histogram = hdrhistogram::Histogram::new_with_bounds(1, Self::MAX_US, 3)
+            .expect("1 us ..= 1 h with 3 significant digits is a valid hdrhistogram");
+        Latency {
+            inner: Arc::new(Mutex::new(Recorded {
+                histogram,
+                sum: 0.0,
+            })),
+        }
+    }
+
+    /// Records one duration, in seconds (as prometheus-client's histograms).
+    pub fn observe(&self, seconds: f64) {
+        let us = (seconds * 1e6).round().clamp(1.0, Self::MAX_US as f64) as u64;
+        let mut r = match self.inner.lock() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        r.histogram.saturating_record(us);
+        r.sum += seconds.max(0.0);
+    }
+
+    /// Records one duration.
+    pub fn record(&self, elapsed: Duration) {
+        self.observe(elapsed.as_secs_f64());
+    }
+
+    /// The value (seconds) at quantile `q`, and the count and sum (seconds).
+    pub fn snapshot(&self) -> LatencySnapshot {
+        let r = match self.inner.lock() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let h = &r.histogram;
+        let count = h.len();
+        let quantiles = QUANTILES.map(|(q, _)| {
+            if count == 0 {
+                0.0
+            } else {
+                h.value_at_quantile(q) as f64 / 1e6
+            }
+        });
+        let buckets = bucket_bounds()
+            .map(|le| (le, h.count_between(1, (le * 1e6) as u64)))
+            .collect();
+        LatencySnapshot {
+            count,
+            sum: r.sum,
+            quantiles,
+            buckets,
+        }
+    }
+}
+
+/// What [`Latency::snapshot`] reads.
+#[derive(Clone, Debug)]
+pub struct LatencySnapshot {
+    pub count: u64,
+    /// Seconds.
+    pub sum: f64,
+    /// p50, p90, p99 in seconds, as [`QUANTILES`].
+    pub quantiles: [f64; 3],
+    /// Cumulative counts at each upper bound (seconds); `+Inf` is `count`.
+    pub buckets: Vec<(f64, u64)>,
+}
+
+/// Latencies by model, exported as one histogram and one quantile gauge
+/// family. Cheap to clone (shared).
+#[derive(Clone, Debug)]
+pub struct LatencyFamily {
+    name: &'static str,
+    help: &'static str,
+    members: Arc<RwLock<BTreeMap<String, Latency>>>,
+}
+
+impl LatencyFamily {
+    fn new(name: &'static str, help: &'static str) -> Self {
+        LatencyFamily {
+            name,
+            help,
+            members: Arc::default(),
+        }
+    }
+
+    /// The latency of `labels.model`, made on first use.
+    pub fn get_or_create(&self, labels: &ModelLabels) -> Latency {
+        if let Ok(members) = self.members.read()
+            && let Some(l) = members.get(&labels.model)
+        {
+            return l.clone();
+        }
+        let mut members = match self.members.write() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        members
+            .entry(labels.model.clone())
+            .or_insert_with(Latency::new)
+            .clone()
+    }
+
+    fn snapshots(&self) -> Vec<(String, LatencySnapshot)> {
+        let members = match self.members.read() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        members
+            .iter()
+            .map(|(model, l)| (model.clone(), l.snapshot()))
+            .collect()
+    }
+}
+
+impl prometheus_client::collector::Collector for LatencyFamily {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshots = self.snapshots();
+        {
+            let mut family =
+                encoder.encode_descriptor(self.name, self.help, None, MetricType::Histogram)?;
+            for (model, snap) in &snapshots {
+                let labels = BucketLabels {
+                    model: model.clone(),
+                };
+                family
+                    .encode_family(&labels)?
+                    .encode_histogram::<BucketLabels>(
+                        snap.sum,
+                        snap.count,
+                        &per_bucket(&snap.buckets, snap.count),
+                        None,
+                    )?;
+            }
+        }
+        let quantile_name = format!("{}_quantile", self.name.trim_end_matches("_seconds"));
+        let quantile_help = format!("{} (p50, p90, p99 since start)", self.help);
+        let mut family = encoder.encode_descriptor(
+            &quantile_name,
+            &quantile_help,
+            Some(&prometheus_client::registry::Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        for (model, snap) in &snapshots {
+            for (i, (_, q)) in QUANTILES.iter().enumerate() {
+                let labels = QuantileLabels {
+                    model: model.clone(),
+                    quantile: q,
+                };
+                family
+                    .encode_family(&labels)?
+                    .encode_gauge(&snap.quantiles[i])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Cumulative counts (as hdrhistogram reads them) to the per-bucket counts
+/// prometheus-client's encoder sums up, with the `+Inf` bucket last.
+fn per_bucket(cumulative: &[(f64, u64)], count: u64) -> Vec<(f64, u64)> {
+    let mut out = Vec::with_capacity(cumulative.len() + 1);
+    let mut below = 0;
+    for &(le, c) in cumulative {
+        // hdrhistogram's bucket edges may round a value across a bound;
+        // never let a count go backwards.
+        let c = c.max(below);
+        out.push((le, c - below));
+        below = c;
+    }
+    out.push((f64::INFINITY, count.saturating_sub(below)));
+    out
+}
+
+/// The gateway's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by model, protocol and outcome (`ok` or an error).
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time from a request's decoding to its answer, by model.
+    pub request_seconds: LatencyFamily,
+    /// Time from admission to dispatch, by model.
+    pub queue_seconds: LatencyFamily,
+    /// A batch's time on the device, by model.
+    pub compute_seconds: LatencyFamily,
+    /// Requests refused before any compute, by model, protocol and reason
+    /// (the error outcome, or `unauthenticated`, `too_many_connections`).
+    pub rejections: Family<RejectionLabels, Counter>,
+    /// Batches dispatched, by model and dispatch reason.
+    pub batches: Family<BatchLabels, Counter>,
+    /// Requests per dispatched batch, by model.
+    pub batch_size: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    /// Requests computed on a device, by model.
+    pub computed: Family<ModelLabels, Counter>,
+    /// Requests that ended in the scheduler without compute because their
+    /// client cancelled them.
+    pub cancelled_in_queue: Family<ModelLabels, Counter>,
+    /// Requests queued and not yet dispatched, by model.
+    pub queue_depth: Family<ModelLabels, Gauge>,
+    /// Batches on the device now, by model.
+    pub batches_in_flight: Family<ModelLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("quiver");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by model, protocol and outcome",
+            requests.clone(),
+        );
+        let request_seconds = LatencyFamily::new(
+            "request_duration_seconds",
+            "Time from decoding a request to answering it, requests answered ok",
+        );
+        registry.register_collector(Box::new(request_seconds.clone()));
+        let queue_seconds =
+            LatencyFamily::new("queue_duration_seconds", "Time from admission to dispatch");
+        registry.register_collector(Box::new(queue_seconds.clone()));
+        let compute_seconds =
+            LatencyFamily::new("compute_duration_seconds", "A batch's time on the device");
+        registry.register_collector(Box::new(compute_seconds.clone()));
+        let rejections = Family::<RejectionLabels, Counter>::default();
+        registry.register(
+            "rejections",
+            "Requests refused before any compute, by model, protocol and reason",
+            rejections.clone(),
+        );
+        let batches = Family::<BatchLabels, Counter>::default();
+        registry.register(
+            "batches",
+            "Batches dispatched, by model and dispatch reason",
+            batches.clone(),
+        );
+        let batch_size = Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            batch_size_histogram,
+        );
+        registry.register(
+            "batch_size",
+            "Requests per dispatched batch",
+            batch_size.clone(),
+        );
+        let computed = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "computed_requests",
+            "Requests computed on a device",
+            computed.clone(),
+        );
+        let cancelled_in_queue = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "cancelled_in_queue",
+            "Requests cancelled by their client and skipped before compute",
+            cancelled_in_queue.clone(),
+        );
+        let queue_depth = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "queue_depth",
+            "Requests queued and not yet dispatched",
+            queue_depth.clone(),
+        );
+        let batches_in_flight = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "batches_in_flight",
+            "Batches on the device now",
+            batches_in_flight.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_seconds,
+            queue_seconds,
+            compute_seconds,
+            rejections,
+            batches,
+            batch_size,
+            computed,
+            cancelled_in_queue,
+            queue_depth,
+            batches_in_flight,
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn record_request(
+        &self,
+        model: &str,
+        protocol: &'static str,
+        outcome: &'static str,
+        elapsed: Duration,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                model: model.into(),
+                protocol,
+                outcome,
+            })
+            .inc();
+        if outcome == "ok" {
+            self.request_seconds
+                .get_or_create(&ModelLabels {
+                    model: model.into(),
+                })
+                .record(elapsed);
+        } else if is_rejection(outcome) {
+            self.record_rejection(model, protocol, outcome);
+        }
+    }
+
+    /// Counts one request refused before any compute (also counted by
+    /// [`Metrics::record_request`] for the error outcomes that are refusals).
+    pub fn record_rejection(&self, model: &str, protocol: &'static str, reason: &'static str) {
+        self.rejections
+            .get_or_create(&RejectionLabels {
+                model: model.into(),
+                protocol,
+                reason,
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Error outcomes (see `GatewayError::outcome`) that refuse a request before
+/// any compute.
+fn is_rejection(outcome: &str) -> bool {
+    matches!(
+        outcome,
+        "invalid_argument"
+            | "unknown_model"
+            | "too_large"
+            | "overloaded"
+            | "deadline_unreachable"
+            | "unauthenticated"
+            | "shutting_down"
+    )
+}
+
+/// Serves `/metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,188 @@
+//! End to end through the `quiver` command line: `infer`, `config check`,
+//! and a graceful shutdown on SIGTERM.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use support::{Server, quiver_bin};
+
+const IDENTITY: &str = r#"
+[[models]]
+name = "identity"
+kind = "identity"
+"#;
+
+#[test]
+fn infer_reads_kserve_json_and_prints_the_json_response() {
+    let server = Server::start(IDENTITY);
+    let mut child = Command::new(quiver_bin())
+        .args(["infer", "--model", "identity", "--addr"])
+        .arg(server.quic.to_string())
+        .args(["--pin", &server.fingerprint])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            br#"{"id": "42", "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3, 4]]}]}"#,
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["id"], "42");
+    assert_eq!(v["model_name"], "identity");
+    assert_eq!(v["outputs"][0]["name"], "OUTPUT0");
+    assert_eq!(v["outputs"][0]["shape"], serde_json::json!([2, 2]));
+    assert_eq!(
+        v["outputs"][0]["data"],
+        serde_json::json!([1.0, 2.0, 3.0, 4.0])
+    );
+    assert_eq!(v["parameters"]["quiver_path"], "local");
+}
+
+#[test]
+fn infer_reports_an_error_status_on_stderr_and_exits_non_zero() {
+    let server = Server::start(IDENTITY);
+    let mut child = Command::new(quiver_bin())
+        .args(["infer", "--model", "missing", "--addr"])
+        .arg(server.quic.to_string())
+        .args(["--pin", &server.fingerprint])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            br#"{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1], "data": [1]}]}"#,
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("NOT_FOUND"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn infer_with_a_wrong_pin_refuses_the_server() {
+    let server = Server::start(IDENTITY);
+    let wrong = vec!["00"; 32].join(":");
+    let mut child = Command::new(quiver_bin())
+        .args(["infer", "--model", "identity", "--addr"])
+        .arg(server.quic.to_string())
+        .args(["--pin", &wrong])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            br#"{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1], "data": [1]}]}"#,
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn config_check_exits_0_on_valid_and_2_listing_every_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, IDENTITY).unwrap();
+    let out = Command::new(quiver_bin())
+        .args(["config", "check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[models]]\nname = \"a\"\nkind = \"identity\"\nmax_batch_size = 0\n\n[[models]]\nname = \"b\"\nkind = \"identity\"\npriority_levels = 0\n",
+    )
+    .unwrap();
+    let out = Command::new(quiver_bin())
+        .args(["config", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("models[0].max_batch_size"), "{stderr}");
+    assert!(stderr.contains("models[1].priority_levels"), "{stderr}");
+
+    // `serve` refuses the same file with the same exit code.
+    let out = Command::new(quiver_bin())
+        .args(["serve", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn embedded_default_serves_identity_and_mlp_and_stops_on_sigterm() {
+    let mut child = Command::new(quiver_bin())
+        .args([
+            "serve",
+            "--quic-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines: Vec<String> = {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let ready = line == "quiver: ready";
+            lines.push(line);
+            if ready {
+                break;
+            }
+        }
+        lines
+    };
+    assert!(
+        lines.iter().any(|l| l.contains("model 'identity'")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l.contains("model 'mlp'")), "{lines:?}");
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}

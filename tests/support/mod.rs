@@ -1,0 +1,305 @@
+//! Shared helpers of the end-to-end tests: start the real `quiver` binary on
+//! loopback, wait until it says it is ready, and scrape its metrics.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use quiver_gateway::client::{Client, ClientOptions};
+use quiver_gateway::tls::Trust;
+
+/// A running `quiver serve` child process; killed when dropped.
+pub struct Server {
+    child: Child,
+    pub quic: SocketAddr,
+    pub metrics: SocketAddr,
+    /// The REST listener (HTTP/1.1, h2c).
+    pub http: SocketAddr,
+    /// The gRPC listener.
+    pub grpc: SocketAddr,
+    pub fingerprint: String,
+    pub lines: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn quiver_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_quiver")
+}
+
+impl Server {
+    /// Starts `quiver serve` with `config` (TOML) on loopback ports chosen by
+    /// the OS, and waits (bounded) for its `ready` line.
+    pub fn start(config: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quiver.toml");
+        std::fs::write(&path, config).unwrap();
+        let path = path.to_str().unwrap().to_owned();
+        Server::launch(&["--config", &path], dir)
+    }
+
+    /// Starts `quiver serve ARGS...` (e.g. `--model DIR`) on loopback ports
+    /// chosen by the OS, and waits (bounded) for its `ready` line.
+    pub fn start_args(args: &[&str]) -> Server {
+        Server::launch(args, tempfile::tempdir().unwrap())
+    }
+
+    fn launch(args: &[&str], dir: tempfile::TempDir) -> Server {
+        let mut child = Command::new(quiver_bin())
+            .arg("serve")
+            .args(args)
+            .args([
+                "--quic-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the quiver binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut lines = Vec::new();
+        let (mut quic, mut metrics, mut fingerprint) = (None, None, None);
+        let (mut http, mut grpc) = (None, None);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("quiver did not become ready; it printed: {lines:#?}");
+                }
+            };
+            if let Some(rest) =
+                line.strip_prefix("quiver: QUIC native (quiver/1) listening on udp ")
+            {
+                quic = Some(rest.trim().parse().unwrap());
+            } else if let Some(rest) =
+                line.strip_prefix("quiver: REST (HTTP/1.1, h2c) listening on http://")
+            {
+                http = Some(rest.trim().parse().unwrap());
+            } else if let Some(rest) = line.strip_prefix("quiver: gRPC listening on tcp ") {
+                grpc = Some(rest.trim().parse().unwrap());
+            } else if let Some(rest) = line.strip_prefix("quiver: metrics on http://") {
+                metrics = Some(rest.trim_end_matches("/metrics").parse().unwrap());
+            } else if let Some(i) = line.find("sha256 fingerprint ") {
+                fingerprint = Some(line[i + "sha256 fingerprint ".len()..].trim().to_string());
+            }
+            let ready = line == "quiver: ready";
+            lines.push(line);
+            if ready {
+                break;
+            }
+        }
+        Server {
+            child,
+            quic: quic.expect("QUIC address printed"),
+            metrics: metrics.expect("metrics address printed"),
+            http: http.expect("REST address printed"),
+            grpc: grpc.expect("gRPC address printed"),
+            fingerprint: fingerprint.expect("fingerprint printed"),
+            lines,
+            _dir: dir,
+        }
+    }
+
+    /// A client that pins the server's printed certificate fingerprint.
+    pub async fn client(&self) -> Client {
+        Client::connect(
+            self.quic,
+            ClientOptions::new(Trust::Pinned(self.fingerprint.clone())),
+        )
+        .await
+        .expect("client connects")
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn scrape(&self) -> String {
+        http_get(self.metrics, "/metrics").await
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the process to exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "quiver did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The base URL of the REST listener, e.g. `http://127.0.0.1:PORT`.
+impl Server {
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+}
+
+/// A minimal HTTP/1.1 GET, enough to read `/metrics`.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("metrics answer in time")
+        .unwrap();
+    let text = String::from_utf8(buf).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    body.to_string()
+}
+
+/// The sum of the values of every sample of `name` whose labels include all
+/// of `labels` (0 if none).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            if all { value.parse::<f64>().ok() } else { None }
+        })
+        .sum()
+}
+
+/// The bearer token of [`OIP_CONFIG`].
+pub const TOKEN: &str = "e2e-s3cret";
+
+/// Largest request body of [`OIP_CONFIG`], in bytes.
+pub const OIP_MAX_REQUEST_BYTES: usize = 65536;
+
+/// The configuration of the Open Inference Protocol front-end tests: the
+/// embedded default's models (`identity`, and `mlp` 16 -> 64 -> 4 from seed
+/// 42), a bearer token (health exempt) and a 64 KiB request limit.
+pub const OIP_CONFIG: &str = r#"
+[server]
+max_frame_bytes = 65536
+auth_tokens = ["e2e-s3cret"]
+auth_exempt_health = true
+
+[[models]]
+name = "identity"
+kind = "identity"
+max_batch_size = 64
+default_timeout_ms = 10000
+
+[[models]]
+name = "mlp"
+kind = "mlp"
+max_batch_size = 32
+default_timeout_ms = 10000
+[models.demo]
+inputs = 16
+hidden = [64]
+outputs = 4
+activation = "relu"
+seed = 42
+"#;
+
+/// The `mlp` of [`OIP_CONFIG`], loaded in-process to compute expected outputs.
+pub fn oip_mlp_reference() -> std::sync::Arc<dyn quiver_kernels::Model> {
+    quiver_kernels::load(
+        &quiver_kernels::ModelSpec::MlpDemo {
+            inputs: 16,
+            hidden: vec![64],
+            outputs: 4,
+            activation: quiver_kernels::Activation::Relu,
+            seed: 42,
+        },
+        &quiver_kernels::Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// `rows` rows of 16 deterministic features.
+pub fn mlp_rows(rows: usize) -> Vec<f32> {
+    (0..rows * 16).map(|i| (i as f32 * 0.37).sin()).collect()
+}
+
+/// What the reference `mlp` computes for `data` (`[rows, 16]`).
+pub fn mlp_expected(data: &[f32]) -> Vec<f32> {
+    use quiver_kernels::{HostTensor, TensorData};
+    let model = oip_mlp_reference();
+    let rows = data.len() / 16;
+    let input = HostTensor::new("INPUT0", vec![rows, 16], TensorData::F32(data.to_vec())).unwrap();
+    let prepared = model.prepare(vec![input]).unwrap();
+    let out = model.forward(std::slice::from_ref(&prepared)).unwrap();
+    match &out[0][0].data {
+        TensorData::F32(v) => v.clone(),
+        other => panic!("expected FP32, got {other:?}"),
+    }
+}
+
+/// Asserts two float vectors agree to 1e-5 (relative), element by element.
+pub fn assert_close(got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+            "{got:?} vs {want:?}"
+        );
+    }
+}
+
+/// Little-endian bytes of f32s, as KServe raw tensors carry them.
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// f32s of little-endian bytes.
+pub fn f32s_of(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
