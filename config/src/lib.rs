@@ -133,8 +133,26 @@ pub struct Server {
     /// endpoint. TOML `metrics_listen`, a string; `""` or `"off"` disables it.
     /// Default `0.0.0.0:8002`.
     pub metrics_listen: Option<SocketAddr>,
-    /// Largest request frame accepted, in bytes; a larger one is refused
-    /// before it is buffered. TOML `max_frame_bytes`. Default 16 MiB
+    /// TCP address of the KServe v2 REST listener (HTTP/1.1 and h2c), or
+    /// `None` for none. TOML `http_listen`, a string; `""` or `"off"`
+    /// disables it. Default `0.0.0.0:8000` (Triton's port).
+    pub http_listen: Option<SocketAddr>,
+    /// TCP address of the gRPC `GRPCInferenceService` listener, or `None`
+    /// for none. TOML `grpc_listen`, a string; `""` or `"off"` disables it.
+    /// Default `0.0.0.0:8001` (Triton's port).
+    pub grpc_listen: Option<SocketAddr>,
+    /// Bearer tokens accepted on every front end (`Authorization: Bearer
+    /// TOKEN` on HTTP, HTTP/3 and gRPC). Empty: no authentication. TOML
+    /// `auth_tokens`, an array of strings, each 1 to 4096 visible ASCII
+    /// characters without spaces. Default `[]`.
+    pub auth_tokens: Vec<String>,
+    /// Whether the health endpoints (`/v2/health/*`, `/v2/models/{m}/ready`
+    /// and their gRPC twins) answer without a token, for load balancers and
+    /// readiness probes. TOML `auth_exempt_health`. Default `true`.
+    pub auth_exempt_health: bool,
+    /// Largest request accepted, in bytes: a QUIC native frame, a REST body
+    /// (HTTP/1.1, HTTP/2, HTTP/3) or a gRPC message; a larger one is refused
+    /// before it is read whole. TOML `max_frame_bytes`. Default 16 MiB
     /// (16 777 216), range 1 KiB..=1 GiB. Worst case per connection:
     /// `max_concurrent_streams × max_frame_bytes`.
     pub max_frame_bytes: u32,
@@ -161,6 +179,12 @@ impl Server {
     /// Default of [`Server::metrics_listen`]: `0.0.0.0:8002` (Triton's port).
     pub const DEFAULT_METRICS_LISTEN: SocketAddr =
         SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8002));
+    /// Default of [`Server::http_listen`]: `0.0.0.0:8000` (Triton's port).
+    pub const DEFAULT_HTTP_LISTEN: SocketAddr =
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8000));
+    /// Default of [`Server::grpc_listen`]: `0.0.0.0:8001` (Triton's port).
+    pub const DEFAULT_GRPC_LISTEN: SocketAddr =
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8001));
     /// Default of [`Server::max_frame_bytes`]: 16 MiB.
     pub const DEFAULT_MAX_FRAME_BYTES: u32 = 16 << 20;
     /// Default of [`Server::max_concurrent_streams`].
@@ -178,6 +202,10 @@ impl Default for Server {
         Server {
             quic_listen: Server::DEFAULT_QUIC_LISTEN,
             metrics_listen: Some(Server::DEFAULT_METRICS_LISTEN),
+            http_listen: Some(Server::DEFAULT_HTTP_LISTEN),
+            grpc_listen: Some(Server::DEFAULT_GRPC_LISTEN),
+            auth_tokens: Vec::new(),
+            auth_exempt_health: true,
             max_frame_bytes: Server::DEFAULT_MAX_FRAME_BYTES,
             max_concurrent_streams: Server::DEFAULT_MAX_CONCURRENT_STREAMS,
             max_connections: Server::DEFAULT_MAX_CONNECTIONS,
@@ -211,11 +239,13 @@ pub struct Model {
     /// Name clients ask for (`/v2/models/{name}`). Required; 1 to 128 of
     /// `A-Z a-z 0-9 _ . -`, not `.` or `..`, unique in the file.
     pub name: String,
-    /// What the model computes. Required: `"identity"` or `"mlp"`.
+    /// What the model computes. Required: `"identity"`, `"mlp"` or `"embedding"`.
     pub kind: ModelKind,
     /// Model directory in the Hugging Face layout (for `mlp`: `config.json`
-    /// and `model.safetensors`). An `mlp` needs `path` or `demo`, not both;
-    /// `identity` takes neither. Default none.
+    /// and `model.safetensors`; for `embedding`: a sentence-transformers
+    /// directory with `tokenizer.json` too). An `mlp` needs `path` or `demo`,
+    /// not both; an `embedding` needs `path`; `identity` takes neither.
+    /// Default none.
     pub path: Option<PathBuf>,
     /// `mlp` only, instead of `path`: deterministic demo weights
     /// (`[models.demo]`). Default none.
@@ -314,18 +344,21 @@ pub enum ModelKind {
     Identity,
     /// A tabular multi-layer perceptron (dense layers).
     Mlp,
+    /// A BERT-family sentence-embedding model (text in, a vector out).
+    Embedding,
 }
 
 impl ModelKind {
     /// Every kind, in the order of the error message that lists them.
-    pub const ALL: [ModelKind; 2] = [ModelKind::Identity, ModelKind::Mlp];
+    pub const ALL: [ModelKind; 3] = [ModelKind::Identity, ModelKind::Mlp, ModelKind::Embedding];
 
-    /// The spelling in the TOML file: `"identity"` or `"mlp"`.
+    /// The spelling in the TOML file: `"identity"`, `"mlp"` or `"embedding"`.
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
             ModelKind::Identity => "identity",
             ModelKind::Mlp => "mlp",
+            ModelKind::Embedding => "embedding",
         }
     }
 

@@ -19,6 +19,10 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawServer {
     pub(crate) quic_listen: Option<String>,
     pub(crate) metrics_listen: Option<String>,
+    pub(crate) http_listen: Option<String>,
+    pub(crate) grpc_listen: Option<String>,
+    pub(crate) auth_tokens: Option<Vec<String>>,
+    pub(crate) auth_exempt_health: Option<bool>,
     pub(crate) max_frame_bytes: Option<i64>,
     pub(crate) max_concurrent_streams: Option<i64>,
     pub(crate) max_connections: Option<i64>,

@@ -58,6 +58,7 @@ const DEMO_MAX_PARAMETERS: u64 = 1 << 28;
 const SEED: Bound = Bound::new(0, i64::MAX as u64);
 
 const MODEL_NAME_MAX_LEN: usize = 128;
+const AUTH_TOKEN_MAX_LEN: usize = 4096;
 
 /// Errors found so far, in the order they were found.
 #[derive(Debug, Default)]
@@ -148,25 +149,36 @@ fn convert_server(raw: RawServer, errors: &mut Errors) -> Server {
             defaults.quic_listen
         }),
     };
-    let metrics_listen = match raw.metrics_listen {
-        None => defaults.metrics_listen,
-        Some(text) if text.is_empty() || text == "off" => None,
-        Some(text) => match parse_socket_addr(&text) {
-            Ok(address) => Some(address),
-            Err(reason) => {
-                errors.push(
-                    "server.metrics_listen",
-                    format!(
-                        "must be an IP address and port such as \"0.0.0.0:8002\", or \"off\", got \"{text}\" ({reason})"
-                    ),
-                );
-                defaults.metrics_listen
-            }
-        },
-    };
+    let metrics_listen = optional_listen(
+        "server.metrics_listen",
+        raw.metrics_listen,
+        defaults.metrics_listen,
+        "0.0.0.0:8002",
+        errors,
+    );
+    let http_listen = optional_listen(
+        "server.http_listen",
+        raw.http_listen,
+        defaults.http_listen,
+        "0.0.0.0:8000",
+        errors,
+    );
+    let grpc_listen = optional_listen(
+        "server.grpc_listen",
+        raw.grpc_listen,
+        defaults.grpc_listen,
+        "0.0.0.0:8001",
+        errors,
+    );
     Server {
         quic_listen,
         metrics_listen,
+        http_listen,
+        grpc_listen,
+        auth_tokens: raw.auth_tokens.unwrap_or_default(),
+        auth_exempt_health: raw
+            .auth_exempt_health
+            .unwrap_or(defaults.auth_exempt_health),
         max_frame_bytes: errors
             .int(
                 "server.max_frame_bytes",
@@ -202,6 +214,32 @@ fn convert_server(raw: RawServer, errors: &mut Errors) -> Server {
                 SHUTDOWN_GRACE_MS,
             )
             .map_or(defaults.shutdown_grace, Duration::from_millis),
+    }
+}
+
+/// A listener address that `""` or `"off"` turns off.
+fn optional_listen(
+    path: &str,
+    raw: Option<String>,
+    default: Option<SocketAddr>,
+    example: &str,
+    errors: &mut Errors,
+) -> Option<SocketAddr> {
+    match raw {
+        None => default,
+        Some(text) if text.is_empty() || text == "off" => None,
+        Some(text) => match parse_socket_addr(&text) {
+            Ok(address) => Some(address),
+            Err(reason) => {
+                errors.push(
+                    path,
+                    format!(
+                        "must be an IP address and port such as \"{example}\", or \"off\", got \"{text}\" ({reason})"
+                    ),
+                );
+                default
+            }
+        },
     }
 }
 
@@ -246,14 +284,17 @@ fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Kn
     });
     let kind = match raw.kind {
         None => {
-            errors.push(at("kind"), "required: \"identity\" or \"mlp\"");
+            errors.push(
+                at("kind"),
+                "required: \"identity\", \"mlp\" or \"embedding\"",
+            );
             known.kind = false;
             ModelKind::Identity
         }
         Some(text) => ModelKind::from_name(&text).unwrap_or_else(|| {
             errors.push(
                 at("kind"),
-                format!("must be \"identity\" or \"mlp\", got \"{text}\""),
+                format!("must be \"identity\", \"mlp\" or \"embedding\", got \"{text}\""),
             );
             known.kind = false;
             ModelKind::Identity
@@ -381,6 +422,26 @@ fn check_server(server: &Server, errors: &mut Errors) {
         server.shutdown_grace,
         SHUTDOWN_GRACE_MS,
     );
+    for (index, token) in server.auth_tokens.iter().enumerate() {
+        if let Err(reason) = check_auth_token(token) {
+            errors.push(format!("server.auth_tokens[{index}]"), reason);
+        }
+    }
+}
+
+/// A bearer token: 1 to [`AUTH_TOKEN_MAX_LEN`] visible ASCII characters,
+/// so that it travels unchanged in an HTTP header or gRPC metadata.
+fn check_auth_token(token: &str) -> Result<(), String> {
+    if token.is_empty() || token.len() > AUTH_TOKEN_MAX_LEN {
+        return Err(format!(
+            "must be 1 to {AUTH_TOKEN_MAX_LEN} characters, got {}",
+            token.len()
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be visible ASCII characters without spaces".to_owned());
+    }
+    Ok(())
 }
 
 fn check_tls(tls: &Tls, errors: &mut Errors) {
@@ -442,6 +503,17 @@ fn check_model(model: &Model, prefix: &str, known: Known, errors: &mut Errors) {
                 ),
                 _ => {}
             },
+            ModelKind::Embedding => {
+                if model.path.is_none() {
+                    errors.push(
+                        at("path"),
+                        "required for kind \"embedding\" (a model directory)",
+                    );
+                }
+                if model.demo.is_some() {
+                    errors.push(at("demo"), "only for kind \"mlp\"");
+                }
+            }
         }
     }
     if let Some(demo) = &model.demo {

@@ -64,6 +64,10 @@ fn defaults_of_every_knob() {
     let server = &config.server;
     assert_eq!(server.quic_listen, addr("0.0.0.0:4433"));
     assert_eq!(server.metrics_listen, Some(addr("0.0.0.0:8002")));
+    assert_eq!(server.http_listen, Some(addr("0.0.0.0:8000")));
+    assert_eq!(server.grpc_listen, Some(addr("0.0.0.0:8001")));
+    assert!(server.auth_tokens.is_empty());
+    assert!(server.auth_exempt_health);
     assert_eq!(server.max_frame_bytes, 16 * 1024 * 1024);
     assert_eq!(server.max_concurrent_streams, 256);
     assert_eq!(server.max_connections, 1024);
@@ -137,6 +141,10 @@ fn every_knob_is_read() {
 [server]
 quic_listen = "127.0.0.1:9000"
 metrics_listen = "[::1]:9100"
+http_listen = "127.0.0.1:9080"
+grpc_listen = "off"
+auth_tokens = ["t0k3n", "second"]
+auth_exempt_health = false
 max_frame_bytes = 2048
 max_concurrent_streams = 7
 max_connections = 9
@@ -177,6 +185,10 @@ seed = 7
         Server {
             quic_listen: addr("127.0.0.1:9000"),
             metrics_listen: Some(addr("[::1]:9100")),
+            http_listen: Some(addr("127.0.0.1:9080")),
+            grpc_listen: None,
+            auth_tokens: vec!["t0k3n".to_owned(), "second".to_owned()],
+            auth_exempt_health: false,
             max_frame_bytes: 2048,
             max_concurrent_streams: 7,
             max_connections: 9,
@@ -578,15 +590,47 @@ fn model_kind_rules() {
         errors("[[models]]\nname = \"m\"\nkind = \"bert\"\n"),
         vec![error(
             "models[0].kind",
-            "must be \"identity\" or \"mlp\", got \"bert\""
+            "must be \"identity\", \"mlp\" or \"embedding\", got \"bert\""
         )]
     );
     assert_eq!(
         errors("[[models]]\n"),
         vec![
             error("models[0].name", "required"),
-            error("models[0].kind", "required: \"identity\" or \"mlp\""),
+            error(
+                "models[0].kind",
+                "required: \"identity\", \"mlp\" or \"embedding\""
+            ),
         ]
+    );
+}
+
+#[test]
+fn embedding_models_need_a_path_and_no_demo() {
+    let config = Config::parse(
+        "[[models]]\nname = \"minilm\"\nkind = \"embedding\"\npath = \"models/all-MiniLM-L6-v2\"\n",
+    )
+    .unwrap();
+    assert_eq!(config.models[0].kind, ModelKind::Embedding);
+    assert_eq!(config.models[0].kind.as_str(), "embedding");
+    assert_eq!(
+        ModelKind::from_name("embedding"),
+        Some(ModelKind::Embedding)
+    );
+    assert_eq!(
+        config.models[0].path.as_deref(),
+        Some(std::path::Path::new("models/all-MiniLM-L6-v2"))
+    );
+    assert_eq!(
+        errors("[[models]]\nname = \"e\"\nkind = \"embedding\"\n"),
+        vec![error(
+            "models[0].path",
+            "required for kind \"embedding\" (a model directory)"
+        )]
+    );
+    assert_eq!(
+        errors("[[models]]\nname = \"e\"\nkind = \"embedding\"\npath = \"/m\"\n[models.demo]\n"),
+        vec![error("models[0].demo", "only for kind \"mlp\"")]
     );
 }
 
@@ -681,6 +725,38 @@ fn metrics_off_disables_the_endpoint() {
     }
     let config = Config::parse(&with_server("metrics_listen = \"127.0.0.1:9102\"")).unwrap();
     assert_eq!(config.server.metrics_listen, Some(addr("127.0.0.1:9102")));
+}
+
+#[test]
+fn http_and_grpc_listeners_parse_or_turn_off() {
+    for key in ["http_listen", "grpc_listen"] {
+        let config = Config::parse(&with_server(&format!("{key} = \"off\""))).unwrap();
+        let listen = if key == "http_listen" {
+            config.server.http_listen
+        } else {
+            config.server.grpc_listen
+        };
+        assert_eq!(listen, None, "{key}");
+        let found = errors(&with_server(&format!("{key} = \"8000\"")));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].path, format!("server.{key}"));
+        assert!(found[0].message.contains("or \"off\""), "{found:?}");
+    }
+}
+
+#[test]
+fn auth_tokens_must_be_visible_ascii() {
+    let found = errors(&with_server(
+        "auth_tokens = [\"good\", \"\", \"has space\"]",
+    ));
+    assert_eq!(
+        found.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
+        vec!["server.auth_tokens[1]", "server.auth_tokens[2]"],
+        "{found:?}"
+    );
+    let config = Config::parse(&with_server("auth_tokens = [\"good\"]")).unwrap();
+    assert_eq!(config.server.auth_tokens, vec!["good".to_owned()]);
+    assert!(config.validate().is_ok());
 }
 
 #[test]

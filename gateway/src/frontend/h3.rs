@@ -1,0 +1,204 @@
+//! HTTP/3 on the QUIC port: the same KServe v2 REST API as TCP 8000.
+//!
+//! One UDP port serves both protocols: the QUIC front end
+//! ([`super::quic`]) reads the ALPN the handshake chose and hands `h3`
+//! connections here. Each HTTP/3 request is checked for its token and its
+//! size before its body is read (a body over the limit is refused with 413
+//! and STOP_SENDING), then becomes an `http::Request` for the very router of
+//! [`super::http::app`], so REST behaves alike on every transport and goes
+//! through the same [`crate::router::Router::infer`]. Concurrent requests per
+//! connection are bounded by QUIC's stream limit (`max_concurrent_streams`).
+
+use std::sync::Arc;
+
+use ::h3::server::RequestStream;
+use axum::body::Body;
+use bytes::{Buf, Bytes, BytesMut};
+use tower::ServiceExt;
+
+use crate::error::GatewayError;
+use crate::frontend::auth::Auth;
+use crate::frontend::http::error_response;
+use crate::frontend::quic::InFlight;
+use crate::metrics::Metrics;
+
+/// The protocol label of REST over HTTP/3 in metrics.
+pub const PROTOCOL: &str = "h3";
+
+/// The ALPN protocol name of HTTP/3.
+pub const ALPN: &[u8] = b"h3";
+
+/// Largest header section accepted, in bytes.
+const MAX_FIELD_SECTION_BYTES: u64 = 64 << 10;
+
+/// What HTTP/3 connections share.
+#[derive(Clone, Debug)]
+pub struct H3Service {
+    /// The REST API ([`super::http::app`] with the `h3` protocol label).
+    pub app: axum::Router,
+    pub auth: Auth,
+    pub metrics: Arc<Metrics>,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Requests being served, for shutdown.
+    pub in_flight: Arc<InFlight>,
+}
+
+type Stream = RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+/// Serves the HTTP/3 requests of one QUIC connection until it closes.
+pub async fn serve_connection(conn: quinn::Connection, svc: H3Service) {
+    let remote = conn.remote_address();
+    let mut h3_conn = match ::h3::server::builder()
+        .max_field_section_size(MAX_FIELD_SECTION_BYTES)
+        .build::<_, Bytes>(h3_quinn::Connection::new(conn))
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "HTTP/3 connection setup failed");
+            return;
+        }
+    };
+    loop {
+        match h3_conn.accept().await {
+            Ok(Some(resolver)) => {
+                let svc = svc.clone();
+                let guard = svc.in_flight.enter();
+                tokio::spawn(async move {
+                    match resolver.resolve_request().await {
+                        Ok((req, stream)) => serve_request(req, stream, &svc).await,
+                        Err(e) => tracing::debug!(error = %e, "HTTP/3 request header unreadable"),
+                    }
+                    drop(guard);
+                });
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(%remote, reason = %e, "HTTP/3 connection closed");
+                return;
+            }
+        }
+    }
+}
+
+fn is_health(path: &str) -> bool {
+    path.starts_with("/v2/health/") || (path.starts_with("/v2/models/") && path.ends_with("/ready"))
+}
+
+async fn serve_request(req: http::Request<()>, mut stream: Stream, svc: &H3Service) {
+    let (parts, ()) = req.into_parts();
+    // Refuse before reading the body: a missing token, a declared size
+    // over the limit.
+    let authorization = parts
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if let Err(e) = svc.auth.check(authorization, is_health(parts.uri.path())) {
+        svc.metrics
+            .record_rejection("", PROTOCOL, "unauthenticated");
+        stream.stop_sending(::h3::error::Code::H3_NO_ERROR);
+        return respond(&mut stream, error_response(&e)).await;
+    }
+    let body = match read_body(&parts.headers, &mut stream, svc.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => {
+            if matches!(e, GatewayError::TooLarge { .. }) {
+                svc.metrics.record_rejection("", PROTOCOL, e.outcome());
+                // The rest of the body is not wanted.
+                stream.stop_sending(::h3::error::Code::H3_NO_ERROR);
+            }
+            return respond(&mut stream, error_response(&e)).await;
+        }
+    };
+    let request = http::Request::from_parts(parts, Body::from(body));
+    let response = match svc.app.clone().oneshot(request).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
+    respond(&mut stream, response).await;
+}
+
+async fn read_body(
+    headers: &http::HeaderMap,
+    stream: &mut Stream,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared
+        && len > limit as u64
+    {
+        return Err(GatewayError::TooLarge {
+            limit: limit as u64,
+            got: len,
+        });
+    }
+    let mut body = BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
+    loop {
+        match stream.recv_data().await {
+            Ok(Some(mut chunk)) => {
+                if body.len() + chunk.remaining() > limit {
+                    return Err(GatewayError::TooLarge {
+                        limit: limit as u64,
+                        got: (body.len() + chunk.remaining()) as u64,
+                    });
+                }
+                while chunk.has_remaining() {
+                    let c = chunk.chunk();
+                    body.extend_from_slice(c);
+                    let n = c.len();
+                    chunk.advance(n);
+                }
+            }
+            Ok(None) => return Ok(body.freeze()),
+            Err(e) => {
+                return Err(GatewayError::InvalidArgument(format!(
+                    "cannot read the request body: {e}"
+                )));
+            }
+        }
+    }
+}
+
+async fn respond(stream: &mut Stream, response: axum::response::Response) {
+    let (parts, body) = response.into_parts();
+    // Responses are built in memory by the REST handlers.
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(error = %e, "response body unreadable");
+            return;
+        }
+    };
+    let head = http::Response::from_parts(parts, ());
+    if let Err(e) = stream.send_response(head).await {
+        tracing::debug!(error = %e, "HTTP/3 response not delivered");
+        return;
+    }
+    if !bytes.is_empty()
+        && let Err(e) = stream.send_data(bytes).await
+    {
+        tracing::debug!(error = %e, "HTTP/3 response body not delivered");
+        return;
+    }
+    if let Err(e) = stream.finish().await {
+        tracing::debug!(error = %e, "HTTP/3 stream not finished");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_paths_are_recognised() {
+        assert!(is_health("/v2/health/live"));
+        assert!(is_health("/v2/models/mlp/ready"));
+        assert!(is_health("/v2/models/mlp/versions/1/ready"));
+        assert!(!is_health("/v2/models/mlp/infer"));
+        assert!(!is_health("/v2"));
+    }
+}

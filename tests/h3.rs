@@ -1,0 +1,297 @@
+//! End to end over HTTP/3 on the QUIC port (ALPN `h3`): the real `quiver`
+//! binary, driven with an h3-quinn client; the same UDP port serves the
+//! QUIC native protocol too.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use quiver_gateway::tls::{Trust, client_config};
+use serde_json::{Value, json};
+use support::{
+    OIP_CONFIG, OIP_MAX_REQUEST_BYTES, Server, TOKEN, assert_close, f32_bytes, f32s_of, metric,
+    mlp_expected, mlp_rows,
+};
+
+type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
+
+struct H3 {
+    send: SendRequest,
+    _endpoint: quinn::Endpoint,
+}
+
+async fn connect(server: &Server) -> H3 {
+    let tls = client_config(&Trust::Pinned(server.fingerprint.clone()), &[b"h3"]).unwrap();
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let conn = endpoint
+        .connect(server.quic, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    H3 {
+        send,
+        _endpoint: endpoint,
+    }
+}
+
+struct Answer {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+impl H3 {
+    async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<Vec<u8>>,
+    ) -> Answer {
+        let mut b = http::Request::builder()
+            .method(method)
+            .uri(format!("https://localhost{path}"));
+        for (k, v) in headers {
+            b = b.header(*k, v);
+        }
+        if let Some(body) = &body {
+            b = b.header("content-length", body.len());
+        }
+        let mut stream = self.send.send_request(b.body(()).unwrap()).await.unwrap();
+        if let Some(body) = body {
+            // The server may refuse before reading it all.
+            let _ = stream.send_data(Bytes::from(body)).await;
+        }
+        let _ = stream.finish().await;
+        let resp = stream.recv_response().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+            while chunk.has_remaining() {
+                let c = chunk.chunk();
+                out.extend_from_slice(c);
+                let n = c.len();
+                chunk.advance(n);
+            }
+        }
+        Answer {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: out,
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> Answer {
+        self.call(
+            "GET",
+            path,
+            &[("authorization", format!("Bearer {TOKEN}"))],
+            None,
+        )
+        .await
+    }
+
+    async fn post_json(&mut self, path: &str, body: &Value) -> Answer {
+        self.call(
+            "POST",
+            path,
+            &[
+                ("authorization", format!("Bearer {TOKEN}")),
+                ("content-type", "application/json".into()),
+            ],
+            Some(body.to_string().into_bytes()),
+        )
+        .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_over_http3_alongside_the_native_protocol() {
+    let server = Server::start(OIP_CONFIG);
+    let mut h3 = connect(&server).await;
+
+    let live = h3.call("GET", "/v2/health/live", &[], None).await;
+    assert_eq!(live.status, 200);
+    assert_eq!(h3.get("/v2").await.json()["name"], "quiver");
+    let meta = h3.get("/v2/models/mlp").await;
+    assert_eq!(meta.status, 200);
+    assert_eq!(meta.json()["inputs"][0]["shape"], json!([-1, 16]));
+    let cfg = h3.get("/v2/models/mlp/config").await.json();
+    assert_eq!(
+        (
+            cfg["max_batch_size"].clone(),
+            cfg["input"][0]["dims"].clone()
+        ),
+        (json!(32), json!([16]))
+    );
+    assert_eq!(
+        h3.get("/v2/models/identity/config").await.json()["input"][0]["dims"],
+        json!([-1])
+    );
+
+    // JSON on mlp and identity.
+    let data = mlp_rows(2);
+    let a = h3
+        .post_json(
+            "/v2/models/mlp/infer",
+            &json!({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [2, 16], "data": data}]}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let got: Vec<f32> = a.json()["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    assert_close(&got, &mlp_expected(&data));
+    let a = h3
+        .post_json(
+            "/v2/models/identity/infer",
+            &json!({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2], "data": [7, 8]}]}),
+        )
+        .await;
+    assert_eq!(a.json()["outputs"][0]["data"], json!([7.0, 8.0]));
+
+    // Binary tensors.
+    let head = json!({
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [2, 16],
+                    "parameters": {"binary_data_size": 128}}],
+        "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": true}}],
+    })
+    .to_string();
+    let mut body = head.clone().into_bytes();
+    body.extend_from_slice(&f32_bytes(&data));
+    let a = h3
+        .call(
+            "POST",
+            "/v2/models/mlp/infer",
+            &[
+                ("authorization", format!("Bearer {TOKEN}")),
+                ("inference-header-content-length", head.len().to_string()),
+            ],
+            Some(body),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let n: usize = a.headers["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_close(&f32s_of(&a.body[n..]), &mlp_expected(&data));
+
+    // Errors.
+    let bad = h3
+        .call(
+            "POST",
+            "/v2/models/mlp/infer",
+            &[("authorization", format!("Bearer {TOKEN}"))],
+            Some(b"{oops".to_vec()),
+        )
+        .await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["error"].is_string());
+    let wrong_shape = h3
+        .post_json(
+            "/v2/models/mlp/infer",
+            &json!({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}),
+        )
+        .await;
+    assert_eq!(wrong_shape.status, 400);
+    let wrong_type = h3
+        .post_json(
+            "/v2/models/mlp/infer",
+            &json!({"inputs": [{"name": "INPUT0", "datatype": "INT64", "shape": [1, 16], "data": vec![1; 16]}]}),
+        )
+        .await;
+    assert_eq!(wrong_type.status, 400);
+    let unknown_input = h3
+        .post_json(
+            "/v2/models/mlp/infer",
+            &json!({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 16], "data": vec![1.0; 16]}]}),
+        )
+        .await;
+    assert_eq!(unknown_input.status, 400);
+    assert_eq!(h3.get("/v2/models/nope/config").await.status, 404);
+    let no_token = h3
+        .call("POST", "/v2/models/mlp/infer", &[], Some(b"{}".to_vec()))
+        .await;
+    assert_eq!(no_token.status, 401);
+    let too_big = h3
+        .call(
+            "POST",
+            "/v2/models/mlp/infer",
+            &[("authorization", format!("Bearer {TOKEN}"))],
+            Some(vec![b' '; OIP_MAX_REQUEST_BYTES + 1]),
+        )
+        .await;
+    assert_eq!(too_big.status, 413);
+
+    // Still serving on HTTP/3, and the native protocol on the same port.
+    let a = h3
+        .post_json(
+            "/v2/models/identity/infer",
+            &json!({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [5]}]}),
+        )
+        .await;
+    assert_eq!(a.status, 200);
+    let native = server.client().await;
+    let t = quiver_kernels::HostTensor::new(
+        "INPUT0",
+        vec![1, 1],
+        quiver_kernels::TensorData::F32(vec![9.0]),
+    )
+    .unwrap();
+    let resp = native
+        .infer(&quiver_gateway::tensor::request_to_proto(
+            "identity",
+            "",
+            &[t],
+            Default::default(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(f32s_of(&resp.raw_output_contents[0]), vec![9.0]);
+
+    let text = server.scrape().await;
+    assert!(
+        metric(
+            &text,
+            "quiver_requests_total",
+            &[("protocol", "h3"), ("outcome", "ok")]
+        ) >= 4.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "quiver_requests_total",
+            &[("protocol", "h3"), ("outcome", "invalid_argument")]
+        ) >= 4.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "quiver_rejections_total",
+            &[("protocol", "h3"), ("reason", "too_large")]
+        ) >= 1.0,
+        "{text}"
+    );
+}
