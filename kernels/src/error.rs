@@ -163,6 +163,16 @@ pub enum InputError {
         /// This input's rows.
         got: usize,
     },
+    /// A text element is not valid UTF-8, or the model's tokenizer cannot encode it.
+    #[error("input `{name}` element {index} is not text the tokenizer takes: {reason}")]
+    BadText {
+        /// The input's name.
+        name: String,
+        /// The element's index in row-major order.
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// The model or device failed on input that passed [`crate::Model::prepare`]. Not the

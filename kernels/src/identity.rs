@@ -54,6 +54,7 @@ impl Model for Identity {
             inputs,
             rows,
             tokens: 1,
+            token_ids: Vec::new(),
         })
     }
 

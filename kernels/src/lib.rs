@@ -10,20 +10,27 @@
 //! can be tested and benchmarked on its own.
 //!
 //! - [`tensor`]: datatypes, host tensors and the KServe v2 raw binary codec.
+//! - [`cpu`]: vectorised, multi-threaded CPU kernels (GELU, softmax, layer norm, attention).
 //! - [`device`]: `cpu` / `cuda:N` and the mapping onto candle devices.
 //! - [`model`]: the [`Model`] trait, signatures, input validation and [`load`].
 //! - [`identity`]: the echo model (serving overhead alone).
 //! - [`mlp`]: dense layers from safetensors, and deterministic demo weights.
+//! - [`pool`]: fused masked mean pooling + L2 normalisation (a custom CUDA kernel with a
+//!   CPU reference).
+//! - [`text`]: BERT-family sentence embeddings (tokenizer on the front end, candle BERT).
 //! - [`error`]: the crate's error enums, one per kind of fault.
 
 #![warn(missing_docs)]
 
+pub mod cpu;
 pub mod device;
 pub mod error;
 pub mod identity;
 pub mod mlp;
 pub mod model;
+pub mod pool;
 pub mod tensor;
+pub mod text;
 
 pub use device::Device;
 pub use error::{DeviceError, InputError, LoadError, ModelError};
@@ -31,3 +38,4 @@ pub use identity::Identity;
 pub use mlp::{Activation, Mlp, MlpConfig, write_mlp};
 pub use model::{Model, ModelSpec, Prepared, Signature, TensorSpec, load};
 pub use tensor::{DataType, HostTensor, TensorData};
+pub use text::{Pooling, TextEmbedding};

@@ -441,6 +441,7 @@ impl Model for Mlp {
             inputs,
             rows,
             tokens: 1,
+            token_ids: Vec::new(),
         })
     }
 

@@ -180,14 +180,20 @@ pub struct Prepared {
     pub inputs: Vec<HostTensor>,
     /// The request's batch dimension: `shape[0]` of its inputs, ≥ 1.
     pub rows: u32,
-    /// Sequence length per row: 1 for tabular models and `identity`.
+    /// Sequence length per row: 1 for tabular models and `identity`; for text models the
+    /// longest row's token count (special tokens included, after truncation), so that
+    /// `rows × tokens` is what the request costs once padded.
     pub tokens: u32,
+    /// Text models: each row's token ids, unpadded, as the tokenizer made them on the front
+    /// end (see [`crate::text`]); `forward` pads the batch from them. Empty for models without
+    /// a tokenizer.
+    pub token_ids: Vec<Vec<u32>>,
 }
 
 /// A loaded model, shared between the front ends (`prepare`) and its device thread
 /// (`forward`).
 pub trait Model: Send + Sync + std::fmt::Debug {
-    /// The model family: `"identity"`, `"mlp"`.
+    /// The model family: `"identity"`, `"mlp"`, `"embedding"`.
     fn kind(&self) -> &'static str;
 
     /// The inputs and outputs, for the metadata endpoints and validation.
@@ -221,6 +227,12 @@ pub enum ModelSpec {
         /// The model directory.
         dir: PathBuf,
     },
+    /// A BERT-family text-embedding model from a Hugging Face / sentence-transformers
+    /// directory (see [`crate::text`]).
+    TextEmbedding {
+        /// The model directory.
+        dir: PathBuf,
+    },
     /// A demo MLP whose weights are drawn from `seed` (ChaCha8), so every start gives the
     /// same outputs. For trying the gateway without model files; it computes nothing useful.
     MlpDemo {
@@ -244,6 +256,11 @@ pub fn load(spec: &ModelSpec, device: &Device) -> Result<Arc<dyn Model>, LoadErr
     Ok(match spec {
         ModelSpec::Identity => Arc::new(crate::identity::Identity::new(device.clone())),
         ModelSpec::Mlp { dir } => Arc::new(Mlp::load_dir(dir, device.clone(), candle)?),
+        ModelSpec::TextEmbedding { dir } => Arc::new(crate::text::TextEmbedding::load_dir(
+            dir,
+            device.clone(),
+            candle,
+        )?),
         ModelSpec::MlpDemo {
             inputs,
             hidden,

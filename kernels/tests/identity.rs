@@ -131,6 +131,7 @@ fn forward_reports_a_foreign_prepared_instead_of_panicking() {
         inputs: vec![],
         rows: 1,
         tokens: 1,
+        token_ids: Vec::new(),
     };
     assert!(m.forward(&[bogus]).is_err());
 }

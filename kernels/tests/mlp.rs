@@ -405,6 +405,7 @@ fn forward_rejects_a_prepared_of_the_wrong_width_instead_of_panicking() {
         inputs: vec![request(2, 7, 0)],
         rows: 2,
         tokens: 1,
+        token_ids: Vec::new(),
     };
     assert!(model.forward(&[bogus]).is_err());
     assert!(model.forward(&[]).unwrap().is_empty());

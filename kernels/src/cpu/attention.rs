@@ -1,0 +1,360 @@
+//! Fused multi-head self-attention for batches of short sequences:
+//! `softmax(Q Kᵀ / √d + mask) V` per head, read straight from the `[batch, seq, heads × d]`
+//! outputs of the query/key/value projections and written in the same layout.
+//!
+//! Stock candle-transformers BERT transposes Q, K and V to `[batch, heads, seq, d]` (three
+//! copies), runs two batched matrix products of tiny matrices (11 × 32 × 11 for a short
+//! sentence), five element-wise softmax ops and a transpose back. Here one task per
+//! (sequence, block of queries) does all heads in cache: it packs each head's `Kᵀ` once
+//! (`d × seq`, zero-padded to the vector width), computes four query rows of scores at a
+//! time (four independent FMA chains sharing each `Kᵀ` load), applies the softmax in place,
+//! and accumulates `P V` the same way.
+
+use rayon::prelude::*;
+
+use super::simd::{Simd, WithSimd, dispatch};
+use super::softmax::softmax_row;
+use super::{CpuKernelError, Isa};
+
+/// The dimensions of one [`attention`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// Attention heads; the hidden size is `heads × head_dim`.
+    pub heads: usize,
+    /// Query positions per sequence.
+    pub q_len: usize,
+    /// Key/value positions per sequence.
+    pub kv_len: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    /// `heads × head_dim`, the row length of Q, K, V and the output.
+    #[must_use]
+    pub fn hidden(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// Query rows computed together (independent FMA chains per loaded vector).
+const ROWS: usize = 4;
+
+/// Multi-head attention, `out = softmax(q kᵀ / √head_dim + mask) v` per sequence and head.
+///
+/// Layouts (row-major, contiguous): `q` and `out` are `[batch, q_len, heads × head_dim]`,
+/// `k` and `v` are `[batch, kv_len, heads × head_dim]` (head `h` is columns
+/// `h × head_dim .. (h + 1) × head_dim`), and `mask`, if given, is `[batch, kv_len]`,
+/// added to every query's scores (0 to keep a key, `-inf` or a large negative such as
+/// `f32::MIN` to drop it; BERT's extended attention mask has this shape up to unit
+/// dimensions). A query whose keys are all `-inf` gets an output row of zeros.
+///
+/// # Errors
+///
+/// [`CpuKernelError::IsaUnavailable`] when this CPU lacks `isa`;
+/// [`CpuKernelError::Shape`] when a dimension is 0 or a slice's length does not match the
+/// shape.
+pub fn attention(
+    isa: Isa,
+    shape: AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<(), CpuKernelError> {
+    let hidden = shape.hidden();
+    let kv_elems = shape.batch * shape.kv_len * hidden;
+    if k.len() != kv_elems || v.len() != kv_elems {
+        return Err(CpuKernelError::shape(
+            "attention",
+            format!(
+                "k has {} elements, v {}, {shape:?} needs {kv_elems}",
+                k.len(),
+                v.len()
+            ),
+        ));
+    }
+    if q.len() != shape.batch * shape.q_len * hidden {
+        return Err(CpuKernelError::shape(
+            "attention",
+            format!(
+                "q has {} elements, {shape:?} needs {}",
+                q.len(),
+                shape.batch * shape.q_len * hidden
+            ),
+        ));
+    }
+    attention_strided(isa, shape, [q, k, v], hidden, mask, out)
+}
+
+/// [`attention`] on the fused projection `qkv` of `[batch, seq, 3 × hidden]` (each row: the
+/// query, then the key, then the value, as one linear layer with the three weight matrices
+/// stacked produces it), so Q, K and V need not be split into copies. `q_len == kv_len`.
+///
+/// # Errors
+///
+/// As [`attention`]; also when `shape.q_len != shape.kv_len`.
+pub fn attention_packed(
+    isa: Isa,
+    shape: AttentionShape,
+    qkv: &[f32],
+    mask: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<(), CpuKernelError> {
+    let hidden = shape.hidden();
+    let need = shape.batch * shape.q_len * 3 * hidden;
+    if shape.q_len != shape.kv_len || qkv.len() != need || need == 0 {
+        return Err(CpuKernelError::shape(
+            "attention_packed",
+            format!(
+                "qkv has {} elements, {shape:?} needs q_len = kv_len and {need}",
+                qkv.len()
+            ),
+        ));
+    }
+    attention_strided(
+        isa,
+        shape,
+        [qkv, &qkv[hidden..], &qkv[2 * hidden..]],
+        3 * hidden,
+        mask,
+        out,
+    )
+}
+
+/// The common body: row `r` of Q (of K, V) starts at `r × ld` in `qkv[0]` (`qkv[1]`,
+/// `qkv[2]`); the callers have checked that every row's `hidden` elements are in bounds.
+fn attention_strided(
+    isa: Isa,
+    shape: AttentionShape,
+    [q, k, v]: [&[f32]; 3],
+    ld: usize,
+    mask: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<(), CpuKernelError> {
+    isa.check()?;
+    let AttentionShape {
+        batch,
+        heads,
+        q_len,
+        kv_len,
+        head_dim,
+    } = shape;
+    let hidden = shape.hidden();
+    let bad = |what: String| Err(CpuKernelError::shape("attention", what));
+    if batch == 0 || heads == 0 || q_len == 0 || kv_len == 0 || head_dim == 0 {
+        return bad(format!("{shape:?} has a zero dimension"));
+    }
+    if out.len() != batch * q_len * hidden {
+        return bad(format!(
+            "out has {} elements, {shape:?} needs {}",
+            out.len(),
+            batch * q_len * hidden
+        ));
+    }
+    if let Some(m) = mask
+        && m.len() != batch * kv_len
+    {
+        return bad(format!(
+            "mask has {} elements, {shape:?} needs batch × kv_len = {}",
+            m.len(),
+            batch * kv_len
+        ));
+    }
+    // Enough tasks for every thread even at batch 1, in blocks of whole `ROWS` groups.
+    let threads = rayon::current_num_threads().max(1);
+    let blocks_per_seq = (2 * threads).div_ceil(batch).max(1);
+    let q_block = q_len
+        .div_ceil(blocks_per_seq)
+        .next_multiple_of(ROWS)
+        .min(q_len);
+    #[allow(clippy::cast_precision_loss)]
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    out.par_chunks_mut(q_len * hidden)
+        .enumerate()
+        .for_each(|(b, out_seq)| {
+            out_seq
+                .par_chunks_mut(q_block * hidden)
+                .enumerate()
+                .for_each(|(blk, out)| {
+                    let q0 = blk * q_block;
+                    let seq_q = &q[(b * q_len + q0) * ld..];
+                    dispatch(
+                        isa,
+                        AttentionBlock {
+                            shape,
+                            scale,
+                            q: seq_q,
+                            k: &k[b * kv_len * ld..],
+                            v: &v[b * kv_len * ld..],
+                            ld,
+                            mask: mask.map(|m| &m[b * kv_len..][..kv_len]),
+                            out,
+                        },
+                    );
+                });
+        });
+    Ok(())
+}
+
+/// One task: `rows = out.len() / hidden` queries of one sequence, all heads.
+struct AttentionBlock<'a> {
+    shape: AttentionShape,
+    scale: f32,
+    /// `rows` rows of `hidden`, `ld` apart.
+    q: &'a [f32],
+    /// `kv_len` rows of `hidden`, `ld` apart.
+    k: &'a [f32],
+    /// `kv_len` rows of `hidden`, `ld` apart.
+    v: &'a [f32],
+    /// Distance between rows of `q`, `k` and `v`.
+    ld: usize,
+    /// `[kv_len]`.
+    mask: Option<&'a [f32]>,
+    /// `[rows, hidden]`.
+    out: &'a mut [f32],
+}
+
+impl WithSimd for AttentionBlock<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let AttentionShape {
+            heads,
+            kv_len,
+            head_dim: d,
+            ..
+        } = self.shape;
+        let hidden = self.shape.hidden();
+        let rows = self.out.len() / hidden;
+        let kv_pad = kv_len.next_multiple_of(S::LANES);
+        // Scores bias per key: the mask, and -inf on the padding so it gets probability 0.
+        let mut bias = vec![f32::NEG_INFINITY; kv_pad];
+        match self.mask {
+            Some(m) => bias[..kv_len].copy_from_slice(m),
+            None => bias[..kv_len].fill(0.0),
+        }
+        let mut kt = vec![0.0f32; d * kv_pad];
+        let mut scores = vec![0.0f32; ROWS * kv_pad];
+        for h in 0..heads {
+            let col = h * d;
+            for j in 0..kv_len {
+                for (c, &kv) in self.k[j * self.ld + col..][..d].iter().enumerate() {
+                    kt[c * kv_pad + j] = kv;
+                }
+            }
+            let head = Head {
+                s,
+                d,
+                kv_len,
+                kv_pad,
+                col,
+                hidden,
+                ld: self.ld,
+                scale: self.scale,
+            };
+            let mut r = 0;
+            while r + ROWS <= rows {
+                head.rows::<ROWS>(r, self.q, &kt, &bias, self.v, &mut scores, self.out);
+                r += ROWS;
+            }
+            while r < rows {
+                head.rows::<1>(r, self.q, &kt, &bias, self.v, &mut scores, self.out);
+                r += 1;
+            }
+        }
+    }
+}
+
+/// One head of one task, with the sizes its row groups share.
+#[derive(Clone, Copy)]
+struct Head<S> {
+    s: S,
+    d: usize,
+    kv_len: usize,
+    kv_pad: usize,
+    col: usize,
+    hidden: usize,
+    ld: usize,
+    scale: f32,
+}
+
+impl<S: Simd> Head<S> {
+    /// Query rows `r0 .. r0 + R` of this head: scores, softmax, `P V`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn rows<const R: usize>(
+        &self,
+        r0: usize,
+        q: &[f32],
+        kt: &[f32],
+        bias: &[f32],
+        v: &[f32],
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let Head {
+            s,
+            d,
+            kv_len,
+            kv_pad,
+            col,
+            hidden,
+            ld,
+            scale,
+        } = *self;
+        let l = S::LANES;
+        let qrows: [&[f32]; R] = std::array::from_fn(|r| &q[(r0 + r) * ld + col..][..d]);
+        // Scores, one vector of keys at a time for all R rows.
+        let vscale = s.splat(scale);
+        let mut j = 0;
+        while j < kv_pad {
+            let mut acc = [s.splat(0.0); R];
+            for c in 0..d {
+                let kv = s.load(&kt[c * kv_pad + j..]);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = s.mul_add(s.splat(qrows[r][c]), kv, *a);
+                }
+            }
+            let b = s.load(&bias[j..]);
+            for (r, a) in acc.iter().enumerate() {
+                s.store(&mut scores[r * kv_pad + j..], s.mul_add(*a, vscale, b));
+            }
+            j += l;
+        }
+        for r in 0..R {
+            softmax_row(s, &mut scores[r * kv_pad..(r + 1) * kv_pad]);
+        }
+        // Output: one vector of the head's columns at a time for all R rows.
+        let full = d - d % l;
+        let mut c0 = 0;
+        while c0 < d {
+            let tail = c0 >= full;
+            let mut acc = [s.splat(0.0); R];
+            for jj in 0..kv_len {
+                let vrow = &v[jj * ld + col + c0..][..(d - c0).min(l)];
+                let vv = if tail {
+                    s.load_tail(vrow, 0.0)
+                } else {
+                    s.load(vrow)
+                };
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = s.mul_add(s.splat(scores[r * kv_pad + jj]), vv, *a);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let o = &mut out[(r0 + r) * hidden + col + c0..][..(d - c0).min(l)];
+                if tail {
+                    s.store_tail(o, *a)
+                } else {
+                    s.store(o, *a)
+                }
+            }
+            c0 += l;
+        }
+    }
+}
