@@ -15,27 +15,31 @@ name = "identity"
 kind = "identity"
 "#;
 
-#[test]
-fn infer_reads_kserve_json_and_prints_the_json_response() {
-    let server = Server::start(IDENTITY);
+/// Runs `quiver infer --model MODEL` against `server`, trusting `pin`, with
+/// `body` on stdin.
+fn run_infer(server: &Server, model: &str, pin: &str, body: &[u8]) -> std::process::Output {
     let mut child = Command::new(quiver_bin())
-        .args(["infer", "--model", "identity", "--addr"])
+        .args(["infer", "--model", model, "--addr"])
         .arg(server.quic.to_string())
-        .args(["--pin", &server.fingerprint])
+        .args(["--pin", pin])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(
-            br#"{"id": "42", "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3, 4]]}]}"#,
-        )
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.stdin.take().unwrap().write_all(body).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn infer_reads_kserve_json_and_prints_the_json_response() {
+    let server = Server::start(IDENTITY);
+    let out = run_infer(
+        &server,
+        "identity",
+        &server.fingerprint,
+        br#"{"id": "42", "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3, 4]]}]}"#,
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -56,24 +60,12 @@ fn infer_reads_kserve_json_and_prints_the_json_response() {
 #[test]
 fn infer_reports_an_error_status_on_stderr_and_exits_non_zero() {
     let server = Server::start(IDENTITY);
-    let mut child = Command::new(quiver_bin())
-        .args(["infer", "--model", "missing", "--addr"])
-        .arg(server.quic.to_string())
-        .args(["--pin", &server.fingerprint])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(
-            br#"{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1], "data": [1]}]}"#,
-        )
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_infer(
+        &server,
+        "missing",
+        &server.fingerprint,
+        br#"{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1], "data": [1]}]}"#,
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("NOT_FOUND"), "{stderr}");
@@ -84,24 +76,12 @@ fn infer_reports_an_error_status_on_stderr_and_exits_non_zero() {
 fn infer_with_a_wrong_pin_refuses_the_server() {
     let server = Server::start(IDENTITY);
     let wrong = vec!["00"; 32].join(":");
-    let mut child = Command::new(quiver_bin())
-        .args(["infer", "--model", "identity", "--addr"])
-        .arg(server.quic.to_string())
-        .args(["--pin", &wrong])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(
-            br#"{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1], "data": [1]}]}"#,
-        )
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_infer(
+        &server,
+        "identity",
+        &wrong,
+        br#"{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1], "data": [1]}]}"#,
+    );
     assert!(!out.status.success());
     assert!(out.stdout.is_empty());
 }
