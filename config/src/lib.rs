@@ -33,7 +33,10 @@
 
 mod raw;
 mod syntax;
+mod upstream;
 mod validate;
+
+pub use upstream::{Endpoint, Routing, Upstream, UpstreamProtocol};
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -253,6 +256,14 @@ pub struct Model {
     /// Device that runs the model: `"cpu"`, `"cuda"` (the first GPU) or
     /// `"cuda:N"`. Default `"cpu"`.
     pub device: String,
+    /// `embedding` only: on the `cpu` device, run the BERT encoder on
+    /// Quiver's own vectorised, multi-threaded CPU kernels (GELU, softmax,
+    /// layer norm, attention) instead of candle-transformers' stock BERT;
+    /// same weights, results within the reference bounds, several times the
+    /// throughput. `false` keeps stock candle (for comparison, or a CPU
+    /// where the kernels misbehave). No effect on a `cuda` device. TOML
+    /// `cpu_kernels`; set on another kind it is an error. Default true.
+    pub cpu_kernels: bool,
     /// Most requests (rows) in one batch. TOML `max_batch_size`. Default 32,
     /// range 1..=4096.
     pub max_batch_size: u32,
@@ -279,11 +290,20 @@ pub struct Model {
     /// one forms). TOML `max_in_flight`. Default 1, range 1..=8. Worst case
     /// `max_in_flight` batches of activation memory on the device.
     pub max_in_flight: u32,
+    /// Where requests may run: the local device, upstreams, or the local
+    /// device first (see [`Routing`]). TOML `routing`. Default
+    /// `"local-first"`.
+    pub routing: Routing,
+    /// The upstream pool requests overflow to (`[models.upstream]`).
+    /// Default none: the model is served locally only.
+    pub upstream: Option<Upstream>,
 }
 
 impl Model {
     /// Default of [`Model::device`].
     pub const DEFAULT_DEVICE: &'static str = "cpu";
+    /// Default of [`Model::cpu_kernels`].
+    pub const DEFAULT_CPU_KERNELS: bool = true;
     /// Default of [`Model::max_batch_size`].
     pub const DEFAULT_MAX_BATCH_SIZE: u32 = 32;
     /// Default of [`Model::max_batch_tokens`].
@@ -309,6 +329,7 @@ impl Model {
             path: None,
             demo: None,
             device: Model::DEFAULT_DEVICE.to_owned(),
+            cpu_kernels: Model::DEFAULT_CPU_KERNELS,
             max_batch_size: Model::DEFAULT_MAX_BATCH_SIZE,
             max_batch_tokens: Model::DEFAULT_MAX_BATCH_TOKENS,
             max_queue_delay: Model::DEFAULT_MAX_QUEUE_DELAY,
@@ -316,6 +337,8 @@ impl Model {
             priority_levels: Model::DEFAULT_PRIORITY_LEVELS,
             default_timeout: Model::DEFAULT_DEFAULT_TIMEOUT,
             max_in_flight: Model::DEFAULT_MAX_IN_FLIGHT,
+            routing: Routing::LocalFirst,
+            upstream: None,
         }
     }
 

@@ -45,6 +45,7 @@ pub(crate) struct RawModel {
     pub(crate) path: Option<String>,
     pub(crate) demo: Option<RawDemo>,
     pub(crate) device: Option<String>,
+    pub(crate) cpu_kernels: Option<bool>,
     pub(crate) max_batch_size: Option<i64>,
     pub(crate) max_batch_tokens: Option<i64>,
     pub(crate) max_queue_delay_us: Option<i64>,
@@ -52,6 +53,8 @@ pub(crate) struct RawModel {
     pub(crate) priority_levels: Option<i64>,
     pub(crate) default_timeout_ms: Option<i64>,
     pub(crate) max_in_flight: Option<i64>,
+    pub(crate) routing: Option<String>,
+    pub(crate) upstream: Option<crate::upstream::RawUpstream>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -19,17 +19,18 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::raw::{RawConfig, RawDemo, RawModel, RawServer, RawTls};
+use crate::upstream;
 use crate::{Config, ConfigError, FieldError, MlpDemo, Model, ModelKind, Server, Tls};
 
 /// An inclusive range of a knob, in the unit of its TOML field.
 #[derive(Clone, Copy, Debug)]
-struct Bound {
+pub(crate) struct Bound {
     min: u64,
     max: u64,
 }
 
 impl Bound {
-    const fn new(min: u64, max: u64) -> Bound {
+    pub(crate) const fn new(min: u64, max: u64) -> Bound {
         Bound { min, max }
     }
 
@@ -65,7 +66,7 @@ const AUTH_TOKEN_MAX_LEN: usize = 4096;
 pub(crate) struct Errors(Vec<FieldError>);
 
 impl Errors {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(FieldError::new(path, message));
     }
 
@@ -79,7 +80,12 @@ impl Errors {
 
     /// An integer of the file as `T`, or `None` (reported with `bound`)
     /// where it is out of `bound`.
-    fn int<T: TryFrom<i64>>(&mut self, path: &str, raw: Option<i64>, bound: Bound) -> Option<T> {
+    pub(crate) fn int<T: TryFrom<i64>>(
+        &mut self,
+        path: &str,
+        raw: Option<i64>,
+        bound: Bound,
+    ) -> Option<T> {
         let raw = raw?;
         let converted = u64::try_from(raw)
             .ok()
@@ -91,18 +97,18 @@ impl Errors {
         converted
     }
 
-    fn bounded(&mut self, path: &str, value: u64, bound: Bound) {
+    pub(crate) fn bounded(&mut self, path: &str, value: u64, bound: Bound) {
         if !(bound.min..=bound.max).contains(&value) {
             self.push(path, bound.message(value));
         }
     }
 
-    fn bounded_millis(&mut self, path: &str, value: Duration, bound: Bound) {
+    pub(crate) fn bounded_millis(&mut self, path: &str, value: Duration, bound: Bound) {
         let millis = u64::try_from(value.as_millis()).unwrap_or(u64::MAX);
         self.bounded(path, millis, bound);
     }
 
-    fn bounded_micros(&mut self, path: &str, value: Duration, bound: Bound) {
+    pub(crate) fn bounded_micros(&mut self, path: &str, value: Duration, bound: Bound) {
         let micros = u64::try_from(value.as_micros()).unwrap_or(u64::MAX);
         self.bounded(path, micros, bound);
     }
@@ -306,6 +312,14 @@ fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Kn
     if let Some(device) = raw.device {
         model.device = device;
     }
+    if let Some(cpu_kernels) = raw.cpu_kernels {
+        // Only the embedding model has a CPU-kernel engine; on another kind
+        // the knob would be silently ignored.
+        if known.kind && kind != ModelKind::Embedding {
+            errors.push(at("cpu_kernels"), "only for kind \"embedding\"");
+        }
+        model.cpu_kernels = cpu_kernels;
+    }
 
     let max_batch_size = errors.int(&at("max_batch_size"), raw.max_batch_size, MAX_BATCH_SIZE);
     let max_batch_tokens = errors.int(
@@ -346,6 +360,10 @@ fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Kn
     if let Some(value) = errors.int(&at("max_in_flight"), raw.max_in_flight, MAX_IN_FLIGHT) {
         model.max_in_flight = value;
     }
+    model.routing = upstream::convert_routing(raw.routing, &at("routing"), errors);
+    model.upstream = raw
+        .upstream
+        .map(|up| upstream::convert_upstream(up, &at("upstream"), errors));
     (model, known)
 }
 
@@ -555,6 +573,7 @@ fn check_model(model: &Model, prefix: &str, known: Known, errors: &mut Errors) {
         model.max_in_flight.into(),
         MAX_IN_FLIGHT,
     );
+    upstream::check_routing(model.routing, model.upstream.as_ref(), prefix, errors);
     // Every request is at least one token, so a token budget under the row
     // budget makes `max_batch_size` unreachable.
     if known.batch_size_and_tokens && model.max_batch_tokens < model.max_batch_size {

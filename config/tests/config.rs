@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use quiver_config::{Config, ConfigError, FieldError, MlpDemo, Model, ModelKind, Server, Tls};
+use quiver_config::{
+    Config, ConfigError, FieldError, MlpDemo, Model, ModelKind, Routing, Server, Tls, Upstream,
+    UpstreamProtocol,
+};
 
 /// One identity model: the smallest valid file.
 const MINIMAL: &str = "[[models]]\nname = \"echo\"\nkind = \"identity\"\n";
@@ -89,6 +92,7 @@ fn defaults_of_every_knob() {
     assert_eq!(model.path, None);
     assert_eq!(model.demo, None);
     assert_eq!(model.device, "cpu");
+    assert!(model.cpu_kernels);
     assert_eq!(model.max_batch_size, 32);
     assert_eq!(model.max_batch_tokens, 16384);
     assert_eq!(model.max_queue_delay, Duration::from_micros(2000));
@@ -211,6 +215,7 @@ seed = 7
             path: Some(PathBuf::from("/models/m")),
             demo: None,
             device: "cuda:3".to_owned(),
+            cpu_kernels: true,
             max_batch_size: 8,
             max_batch_tokens: 512,
             max_queue_delay: Duration::ZERO,
@@ -218,6 +223,8 @@ seed = 7
             priority_levels: 4,
             default_timeout: Duration::from_millis(250),
             max_in_flight: 2,
+            routing: Routing::LocalFirst,
+            upstream: None,
         }
     );
     assert_eq!(config.models[0].cuda_ordinal(), Some(3));
@@ -606,6 +613,32 @@ fn model_kind_rules() {
 }
 
 #[test]
+fn cpu_kernels_is_an_embedding_knob() {
+    let embedding = "[[models]]\nname = \"e\"\nkind = \"embedding\"\npath = \"/m\"\n";
+    assert!(Config::parse(embedding).unwrap().models[0].cpu_kernels);
+    for (line, on) in [("cpu_kernels = false", false), ("cpu_kernels = true", true)] {
+        let config = Config::parse(&format!("{embedding}{line}\n")).unwrap();
+        assert_eq!(config.models[0].cpu_kernels, on, "{line}");
+    }
+    // Also read (and ignored by the model) on a cuda device, so one file can switch devices.
+    let cuda = Config::parse(&format!(
+        "{embedding}device = \"cuda\"\ncpu_kernels = false\n"
+    ));
+    assert!(!cuda.unwrap().models[0].cpu_kernels);
+    assert_eq!(
+        errors(&with_model("cpu_kernels = false")),
+        vec![error(
+            "models[0].cpu_kernels",
+            "only for kind \"embedding\""
+        )]
+    );
+    let typed = errors(&format!("{embedding}cpu_kernels = 1\n"));
+    assert_eq!(typed.len(), 1, "{typed:?}");
+    assert_eq!(typed[0].path, "models[0].cpu_kernels", "{typed:?}");
+    assert!(typed[0].message.contains("expected a boolean"), "{typed:?}");
+}
+
+#[test]
 fn embedding_models_need_a_path_and_no_demo() {
     let config = Config::parse(
         "[[models]]\nname = \"minilm\"\nkind = \"embedding\"\npath = \"models/all-MiniLM-L6-v2\"\n",
@@ -875,4 +908,129 @@ fn from_file_on_a_missing_file() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     Config::from_file(&examples.join("default.toml")).unwrap();
     Config::from_file(&examples.join("full.toml")).unwrap();
+}
+
+#[test]
+fn routing_defaults_to_local_first_without_upstreams() {
+    let config = Config::parse(MINIMAL).unwrap();
+    assert_eq!(config.models[0].routing, Routing::LocalFirst);
+    assert_eq!(config.models[0].upstream, None);
+}
+
+#[test]
+fn the_overflow_examples_parse_into_their_pools() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let gateway = Config::from_file(&examples.join("overflow.toml")).unwrap();
+    let mlp = gateway.model("mlp").unwrap();
+    assert_eq!(mlp.routing, Routing::LocalFirst);
+    let up = mlp.upstream.as_ref().unwrap();
+    let names: Vec<String> = up.endpoints.iter().map(ToString::to_string).collect();
+    assert_eq!(names, ["grpc://127.0.0.1:9001", "grpc://127.0.0.1:9101"]);
+    assert_eq!(up.eject_after, Upstream::DEFAULT_EJECT_AFTER);
+    let identity = gateway.model("identity").unwrap();
+    let up = identity.upstream.as_ref().unwrap();
+    assert!(
+        up.endpoints
+            .iter()
+            .all(|e| e.protocol == UpstreamProtocol::Http),
+        "{up:?}"
+    );
+    let worker = Config::from_file(&examples.join("worker.toml")).unwrap();
+    assert_eq!(worker.server.http_listen, Some(addr("0.0.0.0:9000")));
+    assert_eq!(worker.server.grpc_listen, Some(addr("0.0.0.0:9001")));
+    // The worker serves the gateway's models, under the same names.
+    for m in &gateway.models {
+        assert!(worker.model(&m.name).is_some(), "{}", m.name);
+    }
+}
+
+#[test]
+fn upstream_knobs_parse_with_their_units() {
+    let text = format!(
+        "{MINIMAL}routing = \"upstream-only\"\n[models.upstream]\n\
+         endpoints = [\"http://10.0.0.1:9000\"]\n\
+         dns = \"grpc://workers.svc:9001\"\nresolve_interval_ms = 250\n\
+         model = \"echo-v2\"\nprobe_interval_ms = 50\neject_after_failures = 5\n\
+         base_ejection_ms = 200\nmax_ejection_ms = 800\nretry_budget_percent = 0\n\
+         connect_timeout_ms = 30\nlocal_margin_us = 0\n"
+    );
+    let config = Config::parse(&text).unwrap();
+    let m = &config.models[0];
+    assert_eq!(m.routing, Routing::UpstreamOnly);
+    let up = m.upstream.as_ref().unwrap();
+    assert_eq!(up.dns.as_ref().unwrap().host, "workers.svc");
+    assert_eq!(up.resolve_interval, Duration::from_millis(250));
+    assert_eq!(up.model.as_deref(), Some("echo-v2"));
+    assert_eq!(up.probe_interval, Duration::from_millis(50));
+    assert_eq!(up.eject_after, 5);
+    assert_eq!(up.base_ejection, Duration::from_millis(200));
+    assert_eq!(up.max_ejection, Duration::from_millis(800));
+    assert_eq!(up.retry_budget_percent, 0);
+    assert_eq!(up.connect_timeout, Duration::from_millis(30));
+    assert_eq!(up.local_margin, Duration::ZERO);
+    assert!(config.validate().is_ok());
+}
+
+#[test]
+fn upstream_errors_are_all_reported_with_their_paths() {
+    let text = format!(
+        "{MINIMAL}routing = \"upstream-first\"\n[models.upstream]\n\
+         endpoints = [\"127.0.0.1:9001\", \"grpc://ok:1\", \"grpc://x:0\"]\n\
+         probe_interval_ms = 0\nbase_ejection_ms = 500\nmax_ejection_ms = 100\n\
+         retry_budget_percent = 101\n"
+    );
+    assert_eq!(
+        errors(&text),
+        vec![
+            error(
+                "models[0].routing",
+                "must be \"local-first\", \"local-only\" or \"upstream-only\", got \"upstream-first\""
+            ),
+            error(
+                "models[0].upstream.endpoints[0]",
+                "must start with grpc:// or http://, got \"127.0.0.1:9001\""
+            ),
+            error(
+                "models[0].upstream.endpoints[2]",
+                "port must be 1..=65535, got \"0\", got \"grpc://x:0\""
+            ),
+            error(
+                "models[0].upstream.probe_interval_ms",
+                "must be between 10 and 600000, got 0"
+            ),
+            error(
+                "models[0].upstream.retry_budget_percent",
+                "must be between 0 and 100, got 101"
+            ),
+            error(
+                "models[0].upstream.max_ejection_ms",
+                "must be at least base_ejection_ms (500), got 100"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn upstream_only_needs_a_pool_and_a_pool_needs_endpoints() {
+    assert_eq!(
+        errors(&with_model("routing = \"upstream-only\"")),
+        vec![error(
+            "models[0].routing",
+            "\"upstream-only\" needs a [models.upstream] table"
+        )]
+    );
+    assert_eq!(
+        errors(&with_model("[models.upstream]\nmodel = \"x\"")),
+        vec![error(
+            "models[0].upstream",
+            "needs `endpoints` (grpc://HOST:PORT or http://HOST:PORT) or `dns`"
+        )]
+    );
+    // The same rules hold for a configuration built in code.
+    let mut config = Config::parse(MINIMAL).unwrap();
+    config.models[0].routing = Routing::UpstreamOnly;
+    assert_eq!(
+        config.validate().unwrap_err().paths(),
+        vec!["models[0].routing"]
+    );
 }
