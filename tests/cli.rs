@@ -18,10 +18,29 @@ kind = "identity"
 /// Runs `quiver infer --model MODEL` against `server`, trusting `pin`, with
 /// `body` on stdin.
 fn run_infer(server: &Server, model: &str, pin: &str, body: &[u8]) -> std::process::Output {
-    let mut child = Command::new(quiver_bin())
+    run_infer_with(server, model, pin, body, &[], None)
+}
+
+/// [`run_infer`] with `extra` arguments and `QUIVER_TOKEN` set to `env_token`
+/// (unset when `None`, whatever the test's own environment holds).
+fn run_infer_with(
+    server: &Server,
+    model: &str,
+    pin: &str,
+    body: &[u8],
+    extra: &[&str],
+    env_token: Option<&str>,
+) -> std::process::Output {
+    let mut command = Command::new(quiver_bin());
+    command.env_remove("QUIVER_TOKEN");
+    if let Some(token) = env_token {
+        command.env("QUIVER_TOKEN", token);
+    }
+    let mut child = command
         .args(["infer", "--model", model, "--addr"])
         .arg(server.quic.to_string())
         .args(["--pin", pin])
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -84,6 +103,40 @@ fn infer_with_a_wrong_pin_refuses_the_server() {
     );
     assert!(!out.status.success());
     assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn infer_sends_the_token_of_the_flag_or_of_quiver_token() {
+    let server = Server::start(&format!(
+        "[server]\nauth_tokens = [\"{}\"]\n{IDENTITY}",
+        support::TOKEN
+    ));
+    let body =
+        br#"{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1], "data": [5]}]}"#;
+    let pin = &server.fingerprint;
+
+    let out = run_infer_with(&server, "identity", pin, body, &[], None);
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("UNAUTHENTICATED"), "{stderr}");
+    let out = run_infer_with(&server, "identity", pin, body, &["--token", "wrong"], None);
+    assert_eq!(out.status.code(), Some(3));
+
+    for (extra, env) in [
+        (&["--token", support::TOKEN][..], None),
+        (&[][..], Some(support::TOKEN)),
+        // The flag wins over the environment.
+        (&["--token", support::TOKEN][..], Some("wrong")),
+    ] {
+        let out = run_infer_with(&server, "identity", pin, body, extra, env);
+        assert!(
+            out.status.success(),
+            "{extra:?} {env:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["outputs"][0]["data"], serde_json::json!([5.0]));
+    }
 }
 
 #[test]

@@ -251,7 +251,7 @@ async fn rest_over_http3_alongside_the_native_protocol() {
         )
         .await;
     assert_eq!(a.status, 200);
-    let native = server.client().await;
+    let native = server.client_with_token(Some(TOKEN)).await;
     let t = quiver_kernels::HostTensor::new(
         "INPUT0",
         vec![1, 1],
@@ -294,4 +294,103 @@ async fn rest_over_http3_alongside_the_native_protocol() {
         ) >= 1.0,
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_request_stream_is_cancelled_and_never_computed() {
+    use std::time::Duration;
+    // As in the native protocol's test: one request fills the whole batch
+    // budget of a model slow enough to keep the device busy while a second
+    // request waits in the queue and is cancelled.
+    let server = Server::start(
+        r#"
+[[models]]
+name = "big"
+kind = "mlp"
+max_batch_size = 2048
+max_batch_tokens = 2048
+default_timeout_ms = 60000
+[models.demo]
+inputs = 1024
+hidden = [2048, 2048]
+outputs = 8
+"#,
+    );
+    let native = server.client().await;
+    let big = quiver_kernels::HostTensor::new(
+        "INPUT0",
+        vec![2048, 1024],
+        quiver_kernels::TensorData::F32(vec![0.01; 2048 * 1024]),
+    )
+    .unwrap();
+    let big_req =
+        quiver_gateway::tensor::request_to_proto("big", "big", &[big], Default::default());
+    let busy = tokio::spawn(async move { native.infer(&big_req).await });
+    server
+        .wait_for_metrics("the big batch on the device", |t| {
+            metric(t, "quiver_batches_in_flight", &[("model", "big")]) >= 1.0
+        })
+        .await;
+
+    let mut h3 = connect(&server).await;
+    let body = json!({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1024], "data": vec![0.5; 1024]}]})
+        .to_string();
+    let req = http::Request::post("https://localhost/v2/models/big/infer")
+        .header("content-type", "application/json")
+        .header("content-length", body.len())
+        .body(())
+        .unwrap();
+    let mut stream = h3.send.send_request(req).await.unwrap();
+    stream.send_data(Bytes::from(body)).await.unwrap();
+    stream.finish().await.unwrap();
+    // Cancel as RFC 9114 says a client does: it will not read the answer.
+    stream.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+    drop(stream);
+
+    let resp = tokio::time::timeout(Duration::from_secs(120), busy)
+        .await
+        .expect("the big request is answered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        quiver_gateway::tensor::response_int(&resp, quiver_gateway::request::params::BATCH_SIZE),
+        Some(1),
+        "the cancelled request was batched with the big one"
+    );
+    let text = server
+        .wait_for_metrics("the cancelled request skipped in the queue", |t| {
+            metric(t, "quiver_cancelled_in_queue_total", &[("model", "big")]) >= 1.0
+        })
+        .await;
+    assert_eq!(
+        metric(
+            &text,
+            "quiver_cancelled_in_queue_total",
+            &[("model", "big")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "quiver_requests_total",
+            &[
+                ("model", "big"),
+                ("protocol", "h3"),
+                ("outcome", "cancelled")
+            ]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "quiver_computed_requests_total", &[("model", "big")]),
+        1.0,
+        "the cancelled request was computed"
+    );
+
+    // The connection still serves.
+    let live = h3.call("GET", "/v2/health/live", &[], None).await;
+    assert_eq!(live.status, 200);
 }

@@ -370,3 +370,70 @@ async fn an_oversized_frame_is_refused_without_being_read_whole() {
     let req = request_to_proto("identity", "", &[input], HashMap::new());
     client.infer(&req).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_token_rides_as_a_parameter_and_is_checked_before_the_router() {
+    use quiver_gateway::client::ClientError;
+    use quiver_gateway::frontend::auth::PARAMETER;
+    use support::TOKEN;
+
+    let server = Server::start(&format!("[server]\nauth_tokens = [\"{TOKEN}\"]\n{SMALL}"));
+    let input = f32_tensor("INPUT0", vec![1, 2], vec![3.0, 4.0]);
+    let req = request_to_proto("identity", "", std::slice::from_ref(&input), HashMap::new());
+    let unauthenticated = |r: Result<_, ClientError>| match r {
+        Err(e) => assert_eq!(e.code(), Some(Code::Unauthenticated), "{e}"),
+        Ok(resp) => panic!("served without a valid token: {resp:?}"),
+    };
+
+    let anonymous = server.client_with_token(None).await;
+    unauthenticated(anonymous.infer(&req).await);
+    // Refused before the model is looked up: no token, no catalogue.
+    let unknown = request_to_proto("nope", "", std::slice::from_ref(&input), HashMap::new());
+    unauthenticated(anonymous.infer(&unknown).await);
+    // A token that is not a string parameter.
+    let mut not_a_string = req.clone();
+    not_a_string
+        .parameters
+        .insert(PARAMETER.into(), int_param(42));
+    unauthenticated(anonymous.infer(&not_a_string).await);
+    let wrong = server.client_with_token(Some("not-the-token")).await;
+    unauthenticated(wrong.infer(&req).await);
+
+    let right = server.client_with_token(Some(TOKEN)).await;
+    let resp = right.infer(&req).await.unwrap();
+    assert_eq!(f32s(&outputs_from_proto(&resp).unwrap()[0]), &[3.0, 4.0]);
+    // The refused connections keep working once a token comes along: the
+    // raw frame carries it as the parameter.
+    let mut authed = req.clone();
+    authed.parameters.insert(
+        PARAMETER.into(),
+        quiver_gateway::frontend::auth::bearer_parameter(TOKEN),
+    );
+    anonymous.infer(&authed).await.unwrap();
+
+    let text = server.scrape().await;
+    let quic = |outcome| {
+        metric(
+            &text,
+            "quiver_requests_total",
+            &[("protocol", "quic"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(quic("unauthenticated"), 4.0, "{text}");
+    assert_eq!(quic("ok"), 2.0, "{text}");
+    assert_eq!(quic("unknown_model"), 0.0, "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "quiver_rejections_total",
+            &[("protocol", "quic"), ("reason", "unauthenticated")]
+        ),
+        4.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "quiver_computed_requests_total", &[]),
+        2.0,
+        "{text}"
+    );
+}

@@ -16,6 +16,11 @@
 //! no encoding. A target reads the response parameters `quiver_path` and
 //! `quiver_batch_size` when the server sets them (Quiver does; others need
 //! not).
+//!
+//! With a bearer token ([`ConnectOptions::token`]), every request carries
+//! it the way its protocol does: the `Authorization` header (REST, HTTP/3),
+//! `authorization` metadata (gRPC), or the `authorization` request parameter
+//! (QUIC native), encoded with the rest before the first step.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +29,7 @@ use bytes::Bytes;
 use quiver_gateway::client::{Client, ClientError, ClientOptions};
 use quiver_gateway::error::Code;
 use quiver_gateway::framing;
+use quiver_gateway::frontend::auth;
 use quiver_gateway::json::{parameters_to_json, tensor_to_json};
 use quiver_gateway::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use quiver_gateway::proto::{ModelInferRequest, ModelInferResponse};
@@ -59,6 +65,8 @@ pub enum TargetError {
     H3(String),
     #[error("engine: {0}")]
     Engine(String),
+    #[error("the token cannot be sent in an HTTP header or gRPC metadata: {0}")]
+    BadToken(String),
 }
 
 /// The wire protocol of a target.
@@ -160,6 +168,9 @@ pub struct ConnectOptions {
     /// `engine://`: the gateway configuration to start in-process; `None`
     /// for the embedded default.
     pub engine_config: Option<std::path::PathBuf>,
+    /// Bearer token sent with every request; `None` sends none. Ignored by
+    /// `quic-echo://` and `engine://`, which check no token.
+    pub token: Option<String>,
 }
 
 /// A connected target.
@@ -192,23 +203,38 @@ impl Target {
                 url.host.clone()
             }
         });
+        let authorization = options
+            .token
+            .as_deref()
+            .map(authorization_header)
+            .transpose()?;
         Ok(match url.protocol {
             Protocol::Engine => Target::Engine(EngineTarget::start(options, pool).await?),
             Protocol::Grpc => {
                 let endpoint =
                     tonic::transport::Endpoint::from_shared(format!("http://{}", authority(url)))?;
+                let authorization = authorization
+                    .map(|v| {
+                        let mut m = tonic::metadata::MetadataValue::try_from(v.as_bytes())
+                            .map_err(|e| TargetError::BadToken(e.to_string()))?;
+                        m.set_sensitive(true);
+                        Ok::<_, TargetError>(m)
+                    })
+                    .transpose()?;
                 Target::Grpc(GrpcTarget {
                     client: GrpcInferenceServiceClient::new(endpoint.connect().await?),
-                    requests: native_requests(pool),
+                    requests: native_requests(pool, None),
+                    authorization,
                 })
             }
             Protocol::Http3 => {
                 let addr = resolve(url).await?;
                 let trust = trust.ok_or_else(|| TargetError::NoTrust(url.to_string()))?;
-                Target::H3(
+                let mut t =
                     H3Target::connect(addr, &server_name, &trust, url, pool, options.binary)
-                        .await?,
-                )
+                        .await?;
+                t.authorization = authorization;
+                Target::H3(t)
             }
             Protocol::Quic | Protocol::QuicEcho => {
                 let addr = resolve(url).await?;
@@ -219,10 +245,11 @@ impl Target {
                     o.server_name = server_name.clone();
                     clients.push(Client::connect(addr, o).await?);
                 }
-                let frames = native_frames(pool);
                 if url.protocol == Protocol::Quic {
+                    let frames = native_frames(pool, options.token.as_deref());
                     Target::Quic(QuicTarget { clients, frames })
                 } else {
+                    let frames = native_frames(pool, None);
                     Target::Echo(EchoTarget { clients, frames })
                 }
             }
@@ -232,6 +259,11 @@ impl Target {
                 // the rest of Quiver uses. An error means one is installed.
                 let _ = rustls::crypto::ring::default_provider().install_default();
                 let mut b = reqwest::Client::builder();
+                if let Some(value) = authorization {
+                    let mut headers = reqwest::header::HeaderMap::new();
+                    headers.insert(reqwest::header::AUTHORIZATION, value);
+                    b = b.default_headers(headers);
+                }
                 let alpn: &[&[u8]] = if url.protocol == Protocol::Http1 {
                     b = b.http1_only();
                     &[b"http/1.1"]
@@ -282,6 +314,14 @@ impl Infer for Target {
     }
 }
 
+/// `Authorization: Bearer TOKEN`, marked sensitive so that no log shows it.
+fn authorization_header(token: &str) -> Result<http::HeaderValue, TargetError> {
+    let mut v = http::HeaderValue::try_from(format!("Bearer {token}"))
+        .map_err(|e| TargetError::BadToken(e.to_string()))?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
 async fn resolve(url: &TargetUrl) -> Result<SocketAddr, TargetError> {
     let name = format!("{}:{}", url.host, url.port);
     tokio::net::lookup_host((url.host.as_str(), url.port))
@@ -305,17 +345,28 @@ fn pick<T>(items: &[T], index: u64) -> &T {
 }
 
 /// Every request of the pool as a protobuf message, tensors in
-/// `raw_input_contents`.
-pub fn native_requests(pool: &RequestPool) -> Vec<ModelInferRequest> {
+/// `raw_input_contents`; with `token`, the QUIC native protocol's
+/// `authorization` parameter set to it.
+pub fn native_requests(pool: &RequestPool, token: Option<&str>) -> Vec<ModelInferRequest> {
     pool.payloads
         .iter()
-        .map(|p| request_to_proto(&pool.model, &p.id, &p.inputs, pool.parameters.clone()))
+        .map(|p| {
+            let mut parameters = pool.parameters.clone();
+            if let Some(token) = token {
+                parameters.insert(auth::PARAMETER.into(), auth::bearer_parameter(token));
+            }
+            request_to_proto(&pool.model, &p.id, &p.inputs, parameters)
+        })
         .collect()
 }
 
-/// The native frame of every request in the pool.
-pub fn native_frames(pool: &RequestPool) -> Vec<Bytes> {
-    native_requests(pool).iter().map(framing::encode).collect()
+/// The native frame of every request in the pool, with `token` as in
+/// [`native_requests`].
+pub fn native_frames(pool: &RequestPool, token: Option<&str>) -> Vec<Bytes> {
+    native_requests(pool, token)
+        .iter()
+        .map(framing::encode)
+        .collect()
 }
 
 /// What Quiver says about where and how it served a result, from the
@@ -522,12 +573,16 @@ impl RestTarget {
 pub struct GrpcTarget {
     client: GrpcInferenceServiceClient<tonic::transport::Channel>,
     requests: Vec<ModelInferRequest>,
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl GrpcTarget {
     async fn infer(&self, index: u64) -> Outcome {
         // Tensors are `Bytes`: the clone shares them.
-        let req = pick(&self.requests, index).clone();
+        let mut req = tonic::Request::new(pick(&self.requests, index).clone());
+        if let Some(v) = &self.authorization {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
         match self.client.clone().model_infer(req).await {
             Ok(resp) => Outcome::Ok(served_from_proto(resp.get_ref())),
             Err(status) => Outcome::Err(Code::from_i32(status.code() as i32).as_str().into()),
@@ -540,6 +595,7 @@ pub struct H3Target {
     send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
     uri: http::Uri,
     bodies: Vec<RestBody>,
+    authorization: Option<http::HeaderValue>,
     // Keeps the endpoint's socket alive for the connection.
     _endpoint: quinn::Endpoint,
 }
@@ -592,6 +648,7 @@ impl H3Target {
             send,
             uri,
             bodies: rest_bodies(pool, binary),
+            authorization: None,
             _endpoint: endpoint,
         })
     }
@@ -609,6 +666,9 @@ impl H3Target {
         );
         if let Some(n) = b.header_len {
             req = req.header(HEADER_LENGTH, n);
+        }
+        if let Some(v) = &self.authorization {
+            req = req.header(http::header::AUTHORIZATION, v.clone());
         }
         let Ok(req) = req.body(()) else {
             return Outcome::Err("bad_request".into());
@@ -675,7 +735,7 @@ impl EngineTarget {
         let gateway = quiver_gateway::serve::Gateway::start(&config, None)
             .await
             .map_err(|e| engine(&e))?;
-        let requests = native_requests(pool)
+        let requests = native_requests(pool, None)
             .into_iter()
             .map(quiver_gateway::tensor::request_from_proto)
             .collect::<Result<Vec<_>, _>>()
@@ -691,9 +751,16 @@ impl EngineTarget {
             .infer(req, quiver_batching::CancelToken::new())
             .await
         {
-            Ok(resp) => Outcome::Ok(Served {
-                overflow: Some(false),
-                batch_size: Some(resp.served.batch_size),
+            Ok(resp) => Outcome::Ok(match &resp.served {
+                quiver_gateway::request::Served::Local(batch) => Served {
+                    overflow: Some(false),
+                    batch_size: Some(batch.batch_size),
+                },
+                // The rare path: read it as a wire client would.
+                upstream => served_from_proto(&ModelInferResponse {
+                    parameters: quiver_gateway::tensor::served_parameters(upstream),
+                    ..Default::default()
+                }),
             }),
             Err(e) => Outcome::Err(
                 Code::from_i32(quiver_gateway::frontend::quic::native_status(&e).code)

@@ -50,7 +50,7 @@ async fn an_open_loop_sweep_reports_every_request_the_schedule_sent() {
     config.server.quic_listen = "127.0.0.1:0".parse().unwrap();
     config.server.metrics_listen = None;
     let gateway = Gateway::start(&config, None).await.unwrap();
-    let target = format!("quic://{}", gateway.quic_addr);
+    let target = format!("quic://{}", gateway.quic_addr.expect("serve binds QUIC"));
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("report");
     let out_s = out.to_str().unwrap().to_string();
@@ -223,6 +223,7 @@ async fn the_rest_target_counts_results_and_http_errors_by_status() {
         connections: 1,
         binary: false,
         engine_config: None,
+        token: None,
     };
     let url = format!("http://{addr}").parse().unwrap();
     let target = Arc::new(Target::connect(&url, &options, &pool).await.unwrap());
@@ -241,4 +242,65 @@ async fn the_rest_target_counts_results_and_http_errors_by_status() {
     assert_eq!(rec.ok + refused, rec.sent);
     assert_eq!(rec.batch_sizes.get(&3), Some(&rec.ok));
     assert_eq!((rec.path_known, rec.overflow), (rec.ok, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_target_sends_the_token_as_its_protocol_carries_it() {
+    use quiver_bench::inputs::{RequestPool, Shape, tensor_payloads};
+    use quiver_bench::load::{Infer, Outcome};
+    use quiver_bench::targets::{ConnectOptions, Target};
+    use quiver_gateway::tls::Trust;
+
+    let mut config = Config::parse(&format!(
+        "[server]\nauth_tokens = [\"bench-s3cret\"]\n{CONFIG}"
+    ))
+    .unwrap();
+    config.server.quic_listen = "127.0.0.1:0".parse().unwrap();
+    config.server.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.server.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.server.metrics_listen = None;
+    let gateway = Gateway::start(&config, None).await.unwrap();
+    let quic = gateway.quic_addr.expect("serve binds QUIC");
+    let http = gateway.http_addr.expect("REST is on");
+    let grpc = gateway.grpc_addr.expect("gRPC is on");
+    let pool = RequestPool {
+        model: "identity".into(),
+        payloads: tensor_payloads("INPUT0", &Shape(vec![1, 4]), 2, 1).unwrap(),
+        parameters: Default::default(),
+    };
+    // The refusal of each protocol when the token is missing or wrong.
+    let targets = [
+        (format!("quic://{quic}"), "UNAUTHENTICATED"),
+        (format!("h3://{quic}"), "http_401"),
+        (format!("http://{http}"), "http_401"),
+        (format!("h2c://{http}"), "http_401"),
+        (format!("grpc://{grpc}"), "UNAUTHENTICATED"),
+    ];
+    for (url, refusal) in targets {
+        for (token, want_ok) in [
+            (Some("bench-s3cret"), true),
+            (Some("wrong"), false),
+            (None, false),
+        ] {
+            let options = ConnectOptions {
+                trust: Some(Trust::Insecure),
+                server_name: None,
+                connections: 1,
+                binary: false,
+                engine_config: None,
+                token: token.map(str::to_owned),
+            };
+            let target = Target::connect(&url.parse().unwrap(), &options, &pool)
+                .await
+                .unwrap();
+            for index in 0..2 {
+                match target.infer(index).await {
+                    Outcome::Ok(_) if want_ok => {}
+                    Outcome::Err(kind) if !want_ok => assert_eq!(kind, refusal, "{url}"),
+                    other => panic!("{url} with token {token:?}: {other:?}"),
+                }
+            }
+        }
+    }
+    gateway.shutdown(Duration::from_secs(1)).await;
 }

@@ -4,13 +4,15 @@
 //! One [`Client`] holds one QUIC connection; each [`Client::infer`] opens one
 //! bidirectional stream, so many requests run concurrently on it. Dropping an
 //! `infer` future before its answer stops the stream, which cancels the
-//! request on the server.
+//! request on the server. With [`ClientOptions::token`] set, every
+//! [`Client::infer`] carries the bearer token as the request parameter
+//! `authorization` ([`crate::frontend::auth::PARAMETER`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 
 use crate::error::Code;
@@ -51,7 +53,7 @@ impl ClientError {
 }
 
 /// Knobs of a client connection.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClientOptions {
     /// The name the server's certificate must hold; default `localhost`.
     pub server_name: String,
@@ -61,6 +63,22 @@ pub struct ClientOptions {
     pub max_reply_bytes: u32,
     /// Idle timeout of the connection; default 30 s.
     pub idle_timeout: Duration,
+    /// The bearer token sent with every [`Client::infer`], for a server
+    /// with `server.auth_tokens`; default none.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a secret: say only whether there is one.
+        f.debug_struct("ClientOptions")
+            .field("server_name", &self.server_name)
+            .field("trust", &self.trust)
+            .field("max_reply_bytes", &self.max_reply_bytes)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl ClientOptions {
@@ -70,6 +88,7 @@ impl ClientOptions {
             trust,
             max_reply_bytes: 64 << 20,
             idle_timeout: Duration::from_secs(30),
+            token: None,
         }
     }
 }
@@ -80,6 +99,19 @@ pub struct Client {
     endpoint: quinn::Endpoint,
     connection: quinn::Connection,
     max_reply_bytes: u32,
+    /// See [`encode_request`].
+    token: Option<TokenFields>,
+}
+
+/// The protobuf encoding of a `ModelInferRequest` that holds only the token
+/// parameter. Its `Debug` hides the secret.
+#[derive(Clone)]
+struct TokenFields(Bytes);
+
+impl std::fmt::Debug for TokenFields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl Client {
@@ -112,17 +144,21 @@ impl Client {
             endpoint,
             connection,
             max_reply_bytes: options.max_reply_bytes,
+            token: options.token.as_deref().map(token_fields),
         })
     }
 
-    /// Sends one request and waits for its answer.
+    /// Sends one request (with the token of [`ClientOptions::token`], if
+    /// any) and waits for its answer.
     pub async fn infer(&self, req: &ModelInferRequest) -> Result<ModelInferResponse, ClientError> {
-        self.send_frame(framing::encode(req)).await
+        self.send_frame(encode_request(req, self.token.as_ref().map(|t| &t.0[..])))
+            .await
     }
 
     /// Sends arbitrary bytes as a request stream (they need not be a valid
-    /// frame) and waits for the server's answer. For testing the server's
-    /// handling of bad input.
+    /// frame, and no token is added) and waits for the server's answer. For
+    /// testing the server's handling of bad input, and for callers that
+    /// encode their frames ahead of time.
     pub async fn send_frame(&self, bytes: Bytes) -> Result<ModelInferResponse, ClientError> {
         let (mut send, mut recv) = self.connection.open_bi().await?;
         send.write_all(&bytes).await?;
@@ -151,7 +187,79 @@ impl Client {
     }
 }
 
+fn token_fields(token: &str) -> TokenFields {
+    let mut only_token = ModelInferRequest::default();
+    only_token.parameters.insert(
+        crate::frontend::auth::PARAMETER.into(),
+        crate::frontend::auth::bearer_parameter(token),
+    );
+    TokenFields(Bytes::from(only_token.encode_to_vec()))
+}
+
+/// The frame of `req`, with `token_fields` appended to its body. Protobuf
+/// merges concatenated messages, and a map entry read later replaces one
+/// read earlier, so the server decodes `req` with the token parameter set,
+/// without the request (and its tensors) being copied to add it.
+fn encode_request(req: &ModelInferRequest, token_fields: Option<&[u8]>) -> Bytes {
+    let Some(extra) = token_fields else {
+        return framing::encode(req);
+    };
+    let len = req.encoded_len() + extra.len();
+    let mut buf = BytesMut::with_capacity(framing::HEADER_LEN + len);
+    // Over 4 GiB the server refuses the frame as too large, as it does
+    // every frame over its limit.
+    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    req.encode(&mut buf)
+        .expect("BytesMut grows, so encoding cannot run out of room");
+    buf.put_slice(extra);
+    buf.freeze()
+}
+
 /// Decodes a reply frame's body; exposed for tools that read raw streams.
 pub fn decode_reply(body: &[u8]) -> Result<Reply, prost::DecodeError> {
     Reply::decode(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frontend::auth::PARAMETER;
+    use crate::proto::inference::infer_parameter::ParameterChoice;
+
+    #[test]
+    fn the_token_rides_along_as_a_parameter_and_replaces_a_stale_one() {
+        let mut req = crate::tensor::request_to_proto(
+            "m",
+            "7",
+            &[quiver_kernels::HostTensor::new(
+                "INPUT0",
+                vec![1, 2],
+                quiver_kernels::TensorData::F32(vec![1.0, 2.0]),
+            )
+            .expect("a valid tensor")],
+            [("priority".to_string(), crate::tensor::int_param(1))].into(),
+        );
+        req.parameters.insert(
+            PARAMETER.into(),
+            crate::frontend::auth::bearer_parameter("stale"),
+        );
+        let frame = encode_request(&req, Some(&token_fields("s3cret").0));
+        let len = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+        assert_eq!(len, frame.len() - framing::HEADER_LEN);
+        let decoded = ModelInferRequest::decode(&frame[framing::HEADER_LEN..])
+            .expect("a valid ModelInferRequest");
+
+        let mut want = req.clone();
+        want.parameters.insert(
+            PARAMETER.into(),
+            crate::frontend::auth::bearer_parameter("s3cret"),
+        );
+        assert_eq!(decoded, want);
+        assert_eq!(
+            decoded.parameters[PARAMETER].parameter_choice,
+            Some(ParameterChoice::StringParam("Bearer s3cret".into()))
+        );
+        // Without a token, the frame is the plain encoding.
+        assert_eq!(encode_request(&req, None), framing::encode(&req));
+    }
 }

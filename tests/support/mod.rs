@@ -130,6 +130,30 @@ impl Server {
         .expect("client connects")
     }
 
+    /// A client that pins the server's fingerprint and sends `token` with
+    /// every request (none when `None`).
+    pub async fn client_with_token(&self, token: Option<&str>) -> Client {
+        let mut options = ClientOptions::new(Trust::Pinned(self.fingerprint.clone()));
+        options.token = token.map(str::to_owned);
+        Client::connect(self.quic, options)
+            .await
+            .expect("client connects")
+    }
+
+    /// Waits (bounded, 10 s) until `done` holds for the text of `/metrics`,
+    /// and returns that text; panics with the last text if it never does.
+    pub async fn wait_for_metrics(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.scrape().await;
+            if done(&text) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "never saw {what}:\n{text}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// The Prometheus text of `/metrics`.
     pub async fn scrape(&self) -> String {
         http_get(self.metrics, "/metrics").await

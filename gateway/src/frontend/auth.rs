@@ -1,15 +1,34 @@
-//! Bearer-token authentication, shared by the REST (HTTP/1.1, HTTP/2,
-//! HTTP/3) and gRPC front ends (DESIGN.md, "Security and limits").
+//! Bearer-token authentication, shared by every front end: REST (HTTP/1.1,
+//! HTTP/2, HTTP/3), gRPC and the QUIC native protocol (DESIGN.md, "Security
+//! and limits").
 //!
 //! With no token configured every request passes. Otherwise a request must
 //! carry `Authorization: Bearer TOKEN` (an HTTP header, or gRPC metadata)
 //! with one of the configured tokens; health endpoints may be exempt, so
 //! load balancers and readiness probes need no secret. The check runs before
-//! a request body is read.
+//! a request body is read. The native protocol has no headers: its token is
+//! the string request parameter [`PARAMETER`] of the `ModelInferRequest`
+//! (see [`Auth::check_parameters`]), so it is checked once the frame, bounded
+//! by `max_frame_bytes`, has been read, and before anything else is done
+//! with it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::GatewayError;
+use crate::proto::InferParameter;
+use crate::proto::inference::infer_parameter::ParameterChoice;
+
+/// The request parameter that carries the bearer token on the QUIC native
+/// protocol: a string `Bearer TOKEN`, as the HTTP header would hold it.
+pub const PARAMETER: &str = "authorization";
+
+/// The [`PARAMETER`] value for `token`: `Bearer TOKEN`.
+pub fn bearer_parameter(token: &str) -> InferParameter {
+    InferParameter {
+        parameter_choice: Some(ParameterChoice::StringParam(format!("Bearer {token}"))),
+    }
+}
 
 /// The configured tokens. Cheap to clone.
 #[derive(Clone, Debug, Default)]
@@ -66,6 +85,27 @@ impl Auth {
     }
 }
 
+impl Auth {
+    /// Checks the token of a native request, carried as the string
+    /// parameter [`PARAMETER`], and removes that parameter, so the secret
+    /// goes no further than this check (not into the router, logs or
+    /// upstream requests), whether or not authentication is on.
+    pub fn check_parameters(
+        &self,
+        parameters: &mut HashMap<String, InferParameter>,
+    ) -> Result<(), GatewayError> {
+        let carried = parameters.remove(PARAMETER);
+        match carried.and_then(|p| p.parameter_choice) {
+            None => self.check(None, false),
+            Some(ParameterChoice::StringParam(value)) => self.check(Some(value.as_bytes()), false),
+            Some(_) if !self.enabled() => Ok(()),
+            Some(_) => Err(GatewayError::Unauthenticated(format!(
+                "the '{PARAMETER}' parameter must be the string 'Bearer TOKEN'"
+            ))),
+        }
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -92,5 +132,39 @@ mod tests {
             strict.check(None, true),
             Err(GatewayError::Unauthenticated(_))
         ));
+    }
+
+    #[test]
+    fn the_native_parameter_is_checked_and_always_removed() {
+        let auth = Auth::new(&["s3cret".into()], true);
+        let with = |p: InferParameter| {
+            let mut m = HashMap::new();
+            m.insert(PARAMETER.to_string(), p);
+            m.insert("priority".to_string(), crate::tensor::int_param(1));
+            m
+        };
+
+        let mut good = with(bearer_parameter("s3cret"));
+        assert!(auth.check_parameters(&mut good).is_ok());
+        assert!(!good.contains_key(PARAMETER), "the token went further");
+        assert!(good.contains_key("priority"), "another parameter was lost");
+
+        let mut wrong = with(bearer_parameter("s3cre"));
+        assert!(matches!(
+            auth.check_parameters(&mut wrong),
+            Err(GatewayError::Unauthenticated(_))
+        ));
+        assert!(!wrong.contains_key(PARAMETER));
+
+        let mut not_a_string = with(crate::tensor::int_param(7));
+        assert!(auth.check_parameters(&mut not_a_string).is_err());
+        let mut none = HashMap::new();
+        assert!(auth.check_parameters(&mut none).is_err());
+
+        // Authentication off: anything passes, and the parameter still goes.
+        let off = Auth::default();
+        let mut carried = with(crate::tensor::int_param(7));
+        assert!(off.check_parameters(&mut carried).is_ok());
+        assert!(!carried.contains_key(PARAMETER));
     }
 }

@@ -8,6 +8,14 @@
 //! [`super::http::app`], so REST behaves alike on every transport and goes
 //! through the same [`crate::router::Router::infer`]. Concurrent requests per
 //! connection are bounded by QUIC's stream limit (`max_concurrent_streams`).
+//!
+//! A client that stops a request stream (STOP_SENDING, as RFC 9114 §4.1.1
+//! cancels a request, or by dropping it) before its answer cancels the
+//! request, as on the QUIC native protocol: the REST handler is dropped, its
+//! request's cancel token fires, and the scheduler skips the request if it
+//! has not been dispatched. [`transport`] is what lets the stop be seen.
+
+mod transport;
 
 use std::sync::Arc;
 
@@ -21,6 +29,8 @@ use crate::frontend::auth::Auth;
 use crate::frontend::http::error_response;
 use crate::frontend::quic::InFlight;
 use crate::metrics::Metrics;
+use crate::router::Router;
+use transport::StopSignals;
 
 /// The protocol label of REST over HTTP/3 in metrics.
 pub const PROTOCOL: &str = "h3";
@@ -44,14 +54,23 @@ pub struct H3Service {
     pub in_flight: Arc<InFlight>,
 }
 
-type Stream = RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+type Stream = RequestStream<transport::BidiStream<Bytes>, Bytes>;
+
+/// What the requests of one connection share.
+struct Conn {
+    svc: H3Service,
+    /// Only to label a cancelled request with its (configured) model.
+    router: Arc<Router>,
+    stops: StopSignals,
+}
 
 /// Serves the HTTP/3 requests of one QUIC connection until it closes.
-pub async fn serve_connection(conn: quinn::Connection, svc: H3Service) {
+pub async fn serve_connection(conn: quinn::Connection, svc: H3Service, router: Arc<Router>) {
     let remote = conn.remote_address();
+    let stops = StopSignals::default();
     let mut h3_conn = match ::h3::server::builder()
         .max_field_section_size(MAX_FIELD_SECTION_BYTES)
-        .build::<_, Bytes>(h3_quinn::Connection::new(conn))
+        .build::<_, Bytes>(transport::Connection::new(conn, stops.clone()))
         .await
     {
         Ok(c) => c,
@@ -60,14 +79,15 @@ pub async fn serve_connection(conn: quinn::Connection, svc: H3Service) {
             return;
         }
     };
+    let conn = Arc::new(Conn { svc, router, stops });
     loop {
         match h3_conn.accept().await {
             Ok(Some(resolver)) => {
-                let svc = svc.clone();
-                let guard = svc.in_flight.enter();
+                let conn = conn.clone();
+                let guard = conn.svc.in_flight.enter();
                 tokio::spawn(async move {
                     match resolver.resolve_request().await {
-                        Ok((req, stream)) => serve_request(req, stream, &svc).await,
+                        Ok((req, stream)) => serve_request(req, stream, &conn).await,
                         Err(e) => tracing::debug!(error = %e, "HTTP/3 request header unreadable"),
                     }
                     drop(guard);
@@ -86,7 +106,18 @@ fn is_health(path: &str) -> bool {
     path.starts_with("/v2/health/") || (path.starts_with("/v2/models/") && path.ends_with("/ready"))
 }
 
-async fn serve_request(req: http::Request<()>, mut stream: Stream, svc: &H3Service) {
+/// The model of an inference path (`/v2/models/{m}[/versions/{v}]/infer`).
+fn infer_model(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v2/models/")?.strip_suffix("/infer")?;
+    let model = rest.split('/').next()?;
+    (!model.is_empty()).then_some(model)
+}
+
+async fn serve_request(req: http::Request<()>, mut stream: Stream, conn: &Conn) {
+    let svc = &conn.svc;
+    // Taken first, so the signal is dropped with this request whatever
+    // path it ends by.
+    let stopped = conn.stops.take(stream.id());
     let (parts, ()) = req.into_parts();
     // Refuse before reading the body: a missing token, a declared size
     // over the limit.
@@ -111,8 +142,37 @@ async fn serve_request(req: http::Request<()>, mut stream: Stream, svc: &H3Servi
             return respond(&mut stream, error_response(&e)).await;
         }
     };
+    let infer = (parts.method == http::Method::POST)
+        .then(|| infer_model(parts.uri.path()))
+        .flatten()
+        .map(|m| {
+            conn.router
+                .model(m)
+                .map(|e| e.name.clone())
+                .unwrap_or_default()
+        });
+    let started = std::time::Instant::now();
     let request = http::Request::from_parts(parts, Body::from(body));
-    let response = match svc.app.clone().oneshot(request).await {
+    let call = svc.app.clone().oneshot(request);
+    let response = match stopped {
+        Some(stopped) => tokio::select! {
+            // Polling the request first admits it before a stop already
+            // received is seen, so a cancelled request always ends in the
+            // scheduler, which counts it and never computes it.
+            biased;
+            response = call => response,
+            () = stopped => {
+                // Dropping the handler cancels its request (`CancelOnDrop`).
+                if let Some(model) = infer {
+                    svc.metrics.record_request(&model, PROTOCOL, "cancelled", started.elapsed());
+                }
+                tracing::debug!("HTTP/3 request stream stopped before its answer");
+                return;
+            }
+        },
+        None => call.await,
+    };
+    let response = match response {
         Ok(r) => r,
         Err(never) => match never {},
     };
@@ -200,5 +260,14 @@ mod tests {
         assert!(is_health("/v2/models/mlp/versions/1/ready"));
         assert!(!is_health("/v2/models/mlp/infer"));
         assert!(!is_health("/v2"));
+    }
+
+    #[test]
+    fn the_model_of_an_inference_path() {
+        assert_eq!(infer_model("/v2/models/mlp/infer"), Some("mlp"));
+        assert_eq!(infer_model("/v2/models/mlp/versions/1/infer"), Some("mlp"));
+        assert_eq!(infer_model("/v2/models//infer"), None);
+        assert_eq!(infer_model("/v2/models/mlp/ready"), None);
+        assert_eq!(infer_model("/v2/health/live"), None);
     }
 }

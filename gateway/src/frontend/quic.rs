@@ -6,6 +6,14 @@
 //! is refused after its 4-byte header (the stream is stopped, the body never
 //! read). A client that stops the stream before its answer cancels the
 //! request: the scheduler skips it if it has not been dispatched.
+//!
+//! With bearer tokens configured, a request carries its token as the string
+//! parameter `authorization` (`Bearer TOKEN`, [`super::auth::PARAMETER`]);
+//! it is checked as soon as the frame is decoded, before the model is looked
+//! up or the request reaches the router, and removed from the request.
+//! A connection over `max_connections` is refused during its handshake
+//! (CONNECTION_REFUSED); a stream over `max_concurrent_streams` is not
+//! refused but waits for QUIC stream credit on the client.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,6 +22,7 @@ use std::time::{Duration, Instant};
 use quiver_batching::CancelToken;
 use tokio::sync::Notify;
 
+use super::auth::Auth;
 use crate::error::{Code, GatewayError};
 use crate::framing::{self, FrameError};
 use crate::metrics::Metrics;
@@ -34,9 +43,12 @@ pub const STOP_TOO_LARGE: u32 = 0x1;
 pub struct QuicLimits {
     /// Largest request frame, in bytes.
     pub max_frame_bytes: u32,
-    /// Concurrent bidirectional streams a connection may open.
+    /// Concurrent bidirectional streams a connection may open: QUIC stream
+    /// credit, so a client opening more waits until one of its streams ends.
     pub max_concurrent_streams: u32,
-    /// Connections at once; more are refused.
+    /// Connections at once, `quiver/1` and `h3` together; more are refused
+    /// in their handshake. A closed connection counts until QUIC has drained
+    /// it (three probe timeouts, milliseconds on a LAN).
     pub max_connections: u32,
     /// Idle time after which a connection is closed.
     pub idle_timeout: Duration,
@@ -48,7 +60,10 @@ pub fn native_status(err: &GatewayError) -> Status {
         GatewayError::InvalidArgument(_) | GatewayError::Input(_) => Code::InvalidArgument,
         GatewayError::UnknownModel(_) => Code::NotFound,
         GatewayError::TooLarge { .. } | GatewayError::Overloaded { .. } => Code::ResourceExhausted,
-        GatewayError::DeadlineUnreachable { .. } | GatewayError::ShuttingDown => Code::Unavailable,
+        GatewayError::DeadlineUnreachable { .. }
+        | GatewayError::ShuttingDown
+        | GatewayError::UpstreamUnavailable { .. }
+        | GatewayError::Upstream { .. } => Code::Unavailable,
         GatewayError::DeadlineExceeded => Code::DeadlineExceeded,
         GatewayError::Model { .. } => Code::Internal,
         GatewayError::Cancelled => Code::Cancelled,
@@ -141,17 +156,20 @@ impl Drop for InFlightGuard {
 struct Ctx {
     router: Arc<Router>,
     metrics: Arc<Metrics>,
+    auth: Auth,
     limits: QuicLimits,
     in_flight: Arc<InFlight>,
     h3: Option<super::h3::H3Service>,
 }
 
 /// Accepts connections until the endpoint is closed. Connections that
-/// chose ALPN `h3` go to `h3` (refused when it is `None`).
+/// chose ALPN `h3` go to `h3` (refused when it is `None`). `auth` checks the
+/// native protocol's tokens (`h3` has its own, in [`super::h3::H3Service`]).
 pub async fn serve(
     endpoint: quinn::Endpoint,
     router: Arc<Router>,
     metrics: Arc<Metrics>,
+    auth: Auth,
     limits: QuicLimits,
     in_flight: Arc<InFlight>,
     h3: Option<super::h3::H3Service>,
@@ -159,17 +177,22 @@ pub async fn serve(
     let ctx = Arc::new(Ctx {
         router,
         metrics,
+        auth,
         limits,
         in_flight,
         h3,
     });
     while let Some(incoming) = endpoint.accept().await {
-        if endpoint.open_connections() > ctx.limits.max_connections as usize {
+        // An incoming connection is not counted until it is accepted, so
+        // `max_connections` open ones already fill the limit.
+        if endpoint.open_connections() >= ctx.limits.max_connections as usize {
             tracing::warn!(
                 remote = %incoming.remote_address(),
                 limit = ctx.limits.max_connections,
                 "connection refused: too many connections"
             );
+            ctx.metrics
+                .record_rejection("", PROTOCOL, "too_many_connections");
             incoming.refuse();
             continue;
         }
@@ -178,7 +201,7 @@ pub async fn serve(
             match incoming.await {
                 Ok(conn) if alpn(&conn).as_deref() == Some(super::h3::ALPN) => {
                     match ctx.h3.clone() {
-                        Some(h3) => super::h3::serve_connection(conn, h3).await,
+                        Some(h3) => super::h3::serve_connection(conn, h3, ctx.router.clone()).await,
                         None => conn.close(0x0101u32.into(), b"HTTP/3 is off"),
                     }
                 }
@@ -243,6 +266,12 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
             return answer(&mut send, ctx, "", started, Err(err)).await;
         }
     };
+    let mut req = req;
+    // Before the model is looked up: a client without a token learns
+    // nothing about which models exist.
+    if let Err(e) = ctx.auth.check_parameters(&mut req.parameters) {
+        return answer(&mut send, ctx, "", started, Err(e)).await;
+    }
     // Bounded label values: only configured model names.
     let model = ctx
         .router
@@ -338,6 +367,10 @@ mod tests {
             (
                 GatewayError::TooLarge { limit: 1, got: 2 },
                 Code::ResourceExhausted,
+            ),
+            (
+                GatewayError::Unauthenticated("no token".into()),
+                Code::Unauthenticated,
             ),
         ];
         for (err, code) in cases {

@@ -1,0 +1,333 @@
+//! End to end: the connection and stream limits (`server.max_connections`,
+//! `server.max_concurrent_streams`) on the real `quiver` binary. A connection
+//! over the limit is refused with a clear answer while those within keep
+//! working; streams over the limit wait for credit and none is lost.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use quiver_gateway::client::{Client, ClientError, ClientOptions};
+use quiver_gateway::proto::native::{Reply, reply};
+use quiver_gateway::tensor::{outputs_from_proto, request_to_proto};
+use quiver_gateway::tls::Trust;
+use quiver_kernels::{HostTensor, TensorData};
+use support::{Server, metric};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const IDENTITY: &str = r#"
+[[models]]
+name = "identity"
+kind = "identity"
+max_batch_size = 64
+default_timeout_ms = 10000
+"#;
+
+/// A bound on waits for events; never reached when things work.
+const BOUND: Duration = Duration::from_secs(10);
+
+fn echo_request(v: f32) -> quiver_gateway::proto::ModelInferRequest {
+    let t = HostTensor::new("INPUT0", vec![1, 1], TensorData::F32(vec![v])).unwrap();
+    request_to_proto("identity", &v.to_string(), &[t], HashMap::new())
+}
+
+fn echoed(resp: &quiver_gateway::proto::ModelInferResponse) -> f32 {
+    match &outputs_from_proto(resp).unwrap()[0].data {
+        TensorData::F32(v) => v[0],
+        other => panic!("expected FP32, got {other:?}"),
+    }
+}
+
+async fn assert_echoes(client: &Client, v: f32) {
+    let resp = client.infer(&echo_request(v)).await.unwrap();
+    assert_eq!(echoed(&resp), v);
+}
+
+/// Whether `fut` is still pending after one poll.
+async fn pending_after_one_poll<F: Future>(fut: Pin<&mut F>) -> bool {
+    let mut fut = fut;
+    std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx).is_pending())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_connection_over_the_limit_is_refused_and_the_others_keep_working() {
+    let server = Server::start(&format!("[server]\nmax_connections = 2\n{IDENTITY}"));
+    let options = || ClientOptions::new(Trust::Pinned(server.fingerprint.clone()));
+    // A client's handshake completes only once the server has accepted it,
+    // so both count when the third one arrives.
+    let a = server.client().await;
+    let b = server.client().await;
+    assert_echoes(&a, 1.0).await;
+    assert_echoes(&b, 2.0).await;
+
+    match Client::connect(server.quic, options()).await {
+        Err(ClientError::Connection(quinn::ConnectionError::ConnectionClosed(close))) => {
+            assert_eq!(
+                close.error_code,
+                quinn::TransportErrorCode::CONNECTION_REFUSED,
+                "{close}"
+            );
+        }
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("a third connection was accepted with max_connections = 2"),
+    }
+
+    assert_echoes(&a, 3.0).await;
+    assert_echoes(&b, 4.0).await;
+    let text = server.scrape().await;
+    assert_eq!(
+        metric(
+            &text,
+            "quiver_rejections_total",
+            &[("protocol", "quic"), ("reason", "too_many_connections")]
+        ),
+        1.0,
+        "{text}"
+    );
+
+    // A closed connection frees its place once QUIC has drained it.
+    a.close().await;
+    let deadline = tokio::time::Instant::now() + BOUND;
+    let c = loop {
+        match Client::connect(server.quic, options()).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the freed place was never given again: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    assert_echoes(&c, 5.0).await;
+    assert_echoes(&b, 6.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_streams_over_the_limit_wait_for_credit_and_every_one_is_answered() {
+    const N: usize = 4;
+    let server = Server::start(&format!(
+        "[server]\nmax_concurrent_streams = {N}\n{IDENTITY}"
+    ));
+    let client = server.client().await;
+    let conn = client.connection();
+
+    // N streams take all the credit the server granted in the handshake:
+    // the client cannot open one more, so the server never has more than N
+    // in flight on this connection.
+    let mut held = Vec::new();
+    for _ in 0..N {
+        held.push(conn.open_bi().await.unwrap());
+    }
+    let mut one_more = Box::pin(conn.open_bi());
+    assert!(
+        pending_after_one_poll(one_more.as_mut()).await,
+        "a stream over max_concurrent_streams = {N} was opened"
+    );
+    // As the held streams are answered, the server grants credit again.
+    for (i, (mut send, mut recv)) in held.into_iter().enumerate() {
+        let v = i as f32;
+        send.write_all(&quiver_gateway::framing::encode(&echo_request(v)))
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        let reply: Reply = quiver_gateway::framing::read_frame(&mut recv, 1 << 20)
+            .await
+            .unwrap();
+        match reply.result {
+            Some(reply::Result::Response(r)) => assert_eq!(echoed(&r), v),
+            other => panic!("expected a response, got {other:?}"),
+        }
+    }
+    let (mut send, mut recv) = tokio::time::timeout(BOUND, one_more)
+        .await
+        .expect("credit came back once the held streams ended")
+        .unwrap();
+    send.write_all(&quiver_gateway::framing::encode(&echo_request(99.0)))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let reply: Reply = quiver_gateway::framing::read_frame(&mut recv, 1 << 20)
+        .await
+        .unwrap();
+    assert!(
+        matches!(reply.result, Some(reply::Result::Response(_))),
+        "{reply:?}"
+    );
+
+    // Many more requests at once than the limit: they queue for credit on
+    // the client, and every one gets its own answer.
+    let mut tasks = Vec::new();
+    for i in 0..(N * 8) {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let v = 100.0 + i as f32;
+            let resp = client.infer(&echo_request(v)).await.unwrap();
+            assert_eq!(echoed(&resp), v);
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(BOUND, t)
+            .await
+            .expect("every request over the stream limit is answered")
+            .unwrap();
+    }
+    let text = server.scrape().await;
+    assert_eq!(
+        metric(
+            &text,
+            "quiver_requests_total",
+            &[("protocol", "quic"), ("outcome", "ok")]
+        ),
+        (N + 1 + N * 8) as f64,
+        "{text}"
+    );
+}
+
+/// One HTTP/1.1 request on a kept-alive connection: the status and body.
+async fn http1_get(stream: &mut TcpStream, path: &str) -> (u16, String) {
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: quiver\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(BOUND, stream.read(&mut chunk))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(n > 0, "connection closed mid-answer: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(BOUND, stream.read(&mut chunk))
+            .await
+            .expect("a body in time")
+            .unwrap();
+        assert!(n > 0, "connection closed mid-body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).to_string();
+    (status, body)
+}
+
+/// What the server sends on a fresh connection, read until it closes.
+async fn read_until_closed(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(BOUND, stream.read(&mut chunk))
+            .await
+            .expect("the server closes the refused connection")
+        {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            // A reset after the answer: what was sent is still read.
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).to_string()
+}
+
+/// The head of an answer, or what came before the connection closed.
+async fn read_until_closed_or_head(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(BOUND, stream.read(&mut chunk))
+            .await
+            .expect("an answer in time")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8_lossy(&buf).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_connection_over_the_limit_gets_503_and_the_others_keep_working() {
+    let server = Server::start(&format!("[server]\nmax_connections = 2\n{IDENTITY}"));
+    // One answered request each: both connections are being served.
+    let mut a = TcpStream::connect(server.http).await.unwrap();
+    let mut b = TcpStream::connect(server.http).await.unwrap();
+    assert_eq!(http1_get(&mut a, "/v2/health/live").await.0, 200);
+    assert_eq!(http1_get(&mut b, "/v2/health/live").await.0, 200);
+
+    let mut c = TcpStream::connect(server.http).await.unwrap();
+    let refused = read_until_closed(&mut c).await;
+    assert!(refused.starts_with("HTTP/1.1 503 "), "{refused}");
+    let lower = refused.to_ascii_lowercase();
+    assert!(lower.contains("\r\nretry-after: 1\r\n"), "{refused}");
+    assert!(lower.contains("\r\nconnection: close\r\n"), "{refused}");
+    let body = refused.split_once("\r\n\r\n").unwrap().1;
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("too many connections"),
+        "{v}"
+    );
+
+    // The two within the limit are served as before.
+    let (status, body) = http1_get(&mut a, "/v2/models/identity").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(http1_get(&mut b, "/v2/health/ready").await.0, 200);
+    let text = server.scrape().await;
+    assert_eq!(
+        metric(
+            &text,
+            "quiver_rejections_total",
+            &[("protocol", "http"), ("reason", "too_many_connections")]
+        ),
+        1.0,
+        "{text}"
+    );
+
+    // Closing one frees its place (once the server has seen it close).
+    drop(a);
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let mut d = TcpStream::connect(server.http).await.unwrap();
+        d.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: quiver\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_until_closed_or_head(&mut d).await;
+        if answer.starts_with("HTTP/1.1 200 ") {
+            break;
+        }
+        assert!(
+            answer.starts_with("HTTP/1.1 503 ") || answer.is_empty(),
+            "{answer}"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the freed place was never given again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(http1_get(&mut b, "/v2/health/live").await.0, 200);
+}
