@@ -65,6 +65,11 @@ pub struct RunArgs {
     /// The model's name.
     #[arg(long, short, default_value = "identity")]
     pub model: String,
+    /// The model of the `--compare` target, when it differs from `--model`:
+    /// e.g. the same gateway's `local-only` twin of a `local-first` model,
+    /// to measure overflow on and off side by side.
+    #[arg(long, requires = "compare")]
+    pub compare_model: Option<String>,
 
     /// Input kind.
     #[arg(long, value_enum, default_value_t = InputKind::Tensor)]
@@ -153,6 +158,17 @@ pub struct RunArgs {
     /// host, or `localhost` for an IP address.
     #[arg(long)]
     pub server_name: Option<String>,
+    /// Bearer token for a server that wants one (Quiver's
+    /// `server.auth_tokens`): the `Authorization` header on REST and HTTP/3,
+    /// metadata on gRPC, the `authorization` parameter on quic://. Prefer
+    /// the environment variable: other users can read a command line.
+    #[arg(
+        long,
+        env = "QUIVER_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
 
     /// Write report.json, steps.csv and latency.svg into this directory.
     #[arg(long)]
@@ -328,14 +344,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         connections: args.connections,
         binary: args.binary,
         engine_config: args.engine_config.clone(),
+        token: args.token.clone(),
     };
     let mut targets = Vec::new();
-    for name in std::iter::once(&args.target).chain(args.compare.as_ref()) {
+    let compare_pool = args.compare_model.as_ref().map(|model| RequestPool {
+        model: model.clone(),
+        ..pool.clone()
+    });
+    for (i, name) in std::iter::once(&args.target)
+        .chain(args.compare.as_ref())
+        .enumerate()
+    {
         let url: TargetUrl = name.parse()?;
-        let target = Target::connect(&url, &options, &pool)
+        let (pool, label) = match (&compare_pool, i) {
+            (Some(p), 1) => (p, format!("{name} {}", p.model)),
+            _ if compare_pool.is_some() => (&pool, format!("{name} {}", pool.model)),
+            _ => (&pool, name.clone()),
+        };
+        let target = Target::connect(&url, &options, pool)
             .await
             .with_context(|| format!("connecting to {name}"))?;
-        targets.push((name.clone(), Arc::new(target)));
+        targets.push((label, Arc::new(target)));
     }
     let mut steps: Vec<Vec<StepReport>> = vec![Vec::new(); targets.len()];
     for (i, plan) in plans.iter().enumerate() {
@@ -353,7 +382,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let run = RunReport {
         tool: format!("quiver-bench {}", env!("CARGO_PKG_VERSION")),
-        command: std::env::args().collect(),
+        command: redact_token(std::env::args()),
         model: args.model.clone(),
         steps: steps.into_iter().flatten().collect(),
         ratios,
@@ -373,6 +402,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The command line with the value of `--token` hidden, for the report.
+fn redact_token(args: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut hide_next = false;
+    for arg in args {
+        if std::mem::take(&mut hide_next) {
+            out.push("<redacted>".into());
+        } else if arg == "--token" {
+            hide_next = true;
+            out.push(arg);
+        } else if arg.starts_with("--token=") {
+            out.push("--token=<redacted>".into());
+        } else {
+            out.push(arg);
+        }
+    }
+    out
 }
 
 /// `quiver-bench echo-server`.
@@ -398,4 +446,35 @@ pub async fn echo_server(args: EchoArgs) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_never_holds_the_token() {
+        let args = [
+            "quiver-bench",
+            "run",
+            "--token",
+            "s3cret",
+            "--token=other",
+            "-t",
+            "quic://x",
+        ];
+        let shown = redact_token(args.iter().map(|s| s.to_string()));
+        assert_eq!(
+            shown,
+            [
+                "quiver-bench",
+                "run",
+                "--token",
+                "<redacted>",
+                "--token=<redacted>",
+                "-t",
+                "quic://x"
+            ]
+        );
+    }
 }

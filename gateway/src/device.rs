@@ -19,17 +19,35 @@ use tokio::sync::oneshot;
 
 use crate::error::GatewayError;
 use crate::metrics::{BatchLabels, Metrics, ModelLabels};
-use crate::request::Served;
+use crate::request::LocalBatch;
 
-/// What the device thread sends back for one request.
-pub type Reply = Result<Computed, GatewayError>;
+/// What the device thread sends back for one request: exactly one per
+/// admitted request.
+#[derive(Debug)]
+pub enum Reply {
+    /// Computed.
+    Computed(Computed),
+    /// Dropped by the batcher before compute because it could no longer
+    /// make its deadline here (an early drop): handed back with its inputs,
+    /// so the router can still send it to an upstream.
+    Returned(Prepared),
+    /// Failed: the model failed, or the gateway is shutting down, or the
+    /// client cancelled it.
+    Failed(GatewayError),
+    /// The batch it was in failed on the device; handed back with its
+    /// inputs, so the router can send it to an upstream, or answer `error`.
+    DeviceFailed(Prepared, GatewayError),
+}
 
 /// A computed request's outputs and how it was served.
 #[derive(Debug)]
 pub struct Computed {
     pub outputs: Vec<HostTensor>,
-    pub served: Served,
+    pub served: LocalBatch,
 }
+
+/// How long an unhealthy device waits between probe batches.
+pub const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A request waiting in the scheduler: its prepared inputs and where to
 /// send its answer.
@@ -44,6 +62,7 @@ pub struct Pending {
 pub struct DeviceWorker {
     admission: Arc<Admission<Pending>>,
     stop: Arc<AtomicBool>,
+    healthy: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -57,17 +76,33 @@ impl DeviceWorker {
     ) -> std::io::Result<Self> {
         let admission = scheduler.admission();
         let stop = Arc::new(AtomicBool::new(false));
+        let healthy = Arc::new(AtomicBool::new(true));
+        metrics
+            .device_healthy
+            .get_or_create(&ModelLabels {
+                model: name.clone(),
+            })
+            .set(1);
         let thread = std::thread::Builder::new()
             .name(format!("quiver-device-{name}"))
             .spawn({
                 let stop = stop.clone();
-                move || DeviceLoop::new(name, model, scheduler, metrics).run(&stop)
+                let healthy = healthy.clone();
+                move || DeviceLoop::new(name, model, scheduler, metrics, healthy).run(&stop)
             })?;
         Ok(DeviceWorker {
             admission,
             stop,
+            healthy,
             thread: Mutex::new(Some(thread)),
         })
+    }
+
+    /// False after a batch failed on the device (a model error), until a
+    /// batch or a probe batch succeeds; the router then sends the model's
+    /// traffic to its upstreams, if it has any.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
     }
 
     /// Where the front end admits requests.
@@ -105,6 +140,8 @@ struct DeviceLoop {
     model: Arc<dyn Model>,
     scheduler: Scheduler<Pending>,
     metrics: Arc<Metrics>,
+    healthy: Arc<AtomicBool>,
+    last_probe: Option<Instant>,
 }
 
 impl DeviceLoop {
@@ -113,6 +150,7 @@ impl DeviceLoop {
         model: Arc<dyn Model>,
         scheduler: Scheduler<Pending>,
         metrics: Arc<Metrics>,
+        healthy: Arc<AtomicBool>,
     ) -> Self {
         let labels = ModelLabels {
             model: name.clone(),
@@ -123,6 +161,59 @@ impl DeviceLoop {
             model,
             scheduler,
             metrics,
+            healthy,
+            last_probe: None,
+        }
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        if self.healthy.swap(healthy, Ordering::AcqRel) != healthy {
+            if healthy {
+                tracing::info!(model = %self.name, "device healthy again");
+            } else {
+                tracing::warn!(model = %self.name, "device marked unhealthy");
+            }
+            self.metrics
+                .device_healthy
+                .get_or_create(&self.labels)
+                .set(i64::from(healthy));
+        }
+    }
+
+    /// While unhealthy and idle, runs a one-row synthetic batch every
+    /// [`PROBE_INTERVAL`]; success marks the device healthy again.
+    /// Returns how long to wait until the next probe, if one is due later.
+    fn maybe_probe(&mut self, now: Instant) -> Option<std::time::Duration> {
+        if self.healthy.load(Ordering::Acquire) {
+            return None;
+        }
+        if let Some(at) = self.last_probe {
+            let since = now.saturating_duration_since(at);
+            if since < PROBE_INTERVAL {
+                return Some(PROBE_INTERVAL - since);
+            }
+        }
+        self.last_probe = Some(now);
+        let model = self.model.clone();
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            synthetic_inputs(model.as_ref(), 1, 16)
+                .ok()
+                .and_then(|inputs| model.prepare(inputs).ok())
+                .is_some_and(|p| model.forward(std::slice::from_ref(&p)).is_ok())
+        }))
+        .unwrap_or(false);
+        self.metrics
+            .device_probes
+            .get_or_create(&crate::metrics::ProbeLabels {
+                model: self.name.clone(),
+                result: if ok { "ok" } else { "failed" },
+            })
+            .inc();
+        if ok {
+            self.set_healthy(true);
+            None
+        } else {
+            Some(PROBE_INTERVAL)
         }
     }
 
@@ -130,7 +221,10 @@ impl DeviceLoop {
         loop {
             if stop.load(Ordering::Acquire) {
                 for req in self.scheduler.shutdown() {
-                    let _ = req.payload.reply.send(Err(GatewayError::ShuttingDown));
+                    let _ = req
+                        .payload
+                        .reply
+                        .send(Reply::Failed(GatewayError::ShuttingDown));
                 }
                 self.answer_ended();
                 return;
@@ -142,14 +236,18 @@ impl DeviceLoop {
                 .queue_depth
                 .get_or_create(&self.labels)
                 .set(i64::try_from(self.scheduler.stats().queued).unwrap_or(i64::MAX));
+            let probe_in = match poll {
+                Poll::Dispatch(_) => None,
+                _ => self.maybe_probe(now),
+            };
             match poll {
                 Poll::Dispatch(batch) => self.execute(batch),
-                Poll::WaitUntil(at) => self
-                    .scheduler
-                    .admission()
-                    .doorbell()
-                    .wait(Some(at.saturating_duration_since(now))),
-                Poll::Idle => self.scheduler.admission().doorbell().wait(None),
+                Poll::WaitUntil(at) => {
+                    let wait = at.saturating_duration_since(now);
+                    let wait = probe_in.map_or(wait, |p| p.min(wait));
+                    self.scheduler.admission().doorbell().wait(Some(wait))
+                }
+                Poll::Idle => self.scheduler.admission().doorbell().wait(probe_in),
             }
         }
     }
@@ -163,10 +261,18 @@ impl DeviceLoop {
                         .get_or_create(&self.labels)
                         .inc();
                     // Its client is gone, so this send normally finds nobody.
-                    let _ = req.payload.reply.send(Err(GatewayError::Cancelled));
+                    let _ = req
+                        .payload
+                        .reply
+                        .send(Reply::Failed(GatewayError::Cancelled));
                 }
                 Ended::DeadlineUnreachable(req) => {
-                    let _ = req.payload.reply.send(Err(GatewayError::DeadlineExceeded));
+                    // The router spills it to an upstream if one can still
+                    // make the deadline, else answers DEADLINE_EXCEEDED.
+                    let _ = req
+                        .payload
+                        .reply
+                        .send(Reply::Returned(req.payload.prepared));
                 }
             }
         }
@@ -188,6 +294,8 @@ impl DeviceLoop {
             prepared.push(req.payload.prepared);
             waiting.push((req.arrival, req.payload.reply));
         }
+        // `prepared` is kept until the batch's outcome is known: a failed
+        // batch hands each request back with its inputs.
         let in_flight = self
             .metrics
             .batches_in_flight
@@ -230,35 +338,47 @@ impl DeviceLoop {
                     outputs.len(),
                     waiting.len()
                 );
-                return self.fail_all(waiting, message);
+                return self.fail_all(waiting, prepared, message);
             }
-            Ok(Err(e)) => return self.fail_all(waiting, e.to_string()),
-            Err(_) => return self.fail_all(waiting, "the model panicked".into()),
+            Ok(Err(e)) => return self.fail_all(waiting, prepared, e.to_string()),
+            Err(_) => return self.fail_all(waiting, prepared, "the model panicked".into()),
         };
+        self.set_healthy(true);
         for ((arrival, reply), outputs) in waiting.into_iter().zip(outputs) {
             let queue_time = formed_at.saturating_duration_since(arrival);
             self.metrics
                 .queue_seconds
                 .get_or_create(&self.labels)
                 .observe(queue_time.as_secs_f64());
-            let served = Served {
+            let served = LocalBatch {
                 batch_size: size,
                 batch_rows: rows,
                 queue_time,
                 compute_time,
                 reason,
             };
-            let _ = reply.send(Ok(Computed { outputs, served }));
+            let _ = reply.send(Reply::Computed(Computed { outputs, served }));
         }
     }
 
-    fn fail_all(&self, waiting: Vec<(Instant, oneshot::Sender<Reply>)>, message: String) {
+    fn fail_all(
+        &mut self,
+        waiting: Vec<(Instant, oneshot::Sender<Reply>)>,
+        prepared: Vec<Prepared>,
+        message: String,
+    ) {
         tracing::error!(model = %self.name, %message, "batch failed");
-        for (_, reply) in waiting {
-            let _ = reply.send(Err(GatewayError::Model {
-                model: self.name.clone(),
-                message: message.clone(),
-            }));
+        self.set_healthy(false);
+        // The next probe waits a full interval: the batch just failed.
+        self.last_probe = Some(Instant::now());
+        for ((_, reply), prepared) in waiting.into_iter().zip(prepared) {
+            let _ = reply.send(Reply::DeviceFailed(
+                prepared,
+                GatewayError::Model {
+                    model: self.name.clone(),
+                    message: message.clone(),
+                },
+            ));
         }
     }
 }

@@ -107,6 +107,20 @@ pub enum GatewayError {
     /// matches.
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
+    /// The request had to go to an upstream (the local device could not
+    /// make its deadline, or the routing says so) and no upstream could take
+    /// it in time: refused, or every try refused, before any work.
+    #[error("model '{model}': no upstream can take the request: {reason}")]
+    UpstreamUnavailable { model: String, reason: String },
+    /// An upstream took the request and failed it (a transport failure after
+    /// the request may have started, or an error status that is not the
+    /// client's fault).
+    #[error("model '{model}': upstream {endpoint} failed: {message}")]
+    Upstream {
+        model: String,
+        endpoint: String,
+        message: String,
+    },
 }
 
 /// Whose fault an error is, for logs and metrics.
@@ -115,6 +129,7 @@ pub enum Fault {
     Client,
     Capacity,
     Device,
+    Upstream,
     Gateway,
 }
 
@@ -130,6 +145,8 @@ impl GatewayError {
             | GatewayError::DeadlineUnreachable { .. }
             | GatewayError::DeadlineExceeded => Fault::Capacity,
             GatewayError::Model { .. } => Fault::Device,
+            GatewayError::UpstreamUnavailable { .. } => Fault::Capacity,
+            GatewayError::Upstream { .. } => Fault::Upstream,
             GatewayError::ShuttingDown => Fault::Gateway,
             GatewayError::Cancelled | GatewayError::Unauthenticated(_) => Fault::Client,
         }
@@ -142,6 +159,7 @@ impl GatewayError {
             GatewayError::Overloaded { .. }
                 | GatewayError::DeadlineUnreachable { .. }
                 | GatewayError::ShuttingDown
+                | GatewayError::UpstreamUnavailable { .. }
         )
     }
 
@@ -158,6 +176,8 @@ impl GatewayError {
             GatewayError::ShuttingDown => "shutting_down",
             GatewayError::Cancelled => "cancelled",
             GatewayError::Unauthenticated(_) => "unauthenticated",
+            GatewayError::UpstreamUnavailable { .. } => "upstream_unavailable",
+            GatewayError::Upstream { .. } => "upstream_error",
         }
     }
 }

@@ -28,6 +28,11 @@ enum Command {
     /// Serve models. With no --config, serves the embedded default: the
     /// `identity` model and a demo MLP named `mlp`.
     Serve(ServeArgs),
+    /// Serve models as a CPU worker: the upstream gateways overflow to. The
+    /// same models and batching as `serve`, every model on the CPU, over
+    /// KServe v2 REST (HTTP/1.1, h2c) and gRPC only: no QUIC listener, no
+    /// overflow of its own. See config/examples/worker.toml.
+    Worker(WorkerArgs),
     /// Send one KServe v2 JSON inference request (read from stdin) over the
     /// QUIC native protocol and print the JSON response.
     Infer(InferArgs),
@@ -74,6 +79,26 @@ struct ServeArgs {
 }
 
 #[derive(Debug, Args)]
+struct WorkerArgs {
+    /// TOML configuration file (e.g. config/examples/worker.toml). Without
+    /// it, the embedded default's models are served.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Port of the KServe v2 REST listener, on the host of
+    /// server.http_listen (0.0.0.0 if it is off); 0 takes any free port.
+    #[arg(long, value_name = "N")]
+    http_port: Option<u16>,
+    /// Port of the gRPC listener, on the host of server.grpc_listen
+    /// (0.0.0.0 if it is off); 0 takes any free port.
+    #[arg(long, value_name = "N")]
+    grpc_port: Option<u16>,
+    /// Port of the Prometheus /metrics listener, on the host of
+    /// server.metrics_listen (0.0.0.0 if it is off); 0 takes any free port.
+    #[arg(long, value_name = "N")]
+    metrics_port: Option<u16>,
+}
+
+#[derive(Debug, Args)]
 struct InferArgs {
     /// The gateway's QUIC address.
     #[arg(long, default_value = "127.0.0.1:4433", value_name = "ADDR")]
@@ -99,6 +124,16 @@ struct InferArgs {
     /// Read the request body from this file instead of stdin.
     #[arg(long, short = 'i', value_name = "FILE")]
     input: Option<PathBuf>,
+    /// The bearer token, for a server with `server.auth_tokens`. Prefer the
+    /// environment variable: other users of the machine can read a command
+    /// line.
+    #[arg(
+        long,
+        env = "QUIVER_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,6 +153,7 @@ fn main() -> ExitCode {
     init_tracing();
     match cli.command {
         Command::Serve(args) => serve_cmd(args),
+        Command::Worker(args) => worker_cmd(args),
         Command::Infer(args) => infer_cmd(args),
         Command::Config {
             command: ConfigCommand::Check { file },
@@ -204,6 +240,7 @@ fn serve_cmd(args: ServeArgs) -> ExitCode {
         http_listen,
         grpc_listen,
         cert_out: args.cert_out,
+        worker: false,
     };
     let result = runtime()
         .map_err(anyhow::Error::from)
@@ -212,6 +249,43 @@ fn serve_cmd(args: ServeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("quiver: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn worker_cmd(args: WorkerArgs) -> ExitCode {
+    use std::net::{IpAddr, Ipv4Addr};
+    let config = match &args.config {
+        Some(path) => match Config::from_file(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{}: invalid configuration\n{e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::embedded_default(),
+    };
+    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let host = |a: Option<SocketAddr>| a.map_or(any, |a| a.ip());
+    let port = |configured: Option<SocketAddr>, flag: Option<u16>| {
+        flag.map(|p| Some(SocketAddr::new(host(configured), p)))
+    };
+    let overrides = Overrides {
+        quic_listen: None,
+        metrics_listen: port(config.server.metrics_listen, args.metrics_port),
+        http_listen: port(config.server.http_listen, args.http_port),
+        grpc_listen: port(config.server.grpc_listen, args.grpc_port),
+        cert_out: None,
+        worker: true,
+    };
+    let result = runtime()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(serve::run(config, overrides)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("quiver worker: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -309,6 +383,7 @@ fn infer(args: InferArgs) -> anyhow::Result<ExitCode> {
     };
     let mut options = ClientOptions::new(trust);
     options.server_name = args.server_name;
+    options.token = args.token;
     let rt = runtime()?;
     rt.block_on(async move {
         let client = Client::connect(args.addr, options).await?;

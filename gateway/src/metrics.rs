@@ -50,6 +50,53 @@ pub struct RejectionLabels {
     pub reason: &'static str,
 }
 
+/// A device probe batch's result (`ok` or `failed`), by model.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub model: String,
+    pub result: &'static str,
+}
+
+/// Requests sent to an upstream, by model and reason (`policy`,
+/// `deadline`, `overloaded`, `early_drop`, `device_unhealthy`,
+/// `device_failed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    pub model: String,
+    pub reason: &'static str,
+}
+
+/// Requests answered by the router, by model, the path that served them
+/// (`local`, `upstream`, or `none` when refused before any work) and
+/// outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    pub model: String,
+    pub path: &'static str,
+    pub outcome: &'static str,
+}
+
+/// One upstream endpoint of a model. Endpoint values come from the
+/// configuration or from DNS answers for a configured name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub model: String,
+    pub endpoint: String,
+}
+
+/// A failed try to an upstream endpoint, by kind (`refused`, `failed`,
+/// `timeout`, `status`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamErrorLabels {
+    pub model: String,
+    pub endpoint: String,
+    pub kind: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(bucket_bounds())
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QuantileLabels {
     model: String,
@@ -293,6 +340,29 @@ pub struct Metrics {
     pub queue_depth: Family<ModelLabels, Gauge>,
     /// Batches on the device now, by model.
     pub batches_in_flight: Family<ModelLabels, Gauge>,
+    /// 1 while the model's local device is healthy, 0 after a failed batch
+    /// until a batch or probe batch succeeds.
+    pub device_healthy: Family<ModelLabels, Gauge>,
+    /// Probe batches of unhealthy devices, by model and result.
+    pub device_probes: Family<ProbeLabels, Counter>,
+    /// Requests sent to an upstream, by model and reason.
+    pub overflow: Family<OverflowLabels, Counter>,
+    /// Requests answered, by model, path and outcome.
+    pub routed: Family<PathLabels, Counter>,
+    /// Time of each try to an upstream that got an answer, by endpoint.
+    pub upstream_seconds: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    /// Failed tries to upstreams, by endpoint and kind.
+    pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    /// Retries of tries that started no work upstream.
+    pub upstream_retries: Family<ModelLabels, Counter>,
+    /// Ejections of upstream endpoints (consecutive failures, failed
+    /// probation or probes).
+    pub upstream_ejections: Family<EndpointLabels, Counter>,
+    /// Requests in flight to each upstream endpoint.
+    pub upstream_in_flight: Family<EndpointLabels, Gauge>,
+    /// 1 while an endpoint takes traffic (healthy or on probation), 0 while
+    /// it is ejected.
+    pub upstream_available: Family<EndpointLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -365,7 +435,80 @@ impl Metrics {
             "Batches on the device now",
             batches_in_flight.clone(),
         );
+        let device_healthy = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "device_healthy",
+            "1 while the model's local device is healthy, 0 after a failed batch until a batch or probe succeeds",
+            device_healthy.clone(),
+        );
+        let device_probes = Family::<ProbeLabels, Counter>::default();
+        registry.register(
+            "device_probes",
+            "Probe batches run on an unhealthy device, by result",
+            device_probes.clone(),
+        );
+        let overflow = Family::<OverflowLabels, Counter>::default();
+        registry.register(
+            "overflow",
+            "Requests sent to an upstream instead of the local device, by reason",
+            overflow.clone(),
+        );
+        let routed = Family::<PathLabels, Counter>::default();
+        registry.register(
+            "routed_requests",
+            "Requests answered by the router, by the path that served them (local, upstream, none) and outcome",
+            routed.clone(),
+        );
+        let upstream_seconds =
+            Family::<EndpointLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "upstream_request_duration_seconds",
+            "Time of each try to an upstream that got an answer",
+            upstream_seconds.clone(),
+        );
+        let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Failed tries to upstream endpoints, by kind (refused, failed, timeout, status)",
+            upstream_errors.clone(),
+        );
+        let upstream_retries = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "upstream_retries",
+            "Retries of upstream tries that started no work",
+            upstream_retries.clone(),
+        );
+        let upstream_ejections = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "upstream_ejections",
+            "Ejections of upstream endpoints",
+            upstream_ejections.clone(),
+        );
+        let upstream_in_flight = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "upstream_in_flight",
+            "Requests in flight to each upstream endpoint",
+            upstream_in_flight.clone(),
+        );
+        let upstream_available = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "upstream_available",
+            "1 while an upstream endpoint takes traffic, 0 while it is ejected",
+            upstream_available.clone(),
+        );
         Metrics {
+            device_healthy,
+            device_probes,
+            overflow,
+            routed,
+            upstream_seconds,
+            upstream_errors,
+            upstream_retries,
+            upstream_ejections,
+            upstream_in_flight,
+            upstream_available,
             registry,
             requests,
             request_seconds,
@@ -440,6 +583,7 @@ fn is_rejection(outcome: &str) -> bool {
             | "deadline_unreachable"
             | "unauthenticated"
             | "shutting_down"
+            | "upstream_unavailable"
     )
 }
 

@@ -26,8 +26,17 @@ pub struct InferRequest {
 }
 
 /// Where and how a request was computed; sent back as response parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Served {
+    /// On this gateway's device.
+    Local(LocalBatch),
+    /// On an upstream (overflow).
+    Upstream(UpstreamServed),
+}
+
+/// The local batch a request was computed in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Served {
+pub struct LocalBatch {
     /// Requests in the batch this one was computed in.
     pub batch_size: u32,
     /// Rows in that batch.
@@ -38,6 +47,63 @@ pub struct Served {
     pub compute_time: Duration,
     /// Why the batch was dispatched.
     pub reason: DispatchReason,
+}
+
+/// An answer from an upstream.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpstreamServed {
+    /// The endpoint that answered, e.g. `grpc://10.0.0.7:9001`.
+    pub endpoint: String,
+    /// Why the request left the local device.
+    pub reason: OverflowReason,
+    /// From sending to the upstream's answer, retries included.
+    pub latency: Duration,
+    /// The upstream's own `quiver_*` batch parameters, when it is a Quiver
+    /// worker (batch size, queue and compute time, dispatch reason).
+    pub parameters: std::collections::HashMap<String, crate::proto::InferParameter>,
+}
+
+impl Served {
+    /// The value of the `quiver_path` response parameter and of the `path`
+    /// metrics label: `local` or `upstream`.
+    pub fn path(&self) -> &'static str {
+        match self {
+            Served::Local(_) => "local",
+            Served::Upstream(_) => "upstream",
+        }
+    }
+}
+
+/// Why a request was sent to an upstream rather than the local device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OverflowReason {
+    /// The model's routing is `upstream-only`.
+    Policy,
+    /// The local prediction missed the deadline (with the margin).
+    Deadline,
+    /// The local admission lane was full.
+    Overloaded,
+    /// The batcher dropped it early: it could no longer make its deadline
+    /// locally.
+    EarlyDrop,
+    /// The local device failed (a model error) and is marked unhealthy.
+    DeviceUnhealthy,
+    /// The local batch it was in failed; it was sent on.
+    DeviceFailed,
+}
+
+impl OverflowReason {
+    /// The label value in metrics and the `quiver_overflow_reason` parameter.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverflowReason::Policy => "policy",
+            OverflowReason::Deadline => "deadline",
+            OverflowReason::Overloaded => "overloaded",
+            OverflowReason::EarlyDrop => "early_drop",
+            OverflowReason::DeviceUnhealthy => "device_unhealthy",
+            OverflowReason::DeviceFailed => "device_failed",
+        }
+    }
 }
 
 /// A computed answer.
@@ -61,8 +127,15 @@ pub mod params {
     pub const COMPUTE_TIME_US: &str = "quiver_compute_time_us";
     /// Why the batch was dispatched (string).
     pub const DISPATCH_REASON: &str = "quiver_dispatch_reason";
-    /// Which path served it: `local` (string).
+    /// Which path served it: `local` or `upstream` (string).
     pub const PATH: &str = "quiver_path";
+    /// The upstream endpoint that served it, when `quiver_path` is
+    /// `upstream` (string).
+    pub const UPSTREAM: &str = "quiver_upstream";
+    /// Why it left the local device, when `quiver_path` is `upstream`
+    /// (string: policy, deadline, overloaded, early_drop, device_unhealthy,
+    /// device_failed).
+    pub const OVERFLOW_REASON: &str = "quiver_overflow_reason";
     /// Request parameter: relative deadline in microseconds (int64).
     pub const TIMEOUT: &str = "timeout";
     /// Request parameter: priority level, 1 = most urgent (int64).

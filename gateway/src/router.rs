@@ -2,10 +2,21 @@
 //!
 //! It finds the model, validates the inputs against its signature (which
 //! also gives the request's cost), turns the schedule-policy parameters into
-//! a priority lane and an absolute deadline, asks the scheduler for a
-//! prediction, and admits the request. A deadline that cannot be met is
-//! rejected here, before any work. Overflow to upstreams joins here later
-//! (DESIGN.md, "Overflow").
+//! a priority lane and an absolute deadline, and decides where the request
+//! runs (DESIGN.md, "Overflow"):
+//!
+//! 1. on the local device, when the scheduler predicts completion before the
+//!    deadline with the upstream pool's margin to spare;
+//! 2. else on an upstream, when one is expected to answer (its peak-EWMA
+//!    latency) within the time left;
+//! 3. else nowhere: a typed rejection before any work.
+//!
+//! A request the local path hands back (the batcher's early drop, a full
+//! admission lane, a failed batch) is spilled to an upstream if one can
+//! still make the deadline. While the local device is unhealthy (its last
+//! batch failed), traffic goes to the upstreams until a batch or probe
+//! batch succeeds. `local-only` never overflows; `upstream-only` never runs
+//! locally.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,12 +24,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use quiver_batching::{CancelToken, Cost, RejectReason, Request};
-use quiver_kernels::Model;
+use quiver_config::Routing;
+use quiver_kernels::{HostTensor, Model};
 use tokio::sync::oneshot;
 
-use crate::device::{DeviceWorker, Pending};
+use crate::device::{DeviceWorker, Pending, Reply};
 use crate::error::GatewayError;
-use crate::request::{InferRequest, InferResponse};
+use crate::metrics::{Metrics, OverflowLabels, PathLabels};
+use crate::request::{InferRequest, InferResponse, OverflowReason, Served, UpstreamServed};
+use crate::upstream::Upstream;
 
 /// One served model: its loaded model, its device thread, its policy.
 #[derive(Debug)]
@@ -33,6 +47,10 @@ pub struct ModelEntry {
     /// The model's configuration as loaded: its batching knobs, which the
     /// metadata endpoints report (Triton's model configuration extension).
     pub config: quiver_config::Model,
+    /// Where requests may run.
+    pub routing: Routing,
+    /// The upstream pool requests overflow to, if any.
+    pub upstream: Option<Arc<Upstream>>,
 }
 
 /// Routes requests to the models served here.
@@ -40,11 +58,30 @@ pub struct ModelEntry {
 pub struct Router {
     models: BTreeMap<String, ModelEntry>,
     next_id: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+/// What a request carries into routing once its model is known.
+struct Routed {
+    id: String,
+    inputs: Vec<HostTensor>,
+    priority: u32,
+    lane: u8,
+    deadline: Instant,
+    timeout: Duration,
 }
 
 impl Router {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A router that counts its routing decisions in `metrics`.
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
+        Router {
+            metrics,
+            ..Self::default()
+        }
     }
 
     /// Adds a model; a second one with the same name replaces the first.
@@ -82,6 +119,32 @@ impl Router {
             .models
             .get(&req.model)
             .ok_or_else(|| GatewayError::UnknownModel(req.model.clone()))?;
+        let mut path = "none";
+        let result = self.route(entry, req, cancel, &mut path).await;
+        self.metrics
+            .routed
+            .get_or_create(&PathLabels {
+                model: entry.name.clone(),
+                path: match &result {
+                    Ok(resp) => resp.served.path(),
+                    Err(_) => path,
+                },
+                outcome: match &result {
+                    Ok(_) => "ok",
+                    Err(e) => e.outcome(),
+                },
+            })
+            .inc();
+        result
+    }
+
+    async fn route(
+        &self,
+        entry: &ModelEntry,
+        req: InferRequest,
+        cancel: CancelToken,
+        path: &mut &'static str,
+    ) -> Result<InferResponse, GatewayError> {
         let signature = entry.model.signature();
         for name in &req.outputs {
             if !signature.outputs.iter().any(|o| &o.name == name) {
@@ -92,30 +155,107 @@ impl Router {
             }
         }
         let lane = lane(req.priority, entry.priority_levels)?;
-        let prepared = entry.model.prepare(req.inputs)?;
+        let now = Instant::now();
+        let timeout = req.timeout.unwrap_or(entry.default_timeout);
+        let request_id = req.id.clone();
+        let routed = Routed {
+            id: req.id,
+            inputs: req.inputs,
+            priority: req.priority,
+            lane,
+            deadline: now + timeout,
+            timeout,
+        };
+        let upstream = match entry.routing {
+            Routing::LocalOnly => None,
+            _ => entry.upstream.as_deref(),
+        };
+        let outputs = match (entry.routing, upstream) {
+            (Routing::UpstreamOnly, Some(up)) => {
+                *path = "upstream";
+                self.overflow(entry, up, routed, OverflowReason::Policy)
+                    .await?
+            }
+            (Routing::UpstreamOnly, None) => {
+                // Validation refuses this configuration; say so if built
+                // in code.
+                return Err(GatewayError::UpstreamUnavailable {
+                    model: entry.name.clone(),
+                    reason: "routing is upstream-only but no upstream is configured".into(),
+                });
+            }
+            (_, upstream) => {
+                self.local_first(entry, upstream, routed, cancel, path)
+                    .await?
+            }
+        };
+        let (mut outputs, served) = outputs;
+        if !req.outputs.is_empty() {
+            outputs.retain(|o| req.outputs.contains(&o.name));
+        }
+        Ok(InferResponse {
+            model: entry.name.clone(),
+            id: request_id,
+            outputs,
+            served,
+        })
+    }
+
+    /// The local device, with `upstream` (if any) for what it cannot do in
+    /// time.
+    async fn local_first(
+        &self,
+        entry: &ModelEntry,
+        upstream: Option<&Upstream>,
+        mut routed: Routed,
+        cancel: CancelToken,
+        path: &mut &'static str,
+    ) -> Result<(Vec<HostTensor>, Served), GatewayError> {
+        let now = Instant::now();
+        if let Some(up) = upstream
+            && !entry.worker.healthy()
+            && up.fits(now, routed.deadline)
+        {
+            *path = "upstream";
+            return self
+                .overflow(entry, up, routed, OverflowReason::DeviceUnhealthy)
+                .await;
+        }
+        let prepared = entry.model.prepare(std::mem::take(&mut routed.inputs))?;
         let cost = Cost {
             rows: prepared.rows,
             tokens: prepared.tokens,
         };
-
-        let now = Instant::now();
-        let timeout = req.timeout.unwrap_or(entry.default_timeout);
-        let deadline = now + timeout;
         let admission = entry.worker.admission();
-        let predicted = admission.predict_completion_at(now, usize::from(lane), cost);
-        if predicted > deadline {
-            return Err(GatewayError::DeadlineUnreachable {
-                timeout,
-                predicted: predicted.saturating_duration_since(now),
-            });
+        let predicted = admission.predict_completion_at(now, usize::from(routed.lane), cost);
+        let margin = upstream.map_or(Duration::ZERO, Upstream::local_margin);
+        if predicted + margin > routed.deadline {
+            if let Some(up) = upstream
+                && up.fits(now, routed.deadline)
+            {
+                routed.inputs = prepared.inputs;
+                *path = "upstream";
+                return self
+                    .overflow(entry, up, routed, OverflowReason::Deadline)
+                    .await;
+            }
+            if predicted > routed.deadline {
+                return Err(GatewayError::DeadlineUnreachable {
+                    timeout: routed.timeout,
+                    predicted: predicted.saturating_duration_since(now),
+                });
+            }
+            // Within the deadline but not the margin, and no upstream can
+            // do better: the local device still tries.
         }
 
+        *path = "local";
         let (tx, rx) = oneshot::channel();
         let request = Request {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            priority: lane,
+            priority: routed.lane,
             arrival: now,
-            deadline,
+            deadline: routed.deadline,
             cost,
             cancel,
             payload: Pending {
@@ -124,32 +264,83 @@ impl Router {
             },
         };
         if let Err(rejected) = admission.admit(request) {
-            return Err(match rejected.reason {
-                RejectReason::Overloaded => GatewayError::Overloaded {
-                    model: entry.name.clone(),
-                    reason: rejected.reason,
-                },
-                RejectReason::Closed => GatewayError::ShuttingDown,
-                other => GatewayError::InvalidArgument(format!(
+            return match rejected.reason {
+                RejectReason::Overloaded => {
+                    if let Some(up) = upstream
+                        && up.fits(Instant::now(), routed.deadline)
+                    {
+                        routed.inputs = rejected.request.payload.prepared.inputs;
+                        *path = "upstream";
+                        self.overflow(entry, up, routed, OverflowReason::Overloaded)
+                            .await
+                    } else {
+                        Err(GatewayError::Overloaded {
+                            model: entry.name.clone(),
+                            reason: rejected.reason,
+                        })
+                    }
+                }
+                RejectReason::Closed => Err(GatewayError::ShuttingDown),
+                other => Err(GatewayError::InvalidArgument(format!(
                     "model '{}' cannot take this request: {other}",
                     entry.name
-                )),
-            });
+                ))),
+            };
         }
-        let computed = rx.await.map_err(|_| GatewayError::Model {
+        let reply = rx.await.map_err(|_| GatewayError::Model {
             model: entry.name.clone(),
             message: "the device thread stopped without answering".into(),
-        })??;
-        let mut outputs = computed.outputs;
-        if !req.outputs.is_empty() {
-            outputs.retain(|o| req.outputs.contains(&o.name));
+        })?;
+        match reply {
+            Reply::Computed(computed) => Ok((computed.outputs, Served::Local(computed.served))),
+            Reply::Failed(e) => Err(e),
+            Reply::Returned(prepared) => match upstream {
+                Some(up) if up.fits(Instant::now(), routed.deadline) => {
+                    routed.inputs = prepared.inputs;
+                    *path = "upstream";
+                    self.overflow(entry, up, routed, OverflowReason::EarlyDrop)
+                        .await
+                }
+                _ => Err(GatewayError::DeadlineExceeded),
+            },
+            Reply::DeviceFailed(prepared, e) => match upstream {
+                Some(up) if up.fits(Instant::now(), routed.deadline) => {
+                    routed.inputs = prepared.inputs;
+                    *path = "upstream";
+                    self.overflow(entry, up, routed, OverflowReason::DeviceFailed)
+                        .await
+                }
+                _ => Err(e),
+            },
         }
-        Ok(InferResponse {
-            model: entry.name.clone(),
-            id: req.id,
-            outputs,
-            served: computed.served,
-        })
+    }
+
+    async fn overflow(
+        &self,
+        entry: &ModelEntry,
+        up: &Upstream,
+        routed: Routed,
+        reason: OverflowReason,
+    ) -> Result<(Vec<HostTensor>, Served), GatewayError> {
+        self.metrics
+            .overflow
+            .get_or_create(&OverflowLabels {
+                model: entry.name.clone(),
+                reason: reason.as_str(),
+            })
+            .inc();
+        let served = up
+            .infer(&routed.id, &routed.inputs, routed.priority, routed.deadline)
+            .await?;
+        Ok((
+            served.answer.outputs,
+            Served::Upstream(UpstreamServed {
+                endpoint: served.endpoint,
+                reason,
+                latency: served.latency,
+                parameters: served.answer.parameters,
+            }),
+        ))
     }
 }
 

@@ -51,6 +51,24 @@ pub struct Overrides {
     pub grpc_listen: Option<Option<SocketAddr>>,
     /// Where to write the self-signed certificate as PEM, for `--ca`.
     pub cert_out: Option<PathBuf>,
+    /// `quiver worker`: serve on the CPU only, over REST and gRPC, without
+    /// the QUIC listener and without overflow (see [`worker_config`]).
+    pub worker: bool,
+}
+
+/// The configuration a `quiver worker` serves: every model on the CPU,
+/// `local-only`, without upstreams. A worker is the upstream; it never
+/// overflows further, and a CPU build serves a config written for a GPU box.
+pub fn worker_config(mut config: Config) -> Config {
+    for m in &mut config.models {
+        if m.device != "cpu" {
+            tracing::info!(model = %m.name, device = %m.device, "worker: serving on the CPU instead");
+        }
+        m.device = "cpu".into();
+        m.routing = quiver_config::Routing::LocalOnly;
+        m.upstream = None;
+    }
+    config
 }
 
 /// Runs the gateway until a shutdown signal.
@@ -67,7 +85,12 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
     if let Some(a) = overrides.grpc_listen {
         config.server.grpc_listen = a;
     }
-    let gateway = Gateway::start(&config, overrides.cert_out.as_deref()).await?;
+    let gateway = if overrides.worker {
+        let config = worker_config(config.clone());
+        Gateway::start_worker(&config).await?
+    } else {
+        Gateway::start(&config, overrides.cert_out.as_deref()).await?
+    };
     // The handlers are registered before `ready` is printed: a signal sent
     // as soon as it is seen drains the gateway instead of killing it.
     let signal = shutdown_signal();
@@ -81,13 +104,14 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
 /// A running gateway.
 #[derive(Debug)]
 pub struct Gateway {
-    pub quic_addr: SocketAddr,
+    /// The QUIC listener (native protocol and HTTP/3); none for a worker.
+    pub quic_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     /// The REST listener on TCP, if on.
     pub http_addr: Option<SocketAddr>,
     /// The gRPC listener on TCP, if on.
     pub grpc_addr: Option<SocketAddr>,
-    endpoint: quinn::Endpoint,
+    endpoint: Option<quinn::Endpoint>,
     router: Arc<Router>,
     in_flight: Arc<InFlight>,
     stop_metrics: Option<tokio::sync::oneshot::Sender<()>>,
@@ -106,6 +130,20 @@ impl Gateway {
     pub async fn start(
         config: &Config,
         cert_out: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        Self::start_inner(config, cert_out, true).await
+    }
+
+    /// As [`Gateway::start`] for `quiver worker`: REST and gRPC only, no
+    /// QUIC listener. Pass the configuration through [`worker_config`].
+    pub async fn start_worker(config: &Config) -> anyhow::Result<Self> {
+        Self::start_inner(config, None, false).await
+    }
+
+    async fn start_inner(
+        config: &Config,
+        cert_out: Option<&std::path::Path>,
+        quic_on: bool,
     ) -> anyhow::Result<Self> {
         let identity = match (&config.tls.cert, &config.tls.key) {
             (Some(cert), Some(key)) => Identity::from_pem_files(cert, key)?,
@@ -129,11 +167,16 @@ impl Gateway {
         }
 
         let metrics = Arc::new(Metrics::new());
-        let mut router = Router::new();
+        let mut router = Router::with_metrics(metrics.clone());
         for m in &config.models {
             let entry =
                 load_model(m, metrics.clone()).with_context(|| format!("model '{}'", m.name))?;
             router.insert(entry);
+        }
+        for m in router.models() {
+            if let Some(up) = &m.upstream {
+                up.resolve_now().await;
+            }
         }
         let router = Arc::new(router);
 
@@ -143,9 +186,6 @@ impl Gateway {
             max_connections: config.server.max_connections,
             idle_timeout: config.server.idle_timeout,
         };
-        let endpoint = quic::bind(config.server.quic_listen, &identity, &limits)?;
-        let quic_addr = endpoint.local_addr()?;
-        say!("quiver: QUIC native (quiver/1) listening on udp {quic_addr}");
         let in_flight = Arc::new(InFlight::default());
         let ready = Arc::new(AtomicBool::new(true));
         let auth = Auth::new(&config.server.auth_tokens, config.server.auth_exempt_health);
@@ -165,15 +205,24 @@ impl Gateway {
             max_body_bytes,
             in_flight: in_flight.clone(),
         };
-        say!("quiver: HTTP/3 (h3) listening on udp {quic_addr}");
-        tokio::spawn(quic::serve(
-            endpoint.clone(),
-            router.clone(),
-            metrics.clone(),
-            limits,
-            in_flight.clone(),
-            Some(h3_service),
-        ));
+        let (endpoint, quic_addr) = if quic_on {
+            let endpoint = quic::bind(config.server.quic_listen, &identity, &limits)?;
+            let quic_addr = endpoint.local_addr()?;
+            say!("quiver: QUIC native (quiver/1) listening on udp {quic_addr}");
+            say!("quiver: HTTP/3 (h3) listening on udp {quic_addr}");
+            tokio::spawn(quic::serve(
+                endpoint.clone(),
+                router.clone(),
+                metrics.clone(),
+                auth.clone(),
+                limits,
+                in_flight.clone(),
+                Some(h3_service),
+            ));
+            (Some(endpoint), Some(quic_addr))
+        } else {
+            (None, None)
+        };
 
         let mut tcp = TcpListeners {
             ready: ready.clone(),
@@ -254,6 +303,14 @@ impl Gateway {
                 m.model.kind(),
                 m.model.device()
             );
+            if let Some(up) = &m.upstream {
+                say!(
+                    "quiver: model '{}' routing {} with {} upstream endpoint(s)",
+                    m.name,
+                    m.routing,
+                    up.len()
+                );
+            }
         }
         Ok(Gateway {
             quic_addr,
@@ -272,7 +329,9 @@ impl Gateway {
     /// the streams in flight, then answers what is still queued and stops
     /// the device threads.
     pub async fn shutdown(mut self, grace: Duration) {
-        self.endpoint.set_server_config(None);
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.set_server_config(None);
+        }
         // TCP listeners stop accepting and drain their connections (bounded
         // by the same grace) while the QUIC streams drain.
         let tcp = self.tcp.stop();
@@ -289,11 +348,15 @@ impl Gateway {
         let _ = tokio::task::spawn_blocking(move || router.stop()).await;
         // Give the stream tasks a moment to write the answers just sent.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.in_flight.wait_idle()).await;
-        self.endpoint.close(0u32.into(), b"shutting down");
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.close(0u32.into(), b"shutting down");
+        }
         if let Some(tx) = self.stop_metrics.take() {
             let _ = tx.send(());
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        if let Some(endpoint) = &self.endpoint {
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        }
     }
 }
 
@@ -364,7 +427,10 @@ fn load_model(m: &quiver_config::Model, metrics: Arc<Metrics>) -> anyhow::Result
             seed: demo.seed,
         },
         (ModelKind::Mlp, None, None) => anyhow::bail!("an mlp model needs a path or a demo"),
-        (ModelKind::Embedding, Some(dir), _) => ModelSpec::TextEmbedding { dir: dir.clone() },
+        (ModelKind::Embedding, Some(dir), _) => ModelSpec::TextEmbedding {
+            dir: dir.clone(),
+            cpu_kernels: m.cpu_kernels,
+        },
         (ModelKind::Embedding, None, _) => anyhow::bail!("an embedding model needs a path"),
     };
     let model = quiver_kernels::load(&spec, &device)?;
@@ -390,8 +456,19 @@ fn load_model(m: &quiver_config::Model, metrics: Arc<Metrics>) -> anyhow::Result
         "latency model calibrated"
     );
     let scheduler = Scheduler::new(scheduler_config, latency);
+    let upstream = match (&m.upstream, m.routing) {
+        (Some(config), routing) if routing != quiver_config::Routing::LocalOnly => {
+            let up = crate::upstream::Upstream::new(&m.name, config, metrics.clone())
+                .map_err(|e| anyhow::anyhow!("upstream: {e}"))?;
+            up.spawn_tasks();
+            Some(up)
+        }
+        _ => None,
+    };
     let worker = DeviceWorker::spawn(m.name.clone(), model.clone(), scheduler, metrics)?;
     Ok(ModelEntry {
+        routing: m.routing,
+        upstream,
         name: m.name.clone(),
         model,
         worker,

@@ -209,32 +209,50 @@ pub fn response_to_proto(resp: InferResponse) -> ModelInferResponse {
 /// queue and compute time, dispatch reason, path); every front end sends
 /// them.
 pub fn served_parameters(served: &crate::request::Served) -> HashMap<String, InferParameter> {
-    let mut parameters = HashMap::new();
+    use crate::request::Served;
     let int = |v: i64| InferParameter {
         parameter_choice: Some(ParameterChoice::Int64Param(v)),
     };
-    parameters.insert(params::BATCH_SIZE.into(), int(i64::from(served.batch_size)));
-    parameters.insert(params::BATCH_ROWS.into(), int(i64::from(served.batch_rows)));
-    parameters.insert(
-        params::QUEUE_TIME_US.into(),
-        int(i64::try_from(served.queue_time.as_micros()).unwrap_or(i64::MAX)),
-    );
-    parameters.insert(
-        params::COMPUTE_TIME_US.into(),
-        int(i64::try_from(served.compute_time.as_micros()).unwrap_or(i64::MAX)),
-    );
-    parameters.insert(
-        params::DISPATCH_REASON.into(),
-        InferParameter {
-            parameter_choice: Some(ParameterChoice::StringParam(served.reason.as_str().into())),
-        },
-    );
-    parameters.insert(
-        params::PATH.into(),
-        InferParameter {
-            parameter_choice: Some(ParameterChoice::StringParam("local".into())),
-        },
-    );
+    let string = |v: &str| InferParameter {
+        parameter_choice: Some(ParameterChoice::StringParam(v.into())),
+    };
+    let mut parameters = HashMap::new();
+    match served {
+        Served::Local(batch) => {
+            parameters.insert(params::BATCH_SIZE.into(), int(i64::from(batch.batch_size)));
+            parameters.insert(params::BATCH_ROWS.into(), int(i64::from(batch.batch_rows)));
+            parameters.insert(
+                params::QUEUE_TIME_US.into(),
+                int(i64::try_from(batch.queue_time.as_micros()).unwrap_or(i64::MAX)),
+            );
+            parameters.insert(
+                params::COMPUTE_TIME_US.into(),
+                int(i64::try_from(batch.compute_time.as_micros()).unwrap_or(i64::MAX)),
+            );
+            parameters.insert(
+                params::DISPATCH_REASON.into(),
+                string(batch.reason.as_str()),
+            );
+        }
+        Served::Upstream(up) => {
+            // A Quiver worker's batch parameters pass through, so that the
+            // client sees the batch its request was computed in.
+            for name in [
+                params::BATCH_SIZE,
+                params::BATCH_ROWS,
+                params::QUEUE_TIME_US,
+                params::COMPUTE_TIME_US,
+                params::DISPATCH_REASON,
+            ] {
+                if let Some(p) = up.parameters.get(name) {
+                    parameters.insert(name.into(), p.clone());
+                }
+            }
+            parameters.insert(params::UPSTREAM.into(), string(&up.endpoint));
+            parameters.insert(params::OVERFLOW_REASON.into(), string(up.reason.as_str()));
+        }
+    }
+    parameters.insert(params::PATH.into(), string(served.path()));
     parameters
 }
 

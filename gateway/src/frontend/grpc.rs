@@ -48,9 +48,10 @@ pub fn grpc_status(err: &GatewayError) -> Status {
         GatewayError::TooLarge { .. } | GatewayError::Overloaded { .. } => {
             Status::resource_exhausted(message)
         }
-        GatewayError::DeadlineUnreachable { .. } | GatewayError::ShuttingDown => {
-            Status::unavailable(message)
-        }
+        GatewayError::DeadlineUnreachable { .. }
+        | GatewayError::ShuttingDown
+        | GatewayError::UpstreamUnavailable { .. }
+        | GatewayError::Upstream { .. } => Status::unavailable(message),
         GatewayError::DeadlineExceeded => Status::deadline_exceeded(message),
         GatewayError::Model { .. } => Status::internal(message),
         GatewayError::Cancelled => Status::cancelled(message),

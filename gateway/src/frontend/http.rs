@@ -70,9 +70,10 @@ pub fn http_status(err: &GatewayError) -> (StatusCode, Option<u32>) {
         GatewayError::UnknownModel(_) => (StatusCode::NOT_FOUND, None),
         GatewayError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, None),
         GatewayError::Overloaded { .. } => (StatusCode::TOO_MANY_REQUESTS, Some(1)),
-        GatewayError::DeadlineUnreachable { .. } | GatewayError::ShuttingDown => {
-            (StatusCode::SERVICE_UNAVAILABLE, Some(1))
-        }
+        GatewayError::DeadlineUnreachable { .. }
+        | GatewayError::ShuttingDown
+        | GatewayError::UpstreamUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
+        GatewayError::Upstream { .. } => (StatusCode::BAD_GATEWAY, None),
         GatewayError::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, None),
         GatewayError::Model { .. } => (StatusCode::INTERNAL_SERVER_ERROR, None),
         // Nobody is left to read it; 499 is the customary log code.
@@ -510,7 +511,7 @@ fn binary_size(input: &Value) -> Result<Option<usize>, GatewayError> {
     }
 }
 
-fn binary_tensor(input: &Value, raw: &[u8]) -> Result<HostTensor, GatewayError> {
+pub(crate) fn binary_tensor(input: &Value, raw: &[u8]) -> Result<HostTensor, GatewayError> {
     let name = input
         .get("name")
         .and_then(Value::as_str)
@@ -632,7 +633,13 @@ pub async fn serve_tcp(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_concurrent_streams);
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // A gateway cancels every try whose deadline passes (RST_STREAM),
+        // often before a busy worker has accepted the stream; h2's default
+        // of 20 such resets pending accept (its rapid-reset defence) would
+        // then close the whole connection with every request on it. Bound
+        // them by the stream limit instead: still bounded per connection.
+        .max_pending_accept_reset_streams(limits.max_concurrent_streams as usize);
     if http2_only {
         builder = builder.http2_only();
     }

@@ -95,6 +95,20 @@ impl PeakEwma {
         }
         self.at = Some(now);
     }
+
+    /// The estimate read at `now`: it decays towards zero while no answer
+    /// comes (as linkerd's peak-EWMA does), so an endpoint that was slow
+    /// once and then got no traffic is tried again, and a real answer sets
+    /// it straight.
+    fn at_time(&self, now: Instant, decay: Duration) -> f64 {
+        match self.at {
+            None => self.value_s,
+            Some(at) => {
+                let idle = now.saturating_duration_since(at).as_secs_f64();
+                self.value_s * (-idle / decay.as_secs_f64().max(1e-9)).exp()
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -104,6 +118,8 @@ struct Endpoint {
     ewma: PeakEwma,
     failures: u32,
     health: Health,
+    /// Ejections so far, for metrics.
+    ejections_total: u64,
 }
 
 /// How a request to an upstream ended, for the pool.
@@ -178,6 +194,7 @@ impl Pool {
                     },
                     failures: 0,
                     health: Health::Healthy,
+                    ejections_total: 0,
                 },
             })
             .collect();
@@ -204,6 +221,16 @@ impl Pool {
     pub fn health(&mut self, id: EndpointId, now: Instant) -> Option<Health> {
         self.refresh(now);
         self.endpoints.get(id).map(|e| e.health)
+    }
+
+    /// The id of the endpoint called `name`, if it is in the pool.
+    pub fn position(&self, name: &str) -> Option<EndpointId> {
+        self.endpoints.iter().position(|e| e.name == name)
+    }
+
+    /// How many times an endpoint has been ejected.
+    pub fn ejections(&self, id: EndpointId) -> u64 {
+        self.endpoints.get(id).map_or(0, |e| e.ejections_total)
     }
 
     /// Requests in flight to an endpoint.
@@ -240,9 +267,9 @@ impl Pool {
         }
     }
 
-    fn cost(&self, i: EndpointId) -> f64 {
+    fn cost(&self, i: EndpointId, now: Instant) -> f64 {
         let e = &self.endpoints[i];
-        e.ewma.value_s * f64::from(e.in_flight + 1)
+        e.ewma.at_time(now, self.config.decay) * f64::from(e.in_flight + 1)
     }
 
     /// The expected latency of the best available endpoint: its peak-EWMA,
@@ -251,7 +278,7 @@ impl Pool {
         self.refresh(now);
         (0..self.endpoints.len())
             .filter(|&i| self.is_available(i))
-            .map(|i| self.endpoints[i].ewma.value_s)
+            .map(|i| self.endpoints[i].ewma.at_time(now, self.config.decay))
             .min_by(f64::total_cmp)
             .map(Duration::from_secs_f64)
     }
@@ -295,7 +322,11 @@ impl Pool {
                     b += 1;
                 }
                 let (a, b) = (candidates[a], candidates[b]);
-                if self.cost(b) < self.cost(a) { b } else { a }
+                if self.cost(b, now) < self.cost(a, now) {
+                    b
+                } else {
+                    a
+                }
             }
         };
         let e = &mut self.endpoints[id];
@@ -383,6 +414,7 @@ impl Pool {
             ejections: ejections + 1,
         };
         e.failures = 0;
+        e.ejections_total += 1;
     }
 
     /// Whether a retry may be sent now; takes one from the budget if so.

@@ -259,3 +259,37 @@ fn an_empty_pool_gives_no_endpoint() {
     assert!(p.start(now).is_none());
     assert_eq!(p.expected_latency(now), None);
 }
+
+#[test]
+fn an_endpoint_slow_once_is_tried_again_after_a_quiet_while() {
+    let (mut p, mut now) = pool(2);
+    succeed(&mut p, now, 0, 300);
+    succeed(&mut p, now, 1, 3);
+    // Right after its slow answer, endpoint 0 loses every choice.
+    for _ in 0..50 {
+        let t = p.start(now).unwrap();
+        assert_eq!(t.endpoint(), 1);
+        p.finish(t, now, Outcome::Abandoned);
+    }
+    // Its estimate decays while it gets nothing; endpoint 1's answers keep
+    // its own fresh. After enough decay constants endpoint 0 wins a choice,
+    // and its real answer (fast now) keeps it in the rotation.
+    let mut tried = false;
+    for _ in 0..100 {
+        now += Duration::from_secs(1);
+        let t = p.start(now).unwrap();
+        let id = t.endpoint();
+        p.finish(
+            t,
+            now,
+            Outcome::Success {
+                latency: Duration::from_millis(3),
+            },
+        );
+        if id == 0 {
+            tried = true;
+            break;
+        }
+    }
+    assert!(tried, "the once-slow endpoint never got traffic again");
+}
