@@ -138,5 +138,64 @@ fn attention(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, elementwise, softmax, layer_norm, attention);
+/// A linear layer with its bias, as `CpuBert` runs it (`matmul_transposed` onto the bias,
+/// into a reused buffer; then GELU in place for the intermediate layer) against candle's
+/// `x.matmul(&w.t()) + b` (a fresh output per op).
+fn linear(c: &mut Criterion) {
+    for (rows, k, n) in [
+        (1024usize, 384usize, 1536usize),
+        (1024, 1536, 384),
+        (8192, 384, 1152),
+    ] {
+        let x = random(&[rows, k]);
+        let w = random(&[n, k]);
+        let bias = random(&[n]);
+        let mut g = c.benchmark_group(format!("linear_{rows}x{k}x{n}"));
+        g.throughput(Throughput::Elements((rows * k * n) as u64));
+        g.bench_function("candle_matmul_broadcast_add", |b| {
+            b.iter(|| {
+                x.matmul(&w.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&bias)
+                    .unwrap()
+            });
+        });
+        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let bs = bias.to_vec1::<f32>().unwrap();
+        let mut dst = vec![0.0; rows * n];
+        g.bench_function("quiver_matmul_transposed_onto_bias", |b| {
+            b.iter(|| {
+                for row in dst.chunks_exact_mut(n) {
+                    row.copy_from_slice(&bs);
+                }
+                cpu::matmul_transposed_slice(&xs, &ws, &mut dst, (rows, k, n), true).unwrap();
+            });
+        });
+        if n == 1536 {
+            g.bench_function("candle_matmul_broadcast_add_gelu_erf", |b| {
+                b.iter(|| {
+                    x.matmul(&w.t().unwrap())
+                        .unwrap()
+                        .broadcast_add(&bias)
+                        .unwrap()
+                        .gelu_erf()
+                        .unwrap()
+                });
+            });
+            g.bench_function("quiver_matmul_transposed_onto_bias_gelu_in_place", |b| {
+                b.iter(|| {
+                    for row in dst.chunks_exact_mut(n) {
+                        row.copy_from_slice(&bs);
+                    }
+                    cpu::matmul_transposed_slice(&xs, &ws, &mut dst, (rows, k, n), true).unwrap();
+                    cpu::gelu_in_place_slice(Isa::detect(), &mut dst).unwrap();
+                });
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, elementwise, softmax, layer_norm, attention, linear);
 criterion_main!(benches);

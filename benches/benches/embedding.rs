@@ -4,9 +4,14 @@
 //! Tokenization (`Model::prepare`, on the front end in the gateway) is outside the timed
 //! loop; the gateway's overhead is measured by the load generator, not here.
 //!
+//! Both engines of the CPU device: `kernels` (Quiver's CPU kernels, the default) and
+//! `candle` (stock candle-transformers BERT, `cpu_kernels = false`), as
+//! `embedding_cpu/{kernels,candle}/{tokens}_tokens/batch/{batch}`.
+//!
 //! Needs the model: `scripts/fetch-models`, or `QUIVER_MODELS_DIR`. Run with
-//! `cargo bench -p quiver-bench --bench embedding`; `QUIVER_BENCH_QUICK=1` takes fewer
-//! samples. Thread count: candle's (`RAYON_NUM_THREADS`, default all cores).
+//! `cargo bench -p quiver-bench --bench embedding` (add `-- kernels` for one engine);
+//! `QUIVER_BENCH_QUICK=1` takes fewer samples. Thread count: rayon's (`RAYON_NUM_THREADS`,
+//! default all cores). `scripts/bench-vs-pytorch` measures the same cells against PyTorch.
 #![allow(missing_docs)]
 
 use std::hint::black_box;
@@ -72,18 +77,27 @@ fn request(model: &dyn Model, batch: usize, tokens: usize) -> Prepared {
 }
 
 fn embedding(c: &mut Criterion) {
-    let model = load(&ModelSpec::TextEmbedding { dir: model_dir() }, &Device::Cpu)
-        .expect("the model loads");
     let quick = std::env::var_os("QUIVER_BENCH_QUICK").is_some();
+    for (engine, cpu_kernels) in [("kernels", true), ("candle", false)] {
+        let spec = ModelSpec::TextEmbedding {
+            dir: model_dir(),
+            cpu_kernels,
+        };
+        let model = load(&spec, &Device::Cpu).expect("the model loads");
+        engine_cells(c, engine, model.as_ref(), quick);
+    }
+}
+
+fn engine_cells(c: &mut Criterion, engine: &str, model: &dyn Model, quick: bool) {
     for tokens in TOKENS {
-        let mut g = c.benchmark_group(format!("embedding_cpu/{tokens}_tokens"));
+        let mut g = c.benchmark_group(format!("embedding_cpu/{engine}/{tokens}_tokens"));
         // A batch of 64 long texts takes seconds on a small CPU: flat sampling, few samples.
         g.sampling_mode(SamplingMode::Flat);
         g.sample_size(10);
         g.warm_up_time(Duration::from_millis(if quick { 200 } else { 1000 }));
         g.measurement_time(Duration::from_secs(if quick { 2 } else { 5 }));
         for batch in BATCHES {
-            let prepared = request(model.as_ref(), batch, tokens);
+            let prepared = request(model, batch, tokens);
             let batch_ref = std::slice::from_ref(&prepared);
             g.throughput(Throughput::Elements(batch as u64));
             g.bench_with_input(BenchmarkId::new("batch", batch), &batch, |b, _| {

@@ -38,4 +38,4 @@ pub use identity::Identity;
 pub use mlp::{Activation, Mlp, MlpConfig, write_mlp};
 pub use model::{Model, ModelSpec, Prepared, Signature, TensorSpec, load};
 pub use tensor::{DataType, HostTensor, TensorData};
-pub use text::{Pooling, TextEmbedding};
+pub use text::{Engine, Pooling, TextEmbedding};

@@ -232,6 +232,10 @@ pub enum ModelSpec {
     TextEmbedding {
         /// The model directory.
         dir: PathBuf,
+        /// On the CPU device, run the encoder on Quiver's CPU kernels
+        /// ([`crate::text::Engine::CpuKernels`]) instead of candle-transformers' BERT.
+        /// Ignored on CUDA devices. The config's `cpu_kernels` (default true).
+        cpu_kernels: bool,
     },
     /// A demo MLP whose weights are drawn from `seed` (ChaCha8), so every start gives the
     /// same outputs. For trying the gateway without model files; it computes nothing useful.
@@ -256,11 +260,9 @@ pub fn load(spec: &ModelSpec, device: &Device) -> Result<Arc<dyn Model>, LoadErr
     Ok(match spec {
         ModelSpec::Identity => Arc::new(crate::identity::Identity::new(device.clone())),
         ModelSpec::Mlp { dir } => Arc::new(Mlp::load_dir(dir, device.clone(), candle)?),
-        ModelSpec::TextEmbedding { dir } => Arc::new(crate::text::TextEmbedding::load_dir(
-            dir,
-            device.clone(),
-            candle,
-        )?),
+        ModelSpec::TextEmbedding { dir, cpu_kernels } => Arc::new(
+            crate::text::TextEmbedding::load_dir(dir, device.clone(), candle, *cpu_kernels)?,
+        ),
         ModelSpec::MlpDemo {
             inputs,
             hidden,

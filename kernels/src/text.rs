@@ -11,7 +11,8 @@
 //!   scheduler's token budget and length grouping see the request's real cost before it is
 //!   queued;
 //! - [`Model::forward`], on the device thread, pads the whole batch to its longest row, runs
-//!   candle-transformers' BERT once, pools each row under its attention mask ([`pool`]),
+//!   the BERT encoder once ([`Engine`]: Quiver's CPU kernels on the CPU device by default,
+//!   candle-transformers' `BertModel` on CUDA or when `cpu_kernels` is off), pools each row under its attention mask ([`pool`]),
 //!   L2-normalises when the model says so, and splits the rows back per request.
 //!
 //! Padding is masked out of attention and pooling, so a row's embedding does not depend on the
@@ -77,6 +78,23 @@ pub enum Pooling {
     Cls,
 }
 
+/// Which BERT forward a [`TextEmbedding`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Engine {
+    /// candle-transformers' `BertModel`: every device; the only one on CUDA.
+    Candle,
+    /// [`crate::cpu::CpuBert`], on Quiver's vectorised, multi-threaded CPU kernels: the
+    /// default on the CPU device (`ModelSpec::TextEmbedding::cpu_kernels`).
+    CpuKernels,
+}
+
+/// The loaded encoder behind [`Engine`].
+enum Encoder {
+    Candle(BertModel),
+    CpuKernels(crate::cpu::CpuBert),
+}
+
 /// The parts of `1_Pooling/config.json` that Quiver reads.
 #[derive(Debug, Default, Deserialize)]
 struct PoolingConfig {
@@ -116,10 +134,7 @@ pub struct TextEmbedding {
     device: Device,
     candle: candle_core::Device,
     tokenizer: Tokenizer,
-    bert: BertModel,
-    /// Quiver's CPU-kernel BERT on the same weights, used by `embed` instead of `bert` when
-    /// the device is the CPU and `QUIVER_CPU_KERNELS=1` ([`crate::cpu::opted_in`]).
-    cpu_bert: Option<crate::cpu::CpuBert>,
+    encoder: Encoder,
     pooling: Pooling,
     normalize: bool,
     max_seq_length: usize,
@@ -132,6 +147,7 @@ impl std::fmt::Debug for TextEmbedding {
         // The tokenizer and the weights are too large to print.
         f.debug_struct("TextEmbedding")
             .field("device", &self.device)
+            .field("engine", &self.engine())
             .field("pooling", &self.pooling)
             .field("normalize", &self.normalize)
             .field("max_seq_length", &self.max_seq_length)
@@ -142,11 +158,14 @@ impl std::fmt::Debug for TextEmbedding {
 
 impl TextEmbedding {
     /// Loads the model directory `dir` (see the module docs for its files) onto `candle`
-    /// (the opened `device`).
+    /// (the opened `device`). `cpu_kernels` picks [`Engine::CpuKernels`] when `candle` is
+    /// the CPU and [`crate::cpu::CpuBert::supports`] the configuration; on any other
+    /// device, or when it is false, the model runs [`Engine::Candle`].
     pub fn load_dir(
         dir: &Path,
         device: Device,
         candle: candle_core::Device,
+        cpu_kernels: bool,
     ) -> Result<Self, LoadError> {
         let config_path = dir.join(CONFIG_FILE);
         let config: BertConfig = parse_json(&config_path)?;
@@ -203,12 +222,13 @@ impl TextEmbedding {
         };
         let vb =
             VarBuilder::from_buffered_safetensors(bytes, DType::F32, &candle).map_err(st_error)?;
-        let cpu_bert = if candle.is_cpu() && crate::cpu::opted_in() {
-            Some(crate::cpu::CpuBert::load(vb.clone(), &config).map_err(st_error)?)
+        // One encoder only: each holds its own copy of the weights. A configuration the
+        // kernels do not implement (another activation) keeps candle's BERT, which has it.
+        let encoder = if candle.is_cpu() && cpu_kernels && crate::cpu::CpuBert::supports(&config) {
+            Encoder::CpuKernels(crate::cpu::CpuBert::load(vb, &config).map_err(st_error)?)
         } else {
-            None
+            Encoder::Candle(BertModel::load(vb, &config).map_err(st_error)?)
         };
-        let bert = BertModel::load(vb, &config).map_err(st_error)?;
 
         let pad_id = u32::try_from(config.pad_token_id).map_err(|_| LoadError::Config {
             path: config_path,
@@ -228,14 +248,21 @@ impl TextEmbedding {
             device,
             candle,
             tokenizer,
-            bert,
-            cpu_bert,
+            encoder,
             pooling,
             normalize,
             max_seq_length,
             pad_id,
             dim,
         })
+    }
+
+    /// The BERT forward this model runs.
+    pub fn engine(&self) -> Engine {
+        match self.encoder {
+            Encoder::Candle(_) => Engine::Candle,
+            Encoder::CpuKernels(_) => Engine::CpuKernels,
+        }
     }
 
     /// The embedding width (`hidden_size`).
@@ -294,9 +321,9 @@ impl TextEmbedding {
         let ids = Tensor::from_vec(ids, shape, &self.candle)?;
         let mask = Tensor::from_vec(mask, shape, &self.candle)?;
         let type_ids = ids.zeros_like()?;
-        let hidden = match &self.cpu_bert {
-            Some(cpu_bert) => cpu_bert.forward(&ids, &type_ids, Some(&mask))?,
-            None => self.bert.forward(&ids, &type_ids, Some(&mask))?,
+        let hidden = match &self.encoder {
+            Encoder::CpuKernels(bert) => bert.forward(&ids, &type_ids, Some(&mask))?,
+            Encoder::Candle(bert) => bert.forward(&ids, &type_ids, Some(&mask))?,
         };
         pool(&hidden, &mask, self.pooling, self.normalize)
     }

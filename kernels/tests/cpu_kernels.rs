@@ -110,6 +110,71 @@ fn gelu_edges_large_magnitudes_zero_nan_every_length() {
 }
 
 #[test]
+fn gelu_in_place_equals_gelu_on_every_isa() {
+    let mut x = uniform(&mut rng(40), 40_003, 12.0);
+    x.extend([1e4f32, -1e4, 1e30, -1e30, 0.0, -0.0, -13.0, f32::NAN]);
+    for isa in Isa::available() {
+        let mut want = vec![0.0; x.len()];
+        cpu::gelu_slice(isa, &x, &mut want).unwrap();
+        for n in LENGTHS.into_iter().chain([x.len()]) {
+            let mut got = x[..n].to_vec();
+            cpu::gelu_in_place_slice(isa, &mut got).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want[..n]).enumerate() {
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "{isa:?} len {n} element {i}: in place {g:e}, gelu {w:e}"
+                );
+            }
+        }
+    }
+}
+
+/// `a[m × k] · w[n × k]ᵀ` in f64, plus `init` (the destination's old contents).
+fn matmul_transposed_ref(a: &[f32], w: &[f32], init: &[f32], m: usize, k: usize) -> Vec<f64> {
+    let n = w.len() / k;
+    (0..m * n)
+        .map(|e| {
+            let (r, c) = (e / n, e % n);
+            let dot: f64 = (0..k)
+                .map(|j| f64::from(a[r * k + j]) * f64::from(w[c * k + j]))
+                .sum();
+            dot + f64::from(init[e])
+        })
+        .collect()
+}
+
+#[test]
+fn matmul_transposed_matches_reference_across_row_blocks() {
+    let mut r = rng(45);
+    // m crosses the row block (two gemm calls, the second short); k and n are not multiples
+    // of any vector width; 1 × 1 × 1 is the smallest product.
+    for (m, k, n) in [(1, 1, 1), (3, 7, 5), (cpu::MATMUL_ROW_BLOCK + 6, 13, 9)] {
+        let a = uniform(&mut r, m * k, 1.0);
+        let w = uniform(&mut r, n * k, 1.0);
+        let bias = uniform(&mut r, m * n, 1.0);
+        let zeros = vec![0.0; m * n];
+        let mut dst = vec![f32::NAN; m * n];
+        cpu::matmul_transposed_slice(&a, &w, &mut dst, (m, k, n), false).unwrap();
+        let want = matmul_transposed_ref(&a, &w, &zeros, m, k);
+        assert_close(&format!("{m}x{k}x{n}"), &dst, &want, 1e-5, 1e-5);
+        let mut dst = bias.clone();
+        cpu::matmul_transposed_slice(&a, &w, &mut dst, (m, k, n), true).unwrap();
+        let want = matmul_transposed_ref(&a, &w, &bias, m, k);
+        assert_close(&format!("{m}x{k}x{n} onto"), &dst, &want, 1e-5, 1e-5);
+    }
+    let mut dst = vec![0.0; 6];
+    for dims in [(2, 3, 2), (2, 2, 3), (0, 3, 3)] {
+        assert!(
+            matches!(
+                cpu::matmul_transposed_slice(&[1.0; 6], &[1.0; 9], &mut dst, dims, false),
+                Err(CpuKernelError::Shape { .. })
+            ),
+            "{dims:?}"
+        );
+    }
+}
+
+#[test]
 fn bias_gelu_matches_reference_on_every_isa() {
     for isa in Isa::available() {
         for n in LENGTHS {
@@ -306,6 +371,9 @@ fn attention_matches_reference_on_every_isa() {
         (2, 12, 128, 128, 32),
         (3, 2, 9, 17, 20),
         (1, 4, 33, 33, 64),
+        // Query blocks that end in a group of 4 rows and single rows after groups of 8.
+        (1, 2, 15, 15, 8),
+        (2, 3, 14, 14, 16),
     ];
     for isa in Isa::available() {
         for (batch, heads, q_len, kv_len, head_dim) in shapes {
@@ -657,14 +725,41 @@ fn cpu_bert_matches_candle_transformers_bert() {
     let vb = random_bert(&config);
     let stock = BertModel::load(vb.clone(), &config).unwrap();
     let ours = cpu::CpuBert::load(vb, &config).unwrap();
-    let (b, s) = (4, 19);
+    // 4 × 19 rows, and 19 × 57 = 1083 rows: past one matmul row block, so the feed-forward
+    // runs in two blocks of rows.
+    const { assert!(19 * 57 > cpu::MATMUL_ROW_BLOCK) };
+    for (b, s) in [(4, 19), (19, 57)] {
+        cpu_bert_matches(&stock, &ours, b, s);
+    }
+    // Ids out of the vocabulary and sequences past max_position_embeddings are errors.
+    let bad = Tensor::from_vec(vec![5u32, 97], (1, 2), &Device::Cpu).unwrap();
+    assert!(
+        ours.forward(&bad, &bad.zeros_like().unwrap(), None)
+            .is_err()
+    );
+    let long = Tensor::zeros((1, 65), candle_core::DType::U32, &Device::Cpu).unwrap();
+    assert!(ours.forward(&long, &long, None).is_err());
+}
+
+fn cpu_bert_matches(
+    stock: &candle_transformers::models::bert::BertModel,
+    ours: &cpu::CpuBert,
+    b: usize,
+    s: usize,
+) {
     let mut r = rng(1200);
     let ids: Vec<u32> = (0..b * s).map(|_| r.random_range(0..97)).collect();
     let ids = Tensor::from_vec(ids, (b, s), &Device::Cpu).unwrap();
     let types = ids.zeros_like().unwrap();
-    // Sequence k has 3k padding positions.
+    // Sequence k has 3k padding positions (at most s - 1).
     let mask: Vec<f32> = (0..b * s)
-        .map(|i| if i % s < s - 3 * (i / s) { 1.0 } else { 0.0 })
+        .map(|i| {
+            if i % s < s - (3 * (i / s)).min(s - 1) {
+                1.0
+            } else {
+                0.0
+            }
+        })
         .collect();
     let mask = tensor(mask, &[b, s]);
     for m in [None, Some(&mask)] {
@@ -682,13 +777,13 @@ fn cpu_bert_matches_candle_transformers_bert() {
             let ng: f64 = g.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
             let nw: f64 = w.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
             let cos = dot / (ng * nw);
-            assert!(cos >= 0.999_999, "token {t}: cosine {cos}");
+            assert!(cos >= 0.999_999, "{b} x {s}: token {t}: cosine {cos}");
             let diff = g
                 .iter()
                 .zip(w)
                 .map(|(&a, &b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
-            assert!(diff < 1e-3, "token {t}: max difference {diff}");
+            assert!(diff < 1e-3, "{b} x {s}: token {t}: max difference {diff}");
         }
     }
 }

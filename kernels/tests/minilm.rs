@@ -14,8 +14,8 @@ use std::sync::{Arc, OnceLock};
 use candle_core::Tensor;
 use quiver_kernels::text::{self, pool};
 use quiver_kernels::{
-    DataType, Device, HostTensor, InputError, LoadError, Model, ModelSpec, Pooling, TensorData,
-    TextEmbedding, load,
+    DataType, Device, Engine, HostTensor, InputError, LoadError, Model, ModelSpec, Pooling,
+    TensorData, TextEmbedding, load,
 };
 
 const MODEL_NAME: &str = "all-MiniLM-L6-v2";
@@ -99,14 +99,28 @@ fn reference() -> &'static Reference {
     })
 }
 
+/// The model on the CPU device, loaded once per engine: candle-transformers' BERT, or
+/// Quiver's CPU kernels (the default).
+fn model_on(engine: Engine) -> Arc<dyn Model> {
+    static CANDLE: OnceLock<Arc<dyn Model>> = OnceLock::new();
+    static KERNELS: OnceLock<Arc<dyn Model>> = OnceLock::new();
+    let (cell, cpu_kernels) = match engine {
+        Engine::Candle => (&CANDLE, false),
+        _ => (&KERNELS, true),
+    };
+    cell.get_or_init(|| {
+        let spec = ModelSpec::TextEmbedding {
+            dir: model_dir(),
+            cpu_kernels,
+        };
+        load(&spec, &Device::Cpu).unwrap()
+    })
+    .clone()
+}
+
+/// The model as the gateway loads it by default on the CPU: on Quiver's kernels.
 fn model() -> Arc<dyn Model> {
-    static MODEL: OnceLock<Arc<dyn Model>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let spec = ModelSpec::TextEmbedding { dir: model_dir() };
-            load(&spec, &Device::Cpu).unwrap()
-        })
-        .clone()
+    model_on(Engine::CpuKernels)
 }
 
 fn texts(texts: &[&str]) -> HostTensor {
@@ -171,8 +185,17 @@ fn long_text(words: usize) -> String {
 }
 
 #[test]
-fn each_sentence_alone_matches_the_reference() {
-    let m = model();
+fn each_sentence_alone_matches_the_reference_on_candle() {
+    each_sentence_alone_matches_the_reference(Engine::Candle);
+}
+
+#[test]
+fn each_sentence_alone_matches_the_reference_on_cpu_kernels() {
+    each_sentence_alone_matches_the_reference(Engine::CpuKernels);
+}
+
+fn each_sentence_alone_matches_the_reference(engine: Engine) {
+    let m = model_on(engine);
     let (mut worst_cosine, mut worst_diff) = (1.0f64, 0.0f64);
     for (i, s) in reference().sentences.iter().enumerate() {
         let p = m.prepare(vec![texts(&[s])]).unwrap();
@@ -180,16 +203,27 @@ fn each_sentence_alone_matches_the_reference() {
         assert_eq!(out.len(), 1);
         let got = rows(&out[0][0]);
         assert_eq!(got.len(), 1);
-        let (cosine, diff) = check(i, &got[0], "alone");
+        let (cosine, diff) = check(i, &got[0], &format!("{engine:?}, alone"));
         worst_cosine = worst_cosine.min(cosine);
         worst_diff = worst_diff.max(diff);
     }
-    eprintln!("alone: worst cosine {worst_cosine:.8}, worst max abs diff {worst_diff:.2e}");
+    eprintln!(
+        "{engine:?} alone: worst cosine {worst_cosine:.8}, worst max abs diff {worst_diff:.2e}"
+    );
 }
 
 #[test]
-fn all_sentences_in_one_request_match_the_reference() {
-    let m = model();
+fn all_sentences_in_one_request_match_the_reference_on_candle() {
+    all_sentences_in_one_request_match_the_reference(Engine::Candle);
+}
+
+#[test]
+fn all_sentences_in_one_request_match_the_reference_on_cpu_kernels() {
+    all_sentences_in_one_request_match_the_reference(Engine::CpuKernels);
+}
+
+fn all_sentences_in_one_request_match_the_reference(engine: Engine) {
+    let m = model_on(engine);
     let all: Vec<&str> = reference().sentences.iter().map(String::as_str).collect();
     let p = m.prepare(vec![texts(&all)]).unwrap();
     assert_eq!(p.rows as usize, all.len());
@@ -197,13 +231,22 @@ fn all_sentences_in_one_request_match_the_reference() {
     let got = rows(&out[0][0]);
     assert_eq!(got.len(), all.len());
     for (i, e) in got.iter().enumerate() {
-        check(i, e, "one request of all sentences");
+        check(i, e, &format!("{engine:?}, one request of all sentences"));
     }
 }
 
 #[test]
-fn padding_in_a_mixed_batch_changes_no_result() {
-    let m = model();
+fn padding_in_a_mixed_batch_changes_no_result_on_candle() {
+    padding_in_a_mixed_batch_changes_no_result(Engine::Candle);
+}
+
+#[test]
+fn padding_in_a_mixed_batch_changes_no_result_on_cpu_kernels() {
+    padding_in_a_mixed_batch_changes_no_result(Engine::CpuKernels);
+}
+
+fn padding_in_a_mixed_batch_changes_no_result(engine: Engine) {
+    let m = model_on(engine);
     let refs = &reference().sentences;
     // Requests in one forward: a text past max_seq_length (truncated to 256 tokens, so every
     // reference sentence is padded by hundreds of tokens), the reference sentences in
@@ -231,17 +274,43 @@ fn padding_in_a_mixed_batch_changes_no_result() {
     let (mut worst_cosine, mut worst_diff) = (1.0f64, 0.0f64);
     for (e, want) in got.iter().zip(&expected) {
         if let Some(i) = want {
-            let (cosine, diff) = check(*i, e, "mixed batch with a 256-token row");
+            let (cosine, diff) = check(
+                *i,
+                e,
+                &format!("{engine:?}, mixed batch with a 256-token row"),
+            );
             worst_cosine = worst_cosine.min(cosine);
             worst_diff = worst_diff.max(diff);
         }
     }
-    eprintln!("mixed batch: worst cosine {worst_cosine:.8}, worst max abs diff {worst_diff:.2e}");
+    eprintln!(
+        "{engine:?} mixed batch: worst cosine {worst_cosine:.8}, worst max abs diff {worst_diff:.2e}"
+    );
     // The rows without a reference are still unit vectors (modules.json has Normalize).
     for e in &got {
         let norm: f32 = e.iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
     }
+}
+
+#[test]
+fn the_cpu_device_runs_the_cpu_kernels_unless_turned_off() {
+    let dir = model_dir();
+    let on = TextEmbedding::load_dir(&dir, Device::Cpu, candle_core::Device::Cpu, true).unwrap();
+    assert_eq!(on.engine(), Engine::CpuKernels);
+    let off = TextEmbedding::load_dir(&dir, Device::Cpu, candle_core::Device::Cpu, false).unwrap();
+    assert_eq!(off.engine(), Engine::Candle);
+    // An activation the kernels do not implement keeps candle's BERT, which has it.
+    let relu = variant(|d| {
+        let path = d.join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        config["hidden_act"] = "relu".into();
+        std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+    });
+    let m =
+        TextEmbedding::load_dir(relu.path(), Device::Cpu, candle_core::Device::Cpu, true).unwrap();
+    assert_eq!(m.engine(), Engine::Candle);
 }
 
 #[test]
@@ -358,8 +427,8 @@ fn unsupported_pooling_is_a_load_error_naming_the_file() {
         )
         .unwrap();
     });
-    let err =
-        TextEmbedding::load_dir(dir.path(), Device::Cpu, candle_core::Device::Cpu).unwrap_err();
+    let err = TextEmbedding::load_dir(dir.path(), Device::Cpu, candle_core::Device::Cpu, true)
+        .unwrap_err();
     assert!(matches!(err, LoadError::Config { .. }), "{err:?}");
     let text = err.to_string();
     assert!(text.contains("pooling_mode_max_tokens"), "{text}");
@@ -374,7 +443,8 @@ fn defaults_without_the_sentence_transformers_files() {
         std::fs::remove_file(d.join("sentence_bert_config.json")).unwrap();
         std::fs::remove_dir_all(d.join("1_Pooling")).unwrap();
     });
-    let m = TextEmbedding::load_dir(dir.path(), Device::Cpu, candle_core::Device::Cpu).unwrap();
+    let m =
+        TextEmbedding::load_dir(dir.path(), Device::Cpu, candle_core::Device::Cpu, true).unwrap();
     assert_eq!(m.pooling(), Pooling::Mean);
     assert!(!m.normalizes());
     assert_eq!(m.max_seq_length(), text::DEFAULT_MAX_SEQ_LENGTH);
@@ -397,7 +467,8 @@ fn cls_pooling_is_independent_of_padding() {
         )
         .unwrap();
     });
-    let m = TextEmbedding::load_dir(dir.path(), Device::Cpu, candle_core::Device::Cpu).unwrap();
+    let m =
+        TextEmbedding::load_dir(dir.path(), Device::Cpu, candle_core::Device::Cpu, true).unwrap();
     assert_eq!(m.pooling(), Pooling::Cls);
     let short = "hello";
     let alone = m

@@ -6,8 +6,8 @@
 //! copies), runs two batched matrix products of tiny matrices (11 × 32 × 11 for a short
 //! sentence), five element-wise softmax ops and a transpose back. Here one task per
 //! (sequence, block of queries) does all heads in cache: it packs each head's `Kᵀ` once
-//! (`d × seq`, zero-padded to the vector width), computes four query rows of scores at a
-//! time (four independent FMA chains sharing each `Kᵀ` load), applies the softmax in place,
+//! (`d × seq`, zero-padded to the vector width), computes eight query rows of scores at a
+//! time (eight independent FMA chains sharing each `Kᵀ` load), applies the softmax in place,
 //! and accumulates `P V` the same way.
 
 use rayon::prelude::*;
@@ -39,8 +39,12 @@ impl AttentionShape {
     }
 }
 
-/// Query rows computed together (independent FMA chains per loaded vector).
-const ROWS: usize = 4;
+/// Query rows computed together: independent FMA chains per loaded vector. Eight chains
+/// cover the FMA latency of two pipes (4 cycles × 2) and, with the loaded vector and its
+/// broadcasts, fit AVX2's 16 registers.
+const ROWS: usize = 8;
+/// Rows of a group after the last full group of [`ROWS`] (then one at a time).
+const TAIL_ROWS: usize = 4;
 
 /// Multi-head attention, `out = softmax(q kᵀ / √head_dim + mask) v` per sequence and head.
 ///
@@ -261,6 +265,10 @@ impl WithSimd for AttentionBlock<'_> {
             while r + ROWS <= rows {
                 head.rows::<ROWS>(r, self.q, &kt, &bias, self.v, &mut scores, self.out);
                 r += ROWS;
+            }
+            if r + TAIL_ROWS <= rows {
+                head.rows::<TAIL_ROWS>(r, self.q, &kt, &bias, self.v, &mut scores, self.out);
+                r += TAIL_ROWS;
             }
             while r < rows {
                 head.rows::<1>(r, self.q, &kt, &bias, self.v, &mut scores, self.out);

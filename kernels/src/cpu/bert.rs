@@ -1,63 +1,91 @@
 //! A BERT encoder for the CPU device on Quiver's kernels: the same weights and the same
-//! arithmetic as candle-transformers' `BertModel` (which the text-embedding model uses),
-//! with the element-wise and attention glue replaced:
+//! arithmetic as candle-transformers' `BertModel` (which the text-embedding model uses on
+//! other devices), with the element-wise and attention glue replaced and every activation in
+//! a few plain buffers that all layers reuse:
 //!
 //! | candle-transformers `BertModel` | here |
 //! | --- | --- |
-//! | query, key, value: three `Linear`s (matmul + single-threaded bias-add each) | one matmul on the stacked weights + [`super::bias_add`] |
-//! | `transpose_for_scores` ×3, `matmul`, `/ √d`, `broadcast_add(mask)`, `softmax`, `matmul`, transpose back | [`super::attention_packed`] |
-//! | output dense bias-add + residual add + `LayerNorm` (3 passes) | matmul + [`super::add_layer_norm`] |
-//! | intermediate bias-add + `gelu_erf` | matmul + [`super::bias_gelu`] |
+//! | query, key, value: three `Linear`s (matmul + single-threaded bias-add each) | one product on the stacked weights, accumulated onto the bias ([`super::matmul_transposed_slice`]) |
+//! | `transpose_for_scores` ×3, `matmul`, `/ √d`, `broadcast_add(mask)`, `softmax`, `matmul`, transpose back | [`super::attention_packed_slice`] |
+//! | output dense bias-add + residual add + `LayerNorm` (3 passes) | product + [`super::add_layer_norm_slice`] |
+//! | intermediate bias-add + `gelu_erf` | product onto the bias + [`super::gelu_in_place_slice`] |
 //!
-//! The matrix products stay candle's (gemm, on the same rayon pool).
+//! Each op of `BertModel` allocates its output tensor (about 50 per forward); here one
+//! forward allocates six buffers. The matrix products are gemm's, as in candle, on the same
+//! rayon pool.
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
 
+use super::{AttentionShape, Isa};
+
 /// A BERT encoder on the CPU kernels; returns the last hidden state, as
 /// `candle_transformers::models::bert::BertModel::forward` does.
 pub struct CpuBert {
-    word: Tensor,
-    position: Tensor,
-    token_type: Tensor,
-    ln: (Tensor, Tensor),
-    layers: Vec<Layer>,
+    isa: Isa,
+    hidden: usize,
+    intermediate: usize,
     heads: usize,
+    vocab: usize,
+    types: usize,
+    positions: usize,
+    /// `[vocab, hidden]`.
+    word: Vec<f32>,
+    /// `[positions, hidden]`.
+    position: Vec<f32>,
+    /// `[types, hidden]`.
+    token_type: Vec<f32>,
+    ln: (Vec<f32>, Vec<f32>),
+    layers: Vec<Layer>,
     eps: f32,
 }
 
 impl std::fmt::Debug for CpuBert {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CpuBert")
+            .field("isa", &self.isa)
             .field("layers", &self.layers.len())
+            .field("hidden", &self.hidden)
             .field("heads", &self.heads)
             .finish_non_exhaustive()
     }
 }
 
-/// One encoder layer's weights (`[out, in]` matrices, as stored).
+/// One encoder layer's weights (`[out, in]` matrices, row-major, as stored).
 struct Layer {
-    qkv_w: Tensor,
-    qkv_b: Tensor,
-    out_w: Tensor,
-    out_b: Tensor,
-    ln1: (Tensor, Tensor),
-    inter_w: Tensor,
-    inter_b: Tensor,
-    down_w: Tensor,
-    down_b: Tensor,
-    ln2: (Tensor, Tensor),
+    /// Query, key and value stacked: `[3 × hidden, hidden]`.
+    qkv_w: Vec<f32>,
+    qkv_b: Vec<f32>,
+    out_w: Vec<f32>,
+    out_b: Vec<f32>,
+    ln1: (Vec<f32>, Vec<f32>),
+    inter_w: Vec<f32>,
+    inter_b: Vec<f32>,
+    down_w: Vec<f32>,
+    down_b: Vec<f32>,
+    ln2: (Vec<f32>, Vec<f32>),
 }
 
 impl CpuBert {
+    /// Whether [`CpuBert::load`] takes `config`: `hidden_act` `gelu` (the erf form, the only
+    /// activation the kernels implement) and heads that divide the hidden size. A model
+    /// outside this runs on candle-transformers' `BertModel` instead.
+    #[must_use]
+    pub fn supports(config: &Config) -> bool {
+        let heads = config.num_attention_heads;
+        config.hidden_act == HiddenAct::Gelu
+            && heads != 0
+            && config.hidden_size.is_multiple_of(heads)
+    }
+
     /// Loads the weights `BertModel::load` would, from the same `VarBuilder` (tensor names
-    /// at the root, under `bert.`, or under `<model_type>.`).
+    /// at the root, under `bert.`, or under `<model_type>.`), on the widest instruction set
+    /// this CPU has ([`Isa::detect`]).
     ///
     /// # Errors
     ///
-    /// A missing or misshapen tensor; `hidden_act` other than `gelu` (the erf form, the
-    /// only one the kernels implement); heads that do not divide the hidden size.
+    /// A missing or misshapen tensor; a configuration that [`CpuBert::supports`] refuses.
     pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
         if config.hidden_act != HiddenAct::Gelu {
             candle_core::bail!(
@@ -75,8 +103,14 @@ impl CpuBert {
             .chain(config.model_type.iter().map(|t| format!("{t}.")))
             .find(|p| vb.contains_tensor(&format!("{p}embeddings.word_embeddings.weight")))
             .unwrap_or_default();
-        let get = |name: &str, shape: &[usize]| vb.get(shape, &format!("{root}{name}"));
-        let ln = |p: &str| -> Result<(Tensor, Tensor)> {
+        let tensor = |name: &str, shape: &[usize]| vb.get(shape, &format!("{root}{name}"));
+        let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            tensor(name, shape)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()
+        };
+        let ln = |p: &str| -> Result<(Vec<f32>, Vec<f32>)> {
             Ok((
                 get(&format!("{p}.LayerNorm.weight"), &[h])?,
                 get(&format!("{p}.LayerNorm.bias"), &[h])?,
@@ -87,11 +121,14 @@ impl CpuBert {
             .map(|l| {
                 let p = format!("encoder.layer.{l}");
                 let a = format!("{p}.attention.self");
-                let w = |n: &str| get(&format!("{a}.{n}.weight"), &[h, h]);
-                let b = |n: &str| get(&format!("{a}.{n}.bias"), &[h]);
+                let w = |n: &str| tensor(&format!("{a}.{n}.weight"), &[h, h]);
+                let b = |n: &str| tensor(&format!("{a}.{n}.bias"), &[h]);
+                let flat = |t: Tensor| -> Result<Vec<f32>> {
+                    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+                };
                 Ok(Layer {
-                    qkv_w: Tensor::cat(&[w("query")?, w("key")?, w("value")?], 0)?,
-                    qkv_b: Tensor::cat(&[b("query")?, b("key")?, b("value")?], 0)?,
+                    qkv_w: flat(Tensor::cat(&[w("query")?, w("key")?, w("value")?], 0)?)?,
+                    qkv_b: flat(Tensor::cat(&[b("query")?, b("key")?, b("value")?], 0)?)?,
                     out_w: get(&format!("{p}.attention.output.dense.weight"), &[h, h])?,
                     out_b: get(&format!("{p}.attention.output.dense.bias"), &[h])?,
                     ln1: ln(&format!("{p}.attention.output"))?,
@@ -106,6 +143,13 @@ impl CpuBert {
         #[allow(clippy::cast_possible_truncation)]
         let eps = config.layer_norm_eps as f32;
         Ok(CpuBert {
+            isa: Isa::detect(),
+            hidden: h,
+            intermediate: i,
+            heads,
+            vocab: config.vocab_size,
+            types: config.type_vocab_size,
+            positions: config.max_position_embeddings,
             word: get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
             position: get(
                 "embeddings.position_embeddings.weight",
@@ -117,19 +161,18 @@ impl CpuBert {
             )?,
             ln: ln("embeddings")?,
             layers,
-            heads,
             eps,
         })
     }
 
-    /// The last hidden state `[batch, seq, hidden]` for `input_ids` and `token_type_ids`
-    /// (`[batch, seq]`, u32) under `attention_mask` (`[batch, seq]`, 1 = token, 0 = padding,
-    /// any dtype; `None` = all tokens), as `BertModel::forward`.
+    /// The last hidden state `[batch, seq, hidden]` (f32, CPU) for `input_ids` and
+    /// `token_type_ids` (`[batch, seq]`, u32) under `attention_mask` (`[batch, seq]`, 1 =
+    /// token, 0 = padding, any dtype; `None` = all tokens), as `BertModel::forward`.
     ///
     /// # Errors
     ///
     /// Shapes that do not fit, ids out of range, a sequence longer than
-    /// `max_position_embeddings`, tensors off the CPU device.
+    /// `max_position_embeddings`.
     pub fn forward(
         &self,
         input_ids: &Tensor,
@@ -137,32 +180,115 @@ impl CpuBert {
         attention_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
-        let h = self.ln.0.elem_count();
-        let n = b * s;
-        let word = self.word.index_select(&input_ids.flatten_all()?, 0)?;
-        let types = self
-            .token_type
-            .index_select(&token_type_ids.flatten_all()?, 0)?;
-        let pos = self.position.narrow(0, 0, s)?;
-        let sum = (word + types)?.reshape((b, s, h))?.broadcast_add(&pos)?;
-        let mut x = super::layer_norm(&sum.reshape((n, h))?, &self.ln.0, &self.ln.1, self.eps)?;
+        if token_type_ids.dims() != input_ids.dims() {
+            candle_core::bail!(
+                "token_type_ids {:?} do not match input_ids {:?}",
+                token_type_ids.dims(),
+                input_ids.dims()
+            );
+        }
+        if s > self.positions {
+            candle_core::bail!(
+                "sequence of {s} tokens, max_position_embeddings is {}",
+                self.positions
+            );
+        }
+        let (h, n, isa) = (self.hidden, b * s, self.isa);
+        let ids: Vec<u32> = input_ids.flatten_all()?.to_vec1()?;
+        let type_ids: Vec<u32> = token_type_ids.flatten_all()?.to_vec1()?;
         // BERT's extended mask: (1 - mask) × f32::MIN, one row of keys per sequence.
-        let mask = match attention_mask {
+        let mask: Option<Vec<f32>> = match attention_mask {
             Some(m) => {
-                Some(((1.0 - m.to_dtype(DType::F32)?.reshape((b, s))?)? * f64::from(f32::MIN))?)
+                let m = m.to_dtype(DType::F32)?.reshape((b, s))?;
+                Some(
+                    ((1.0 - m)? * f64::from(f32::MIN))?
+                        .flatten_all()?
+                        .to_vec1()?,
+                )
             }
             None => None,
         };
-        for l in &self.layers {
-            let qkv = super::bias_add(&x.matmul(&l.qkv_w.t()?)?, &l.qkv_b)?;
-            let ctx =
-                super::attention_packed(&qkv.reshape((b, s, 3 * h))?, mask.as_ref(), self.heads)?;
-            let attn = ctx.reshape((n, h))?.matmul(&l.out_w.t()?)?;
-            let x1 = super::add_layer_norm(&attn, &x, &l.out_b, &l.ln1.0, &l.ln1.1, self.eps)?;
-            let inter = super::bias_gelu(&x1.matmul(&l.inter_w.t()?)?, &l.inter_b)?;
-            let down = inter.matmul(&l.down_w.t()?)?;
-            x = super::add_layer_norm(&down, &x1, &l.down_b, &l.ln2.0, &l.ln2.1, self.eps)?;
+
+        // Embeddings: word + token type + position, then layer norm into `x`.
+        let mut sum = vec![0.0f32; n * h];
+        for (t, row) in sum.chunks_exact_mut(h).enumerate() {
+            let (id, ty) = (ids[t] as usize, type_ids[t] as usize);
+            if id >= self.vocab || ty >= self.types {
+                candle_core::bail!(
+                    "token id {id} (vocabulary {}) or type id {ty} ({} types) out of range",
+                    self.vocab,
+                    self.types
+                );
+            }
+            let word = &self.word[id * h..][..h];
+            let ty = &self.token_type[ty * h..][..h];
+            let pos = &self.position[(t % s) * h..][..h];
+            for (((o, w), t), p) in row.iter_mut().zip(word).zip(ty).zip(pos) {
+                *o = w + t + p;
+            }
         }
-        x.reshape((b, s, h))
+        let mut x = vec![0.0f32; n * h];
+        super::layer_norm_slice(isa, &sum, &self.ln.0, &self.ln.1, self.eps, &mut x)?;
+
+        // Activations, reused by every layer: `sum` holds each sub-layer's product.
+        let mut x1 = vec![0.0f32; n * h];
+        let mut qkv = vec![0.0f32; n * 3 * h];
+        let mut ctx = vec![0.0f32; n * h];
+        let block = n.min(super::matmul::ROW_BLOCK);
+        let mut inter = vec![0.0f32; block * self.intermediate];
+        let shape = AttentionShape {
+            batch: b,
+            heads: self.heads,
+            q_len: s,
+            kv_len: s,
+            head_dim: h / self.heads,
+        };
+        for l in &self.layers {
+            fill_rows(&mut qkv, &l.qkv_b);
+            super::matmul_transposed_slice(&x, &l.qkv_w, &mut qkv, (n, h, 3 * h), true)?;
+            super::attention_packed_slice(isa, shape, &qkv, mask.as_deref(), &mut ctx)?;
+            super::matmul_transposed_slice(&ctx, &l.out_w, &mut sum, (n, h, h), false)?;
+            super::add_layer_norm_slice(
+                isa, &sum, &x, &l.out_b, &l.ln1.0, &l.ln1.1, self.eps, &mut x1,
+            )?;
+            // The feed-forward block by blocks of rows, so its widest activation (4 × hidden
+            // per row) stays one block's worth.
+            for ((x1, sum), x) in x1
+                .chunks(block * h)
+                .zip(sum.chunks_mut(block * h))
+                .zip(x.chunks_mut(block * h))
+            {
+                let rows = x1.len() / h;
+                let inter = &mut inter[..rows * self.intermediate];
+                fill_rows(inter, &l.inter_b);
+                super::matmul_transposed_slice(
+                    x1,
+                    &l.inter_w,
+                    inter,
+                    (rows, h, self.intermediate),
+                    true,
+                )?;
+                super::gelu_in_place_slice(isa, inter)?;
+                super::matmul_transposed_slice(
+                    inter,
+                    &l.down_w,
+                    sum,
+                    (rows, self.intermediate, h),
+                    false,
+                )?;
+                super::add_layer_norm_slice(
+                    isa, sum, x1, &l.down_b, &l.ln2.0, &l.ln2.1, self.eps, x,
+                )?;
+            }
+        }
+        Tensor::from_vec(x, (b, s, h), &candle_core::Device::Cpu)
+    }
+}
+
+/// Copies `row` into every `row.len()` elements of `dst` (a bias, for a product to
+/// accumulate onto).
+fn fill_rows(dst: &mut [f32], row: &[f32]) {
+    for d in dst.chunks_exact_mut(row.len()) {
+        d.copy_from_slice(row);
     }
 }

@@ -42,6 +42,19 @@ pub fn gelu(isa: Isa, x: &[f32], out: &mut [f32]) -> Result<(), CpuKernelError> 
     Ok(())
 }
 
+/// GELU of every element of `x`, in place: [`gelu`] without a second buffer, for an
+/// activation that nothing else reads (BERT's intermediate layer, bias already added).
+///
+/// # Errors
+///
+/// [`CpuKernelError::IsaUnavailable`] when this CPU lacks `isa`.
+pub fn gelu_in_place(isa: Isa, x: &mut [f32]) -> Result<(), CpuKernelError> {
+    isa.check()?;
+    x.par_chunks_mut(BLOCK)
+        .for_each(|x| dispatch(isa, GeluInPlace { x }));
+    Ok(())
+}
+
 /// `out[r, j] = gelu(x[r, j] + bias[j])` for `x` of `rows × bias.len()`, in one pass (the
 /// bias-add of a linear layer fused with its activation).
 ///
@@ -151,6 +164,31 @@ impl WithSimd for GeluBlock<'_> {
                     );
                 }
             }
+        }
+    }
+}
+
+struct GeluInPlace<'a> {
+    x: &'a mut [f32],
+}
+
+impl WithSimd for GeluInPlace<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let l = S::LANES;
+        let n = self.x.len();
+        let full = n - n % l;
+        let mut i = 0;
+        while i < full {
+            let v = simd::gelu(s, s.load(&self.x[i..]));
+            s.store(&mut self.x[i..], v);
+            i += l;
+        }
+        if i < n {
+            let v = simd::gelu(s, s.load_tail(&self.x[i..], 0.0));
+            s.store_tail(&mut self.x[i..], v);
         }
     }
 }

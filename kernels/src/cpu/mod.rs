@@ -8,10 +8,12 @@
 //!
 //! Two levels:
 //!
-//! - slice functions ([`gelu_slice`], [`bias_gelu_slice`], [`bias_add_slice`],
-//!   [`softmax_last_dim_slice`], [`layer_norm_slice`], [`add_layer_norm_slice`],
-//!   [`attention_slice`], [`attention_packed_slice`]) take an [`Isa`], so tests and
-//!   benchmarks can force each path on a CPU that has several;
+//! - slice functions ([`gelu_slice`], [`gelu_in_place_slice`], [`bias_gelu_slice`],
+//!   [`bias_add_slice`], [`softmax_last_dim_slice`], [`layer_norm_slice`],
+//!   [`add_layer_norm_slice`], [`attention_slice`], [`attention_packed_slice`]) take an
+//!   [`Isa`], so tests and benchmarks can force each path on a CPU that has several;
+//!   [`matmul_transposed_slice`] (a linear layer's product, on `gemm`) writes into a
+//!   caller's buffer;
 //! - tensor functions ([`gelu`], [`bias_gelu`], [`bias_add`], [`softmax_last_dim`],
 //!   [`layer_norm`], [`add_layer_norm`], [`attention`], [`attention_packed`]) take and return
 //!   `candle_core::Tensor`s on the CPU device, f32, and use
@@ -20,8 +22,8 @@
 //!   `candle_core::Error`, so they drop into candle model code with `?`.
 //!
 //! [`CpuBert`] is a BERT encoder built from these (and candle's matrix products), loading
-//! the same weights as candle-transformers' `BertModel`, for the text-embedding model on
-//! the CPU device.
+//! the same weights as candle-transformers' `BertModel`: the text-embedding model's encoder
+//! on the CPU device unless its `cpu_kernels` setting is off.
 //!
 //! Accuracy: GELU within about 1e-6 relative of the f64 erf form; softmax, layer norm and
 //! attention within a few f32 ulps of f64 references (`kernels/tests/cpu_kernels.rs`).
@@ -32,6 +34,7 @@ mod attention;
 mod bert;
 mod elementwise;
 mod layer_norm;
+mod matmul;
 mod simd;
 mod softmax;
 
@@ -43,8 +46,10 @@ pub use attention::{
 pub use bert::CpuBert;
 pub use elementwise::{
     bias_add as bias_add_slice, bias_gelu as bias_gelu_slice, gelu as gelu_slice,
+    gelu_in_place as gelu_in_place_slice,
 };
 pub use layer_norm::{add_layer_norm as add_layer_norm_slice, layer_norm as layer_norm_slice};
+pub use matmul::{ROW_BLOCK as MATMUL_ROW_BLOCK, matmul_transposed as matmul_transposed_slice};
 pub use softmax::softmax_last_dim as softmax_last_dim_slice;
 
 /// An instruction set a kernel can run on.
@@ -485,15 +490,4 @@ pub fn attention_packed(
         }),
     })?;
     fresh(&candle_core::Shape::from((batch, seq, hidden)), out)
-}
-
-/// The environment variable that opts the text-embedding model into [`CpuBert`] on the CPU
-/// device: `1` turns it on; unset or anything else keeps candle-transformers' `BertModel`.
-/// Read once, when a model loads.
-pub const CPU_KERNELS_ENV: &str = "QUIVER_CPU_KERNELS";
-
-/// Whether [`CPU_KERNELS_ENV`] is `1`.
-#[must_use]
-pub fn opted_in() -> bool {
-    std::env::var_os(CPU_KERNELS_ENV).is_some_and(|v| v == "1")
 }
