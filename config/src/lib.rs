@@ -259,9 +259,10 @@ pub struct Model {
     /// `embedding` only: on the `cpu` device, run the BERT encoder on
     /// Quiver's own vectorised, multi-threaded CPU kernels (GELU, softmax,
     /// layer norm, attention) instead of candle-transformers' stock BERT;
-    /// same weights, results within the reference bounds, several times the
-    /// throughput. `false` keeps stock candle (for comparison, or a CPU
-    /// where the kernels misbehave). No effect on a `cuda` device. TOML
+    /// same weights, results within the reference bounds, 1.4–2.7× the
+    /// throughput on MiniLM at batch 8 and above (`benches/README.md`).
+    /// `false` keeps stock candle (for comparison, or a CPU where the
+    /// kernels misbehave). No effect on a `cuda` device. TOML
     /// `cpu_kernels`; set on another kind it is an error. Default true.
     pub cpu_kernels: bool,
     /// Most requests (rows) in one batch. TOML `max_batch_size`. Default 32,
