@@ -159,4 +159,22 @@ async fn counters_move_with_the_requests_sent() {
         after.contains("quiver_queue_depth{model=\"mlp\"}"),
         "{after}"
     );
+    // The start-up calibration's fit, one gauge per term; a batch costs
+    // something, so the fit's total for one row is positive.
+    let term = |t: &str| {
+        metric(
+            &after,
+            "quiver_latency_model_seconds",
+            &[("model", "mlp"), ("term", t)],
+        )
+    };
+    for t in ["fixed", "per_row", "per_token"] {
+        assert!(
+            after.contains(&format!(
+                "quiver_latency_model_seconds{{model=\"mlp\",term=\"{t}\"}}"
+            )),
+            "{after}"
+        );
+    }
+    assert!(term("fixed") + term("per_row") + term("per_token") > 0.0);
 }

@@ -50,6 +50,13 @@ pub struct RejectionLabels {
     pub reason: &'static str,
 }
 
+/// One term of a model's latency model (`fixed`, `per_row`, `per_token`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TermLabels {
+    pub model: String,
+    pub term: &'static str,
+}
+
 /// A device probe batch's result (`ok` or `failed`), by model.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabels {
@@ -345,6 +352,9 @@ pub struct Metrics {
     pub device_healthy: Family<ModelLabels, Gauge>,
     /// Probe batches of unhealthy devices, by model and result.
     pub device_probes: Family<ProbeLabels, Counter>,
+    /// The latency model's fitted terms at start-up calibration, in
+    /// seconds (per batch, per row, per padded token).
+    pub latency_model: Family<TermLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Requests sent to an upstream, by model and reason.
     pub overflow: Family<OverflowLabels, Counter>,
     /// Requests answered, by model, path and outcome.
@@ -447,6 +457,13 @@ impl Metrics {
             "Probe batches run on an unhealthy device, by result",
             device_probes.clone(),
         );
+        let latency_model =
+            Family::<TermLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "latency_model_seconds",
+            "The scheduler's latency model as fitted by start-up calibration: seconds per batch (fixed), per row and per padded token",
+            latency_model.clone(),
+        );
         let overflow = Family::<OverflowLabels, Counter>::default();
         registry.register(
             "overflow",
@@ -499,6 +516,7 @@ impl Metrics {
             upstream_available.clone(),
         );
         Metrics {
+            latency_model,
             device_healthy,
             device_probes,
             overflow,

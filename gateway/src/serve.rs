@@ -455,6 +455,19 @@ fn load_model(m: &quiver_config::Model, metrics: Arc<Metrics>) -> anyhow::Result
         per_token_us = c.per_token_s * 1e6,
         "latency model calibrated"
     );
+    for (term, seconds) in [
+        ("fixed", c.fixed_s),
+        ("per_row", c.per_row_s),
+        ("per_token", c.per_token_s),
+    ] {
+        metrics
+            .latency_model
+            .get_or_create(&crate::metrics::TermLabels {
+                model: m.name.clone(),
+                term,
+            })
+            .set(seconds);
+    }
     let scheduler = Scheduler::new(scheduler_config, latency);
     let upstream = match (&m.upstream, m.routing) {
         (Some(config), routing) if routing != quiver_config::Routing::LocalOnly => {
