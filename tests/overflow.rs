@@ -14,7 +14,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -118,24 +117,9 @@ impl Worker {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("quiver worker starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = support::wait_ready(&mut child);
         let (mut http, mut grpc, mut metrics) = (None, None, None);
-        let mut lines = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(line) = rx.recv_timeout(left) else {
-                let _ = child.kill();
-                panic!("quiver worker did not become ready: {lines:#?}");
-            };
+        for line in &lines {
             assert!(
                 !line.contains("QUIC native"),
                 "a worker opens no QUIC listener: {line}"
@@ -148,11 +132,6 @@ impl Worker {
                 grpc = rest.trim().parse().ok();
             } else if let Some(rest) = line.strip_prefix("quiver: metrics on http://") {
                 metrics = rest.trim_end_matches("/metrics").parse().ok();
-            }
-            let ready = line == "quiver: ready";
-            lines.push(line);
-            if ready {
-                break;
             }
         }
         Worker {

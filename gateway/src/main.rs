@@ -198,22 +198,19 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn serve_cmd(args: ServeArgs) -> ExitCode {
-    let config = match &args.config {
-        Some(path) => match Config::from_file(path) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("{}: invalid configuration\n{e}", path.display());
-                return ExitCode::from(2);
-            }
-        },
-        None if !args.models.is_empty() => match config_for_dirs(&args.models) {
+    let config = if args.config.is_none() && !args.models.is_empty() {
+        match config_for_dirs(&args.models) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("--model: {e}");
                 return ExitCode::from(2);
             }
-        },
-        None => Config::embedded_default(),
+        }
+    } else {
+        match config_or_default(args.config.as_deref()) {
+            Ok(c) => c,
+            Err(code) => return code,
+        }
     };
     let http_listen = match listen_flag("--http-listen", args.http_listen.as_deref()) {
         Ok(a) => a,
@@ -242,29 +239,40 @@ fn serve_cmd(args: ServeArgs) -> ExitCode {
         cert_out: args.cert_out,
         worker: false,
     };
+    run_until_signal(config, overrides, "quiver")
+}
+
+/// Serves `config` until SIGINT or SIGTERM; `label` prefixes a fatal error.
+fn run_until_signal(config: Config, overrides: Overrides, label: &str) -> ExitCode {
     let result = runtime()
         .map_err(anyhow::Error::from)
         .and_then(|rt| rt.block_on(serve::run(config, overrides)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("quiver: {e:#}");
+            eprintln!("{label}: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
+/// The configuration file at `path`, or the embedded default; an invalid
+/// file is reported with every error and exit code 2.
+fn config_or_default(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    match path {
+        Some(path) => Config::from_file(path).map_err(|e| {
+            eprintln!("{}: invalid configuration\n{e}", path.display());
+            ExitCode::from(2)
+        }),
+        None => Ok(Config::embedded_default()),
+    }
+}
+
 fn worker_cmd(args: WorkerArgs) -> ExitCode {
     use std::net::{IpAddr, Ipv4Addr};
-    let config = match &args.config {
-        Some(path) => match Config::from_file(path) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("{}: invalid configuration\n{e}", path.display());
-                return ExitCode::from(2);
-            }
-        },
-        None => Config::embedded_default(),
+    let config = match config_or_default(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
     let host = |a: Option<SocketAddr>| a.map_or(any, |a| a.ip());
@@ -279,16 +287,7 @@ fn worker_cmd(args: WorkerArgs) -> ExitCode {
         cert_out: None,
         worker: true,
     };
-    let result = runtime()
-        .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(serve::run(config, overrides)));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("quiver worker: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run_until_signal(config, overrides, "quiver worker")
 }
 
 /// The embedded default's server settings serving the `--model` directories.

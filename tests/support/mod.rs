@@ -65,28 +65,10 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("the quiver binary starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut lines = Vec::new();
+        let lines = wait_ready(&mut child);
         let (mut quic, mut metrics, mut fingerprint) = (None, None, None);
         let (mut http, mut grpc) = (None, None);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match rx.recv_timeout(left) {
-                Ok(l) => l,
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("quiver did not become ready; it printed: {lines:#?}");
-                }
-            };
+        for line in &lines {
             if let Some(rest) =
                 line.strip_prefix("quiver: QUIC native (quiver/1) listening on udp ")
             {
@@ -101,11 +83,6 @@ impl Server {
                 metrics = Some(rest.trim_end_matches("/metrics").parse().unwrap());
             } else if let Some(i) = line.find("sha256 fingerprint ") {
                 fingerprint = Some(line[i + "sha256 fingerprint ".len()..].trim().to_string());
-            }
-            let ready = line == "quiver: ready";
-            lines.push(line);
-            if ready {
-                break;
             }
         }
         Server {
@@ -181,6 +158,38 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Reads a started `quiver` child's stdout until its `quiver: ready` line
+/// (bounded: 120 s, then the child is killed and the test fails with what
+/// it printed); returns the lines. Later lines keep being drained, so the
+/// child never blocks on a full pipe.
+pub fn wait_ready(child: &mut Child) -> Vec<String> {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut lines = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            let _ = child.kill();
+            panic!("quiver did not become ready; it printed: {lines:#?}");
+        };
+        let ready = line == "quiver: ready";
+        lines.push(line);
+        if ready {
+            // Keep draining in the background.
+            std::thread::spawn(move || while rx.recv().is_ok() {});
+            return lines;
+        }
     }
 }
 
