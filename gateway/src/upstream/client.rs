@@ -198,11 +198,10 @@ impl EndpointClient {
                 }
                 Wire::Rest { client, base } => {
                     let ok = |url: String| async move {
-                        let mut get = client.get(url);
-                        if let Some(a) = auth {
-                            get = get.header(reqwest::header::AUTHORIZATION, a);
-                        }
-                        get.send().await.is_ok_and(|r| r.status().is_success())
+                        with_bearer(client.get(url), auth)
+                            .send()
+                            .await
+                            .is_ok_and(|r| r.status().is_success())
                     };
                     ok(format!("{base}/v2/health/ready")).await
                         && ok(format!("{base}/v2/models/{model}/ready")).await
@@ -264,6 +263,17 @@ fn schedule_parameters(priority: u32, timeout: Duration) -> HashMap<String, Infe
     parameters
 }
 
+/// A REST request carrying the `Authorization` header when there is a token.
+fn with_bearer(
+    req: reqwest::RequestBuilder,
+    authorization: Option<&str>,
+) -> reqwest::RequestBuilder {
+    match authorization {
+        Some(a) => req.header(reqwest::header::AUTHORIZATION, a),
+        None => req,
+    }
+}
+
 /// A gRPC request carrying `authorization` metadata when there is a token.
 fn with_auth<T>(message: T, authorization: Option<&str>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -309,10 +319,13 @@ fn classify_grpc(status: &tonic::Status) -> TryError {
     if let Some(source) = status.source() {
         let chain = error_chain(source);
         // tonic's own enforcement of the request's grpc-timeout.
-        if chain.contains("Timeout expired") {
+        if in_chain::<tonic::TimeoutExpired>(source) {
             return TryError::TimedOut(Duration::ZERO);
         }
-        return if refused(source) || chain.contains("REFUSED_STREAM") {
+        return if in_chain::<tonic::ConnectError>(source)
+            || refused(source)
+            || chain.contains("REFUSED_STREAM")
+        {
             TryError::NotStarted(chain)
         } else {
             TryError::Failed(chain)
@@ -325,6 +338,18 @@ fn classify_grpc(status: &tonic::Status) -> TryError {
         Code::Unavailable | Code::ResourceExhausted => TryError::Busy(format!("{code}: {message}")),
         code => TryError::Status { code, message },
     }
+}
+
+/// Whether any error in the chain is a `T`.
+fn in_chain<T: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if e.is::<T>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Whether any error in the chain is a refused TCP connection.
@@ -390,14 +415,15 @@ async fn rest_infer(
     for raw in &raws {
         body.extend_from_slice(raw);
     }
-    let mut post = client
+    let post = client
         .post(format!("{base}/v2/models/{model}/infer"))
         .header(crate::frontend::http::HEADER_CONTENT_LENGTH, header.len())
         .header(reqwest::header::CONTENT_TYPE, "application/octet-stream");
-    if let Some(a) = authorization {
-        post = post.header(reqwest::header::AUTHORIZATION, a);
-    }
-    let resp = post.body(body).send().await.map_err(classify_reqwest)?;
+    let resp = with_bearer(post, authorization)
+        .body(body)
+        .send()
+        .await
+        .map_err(classify_reqwest)?;
     let status = resp.status();
     let json_len = resp
         .headers()
@@ -542,6 +568,22 @@ mod tests {
         body.extend_from_slice(&[0; 8]);
         assert!(decode_rest_response(&Bytes::from(body), Some(header.len())).is_err());
         assert!(decode_rest_response(&Bytes::from_static(b"{}"), Some(99)).is_err());
+    }
+
+    #[test]
+    fn tonic_timeouts_are_timeouts_and_server_statuses_keep_their_kind() {
+        let timeout = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert!(matches!(classify_grpc(&timeout), TryError::TimedOut(_)));
+        let busy = tonic::Status::unavailable("deadline cannot be met");
+        assert!(matches!(classify_grpc(&busy), TryError::Busy(_)));
+        let bad = tonic::Status::invalid_argument("bad shape");
+        assert!(matches!(
+            classify_grpc(&bad),
+            TryError::Status {
+                code: Code::InvalidArgument,
+                ..
+            }
+        ));
     }
 
     #[tokio::test]
