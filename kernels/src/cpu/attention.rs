@@ -6,9 +6,9 @@
 //! copies), runs two batched matrix products of tiny matrices (11 × 32 × 11 for a short
 //! sentence), five element-wise softmax ops and a transpose back. Here one task per
 //! (sequence, block of queries) does all heads in cache: it packs each head's `Kᵀ` once
-//! (`d × seq`, zero-padded to the vector width), computes eight query rows of scores at a
-//! time (eight independent FMA chains sharing each `Kᵀ` load), applies the softmax in place,
-//! and accumulates `P V` the same way.
+//! (`d × seq`, zero-padded to two vector widths), computes six query rows of scores against
+//! two vectors of keys at a time (twelve independent FMA chains sharing each pair of `Kᵀ`
+//! loads), applies the softmax in place, and accumulates `P V` the same way.
 
 use rayon::prelude::*;
 
@@ -39,12 +39,13 @@ impl AttentionShape {
     }
 }
 
-/// Query rows computed together: independent FMA chains per loaded vector. Eight chains
-/// cover the FMA latency of two pipes (4 cycles × 2) and, with the loaded vector and its
-/// broadcasts, fit AVX2's 16 registers.
-const ROWS: usize = 8;
+/// Query rows computed together. Each step loads two vectors (of keys, or of a value row)
+/// and broadcasts one element per row: 6 rows × 2 vectors = 12 independent FMA chains,
+/// more than the FMA latency of two pipes needs (4 cycles × 2), 8 loads per 12 FMAs, and
+/// with the two vectors and the broadcast 15 of AVX2's 16 registers.
+const ROWS: usize = 6;
 /// Rows of a group after the last full group of [`ROWS`] (then one at a time).
-const TAIL_ROWS: usize = 4;
+const TAIL_ROWS: usize = 3;
 
 /// Multi-head attention, `out = softmax(q kᵀ / √head_dim + mask) v` per sequence and head.
 ///
@@ -235,7 +236,7 @@ impl WithSimd for AttentionBlock<'_> {
         } = self.shape;
         let hidden = self.shape.hidden();
         let rows = self.out.len() / hidden;
-        let kv_pad = kv_len.next_multiple_of(S::LANES);
+        let kv_pad = kv_len.next_multiple_of(2 * S::LANES);
         // Scores bias per key: the mask, and -inf on the padding so it gets probability 0.
         let mut bias = vec![f32::NEG_INFINITY; kv_pad];
         match self.mask {
@@ -317,52 +318,82 @@ impl<S: Simd> Head<S> {
         } = *self;
         let l = S::LANES;
         let qrows: [&[f32]; R] = std::array::from_fn(|r| &q[(r0 + r) * ld + col..][..d]);
-        // Scores, one vector of keys at a time for all R rows.
+        // Scores, two vectors of keys at a time for all R rows.
         let vscale = s.splat(scale);
         let mut j = 0;
         while j < kv_pad {
-            let mut acc = [s.splat(0.0); R];
+            let mut acc = [[s.splat(0.0); 2]; R];
             for c in 0..d {
-                let kv = s.load(&kt[c * kv_pad + j..]);
+                let kv = &kt[c * kv_pad + j..][..2 * l];
+                let (k0, k1) = (s.load(kv), s.load(&kv[l..]));
                 for (r, a) in acc.iter_mut().enumerate() {
-                    *a = s.mul_add(s.splat(qrows[r][c]), kv, *a);
+                    let x = s.splat(qrows[r][c]);
+                    a[0] = s.mul_add(x, k0, a[0]);
+                    a[1] = s.mul_add(x, k1, a[1]);
                 }
             }
-            let b = s.load(&bias[j..]);
+            let (b0, b1) = (s.load(&bias[j..]), s.load(&bias[j + l..]));
             for (r, a) in acc.iter().enumerate() {
-                s.store(&mut scores[r * kv_pad + j..], s.mul_add(*a, vscale, b));
+                let row = &mut scores[r * kv_pad + j..][..2 * l];
+                s.store(row, s.mul_add(a[0], vscale, b0));
+                s.store(&mut row[l..], s.mul_add(a[1], vscale, b1));
             }
-            j += l;
+            j += 2 * l;
         }
         for r in 0..R {
             softmax_row(s, &mut scores[r * kv_pad..(r + 1) * kv_pad]);
         }
-        // Output: one vector of the head's columns at a time for all R rows.
-        let full = d - d % l;
+        // Output: two vectors of the head's columns at a time for all R rows (the second,
+        // or both, partial or empty past the head's last column).
         let mut c0 = 0;
         while c0 < d {
-            let tail = c0 >= full;
-            let mut acc = [s.splat(0.0); R];
+            let width = (d - c0).min(2 * l);
+            let w0 = width.min(l);
+            let mut acc = [[s.splat(0.0); 2]; R];
             for jj in 0..kv_len {
-                let vrow = &v[jj * ld + col + c0..][..(d - c0).min(l)];
-                let vv = if tail {
-                    s.load_tail(vrow, 0.0)
+                let vrow = &v[jj * ld + col + c0..][..width];
+                let (v0, v1) = if width == 2 * l {
+                    (s.load(vrow), s.load(&vrow[l..]))
                 } else {
-                    s.load(vrow)
+                    (load_part(s, &vrow[..w0]), load_part(s, &vrow[w0..]))
                 };
                 for (r, a) in acc.iter_mut().enumerate() {
-                    *a = s.mul_add(s.splat(scores[r * kv_pad + jj]), vv, *a);
+                    let p = s.splat(scores[r * kv_pad + jj]);
+                    a[0] = s.mul_add(p, v0, a[0]);
+                    a[1] = s.mul_add(p, v1, a[1]);
                 }
             }
             for (r, a) in acc.iter().enumerate() {
-                let o = &mut out[(r0 + r) * hidden + col + c0..][..(d - c0).min(l)];
-                if tail {
-                    s.store_tail(o, *a)
+                let o = &mut out[(r0 + r) * hidden + col + c0..][..width];
+                if width == 2 * l {
+                    s.store(o, a[0]);
+                    s.store(&mut o[l..], a[1]);
                 } else {
-                    s.store(o, *a)
+                    store_part(s, &mut o[..w0], a[0]);
+                    store_part(s, &mut o[w0..], a[1]);
                 }
             }
-            c0 += l;
+            c0 += width;
         }
+    }
+}
+
+/// Up to `LANES` floats (the rest of the vector zero).
+#[inline(always)]
+fn load_part<S: Simd>(s: S, x: &[f32]) -> S::V {
+    match x.len() {
+        0 => s.splat(0.0),
+        n if n == S::LANES => s.load(x),
+        _ => s.load_tail(x, 0.0),
+    }
+}
+
+/// The first `o.len() <= LANES` lanes of `v` into `o`.
+#[inline(always)]
+fn store_part<S: Simd>(s: S, o: &mut [f32], v: S::V) {
+    match o.len() {
+        0 => {}
+        n if n == S::LANES => s.store(o, v),
+        _ => s.store_tail(o, v),
     }
 }
