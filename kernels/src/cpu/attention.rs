@@ -5,8 +5,8 @@
 //! Stock candle-transformers BERT transposes Q, K and V to `[batch, heads, seq, d]` (three
 //! copies), runs two batched matrix products of tiny matrices (11 × 32 × 11 for a short
 //! sentence), five element-wise softmax ops and a transpose back. Here one task per
-//! (sequence, block of queries) does all heads in cache: it packs each head's `Kᵀ` once
-//! (`d × seq`, zero-padded to two vector widths), computes six query rows of scores against
+//! (sequence, block of queries) does all heads in cache: it packs `Kᵀ` of all heads once
+//! (`hidden × seq`, zero-padded to two vector widths), computes six query rows of scores against
 //! two vectors of keys at a time (twelve independent FMA chains sharing each pair of `Kᵀ`
 //! loads), applies the softmax in place, and accumulates `P V` the same way.
 
@@ -243,15 +243,34 @@ impl WithSimd for AttentionBlock<'_> {
             Some(m) => bias[..kv_len].copy_from_slice(m),
             None => bias[..kv_len].fill(0.0),
         }
-        let mut kt = vec![0.0f32; d * kv_pad];
+        // Kᵀ of every head, `[hidden, kv_pad]` (head h is rows h × d ..), in one pass that
+        // reads each key row front to back: per head, the reads would jump a whole row of
+        // `qkv` for every 32 floats.
+        // Eight keys at a time, so each row of Kᵀ gets eight consecutive floats per visit.
+        let mut kt_all = vec![0.0f32; hidden * kv_pad];
+        for j0 in (0..kv_len).step_by(8) {
+            let keys = (kv_len - j0).min(8);
+            let rows = &self.k[j0 * self.ld..];
+            for (hc, kt) in kt_all.chunks_exact_mut(kv_pad).enumerate() {
+                for (jj, t) in kt[j0..j0 + keys].iter_mut().enumerate() {
+                    *t = rows[jj * self.ld + hc];
+                }
+            }
+        }
+        // V of every head, `[heads, kv_len, d]`: each head's values contiguous, not a row of
+        // `qkv` (one page) apart.
+        let mut v_all = vec![0.0f32; heads * kv_len * d];
+        for j in 0..kv_len {
+            let row = &self.v[j * self.ld..][..hidden];
+            for (h, src) in row.chunks_exact(d).enumerate() {
+                v_all[(h * kv_len + j) * d..][..d].copy_from_slice(src);
+            }
+        }
         let mut scores = vec![0.0f32; ROWS * kv_pad];
         for h in 0..heads {
             let col = h * d;
-            for j in 0..kv_len {
-                for (c, &kv) in self.k[j * self.ld + col..][..d].iter().enumerate() {
-                    kt[c * kv_pad + j] = kv;
-                }
-            }
+            let kt = &kt_all[col * kv_pad..][..d * kv_pad];
+            let v = &v_all[h * kv_len * d..][..kv_len * d];
             let head = Head {
                 s,
                 d,
@@ -264,15 +283,15 @@ impl WithSimd for AttentionBlock<'_> {
             };
             let mut r = 0;
             while r + ROWS <= rows {
-                head.rows::<ROWS>(r, self.q, &kt, &bias, self.v, &mut scores, self.out);
+                head.rows::<ROWS>(r, self.q, kt, &bias, v, &mut scores, self.out);
                 r += ROWS;
             }
             if r + TAIL_ROWS <= rows {
-                head.rows::<TAIL_ROWS>(r, self.q, &kt, &bias, self.v, &mut scores, self.out);
+                head.rows::<TAIL_ROWS>(r, self.q, kt, &bias, v, &mut scores, self.out);
                 r += TAIL_ROWS;
             }
             while r < rows {
-                head.rows::<1>(r, self.q, &kt, &bias, self.v, &mut scores, self.out);
+                head.rows::<1>(r, self.q, kt, &bias, v, &mut scores, self.out);
                 r += 1;
             }
         }
@@ -351,7 +370,7 @@ impl<S: Simd> Head<S> {
             let w0 = width.min(l);
             let mut acc = [[s.splat(0.0); 2]; R];
             for jj in 0..kv_len {
-                let vrow = &v[jj * ld + col + c0..][..width];
+                let vrow = &v[jj * d + c0..][..width];
                 let (v0, v1) = if width == 2 * l {
                     (s.load(vrow), s.load(&vrow[l..]))
                 } else {
