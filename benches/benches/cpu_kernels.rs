@@ -138,9 +138,9 @@ fn attention(c: &mut Criterion) {
     }
 }
 
-/// A linear layer with its bias, as `CpuBert` runs it (`matmul_transposed` onto the bias,
-/// into a reused buffer; then GELU in place for the intermediate layer) against candle's
-/// `x.matmul(&w.t()) + b` (a fresh output per op).
+/// A linear layer with its bias: as `CpuBert` runs it (`PackedLinear`, the weight packed once,
+/// bias and GELU fused), on `gemm` (`matmul_transposed` onto the bias, then GELU in place),
+/// and candle's `x.matmul(&w.t()) + b` (a fresh output per op).
 fn linear(c: &mut Criterion) {
     for (rows, k, n) in [
         (1024usize, 384usize, 1536usize),
@@ -164,6 +164,14 @@ fn linear(c: &mut Criterion) {
         let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let bs = bias.to_vec1::<f32>().unwrap();
         let mut dst = vec![0.0; rows * n];
+        let packed = cpu::PackedLinear::new(Isa::detect(), &ws, Some(&bs), n, k).unwrap();
+        g.bench_function("quiver_packed_linear", |b| {
+            b.iter(|| {
+                packed
+                    .forward(&xs, &mut dst, rows, cpu::Activation::Identity)
+                    .unwrap();
+            });
+        });
         g.bench_function("quiver_matmul_transposed_onto_bias", |b| {
             b.iter(|| {
                 for row in dst.chunks_exact_mut(n) {
@@ -181,6 +189,13 @@ fn linear(c: &mut Criterion) {
                         .unwrap()
                         .gelu_erf()
                         .unwrap()
+                });
+            });
+            g.bench_function("quiver_packed_linear_gelu", |b| {
+                b.iter(|| {
+                    packed
+                        .forward(&xs, &mut dst, rows, cpu::Activation::Gelu)
+                        .unwrap();
                 });
             });
             g.bench_function("quiver_matmul_transposed_onto_bias_gelu_in_place", |b| {

@@ -174,6 +174,109 @@ fn matmul_transposed_matches_reference_across_row_blocks() {
     }
 }
 
+/// `PackedLinear::forward` against f64 on every ISA, in pools of 1 and 3 threads (so both
+/// the row split and the column split of its tasks run): rows that are not a multiple of the
+/// register tile or of a task, outputs that are not a multiple of a panel (1, 5, 33),
+/// depths of one step, of one block and across blocks of unequal split (385, 1536), with and
+/// without bias, with and without GELU. The error allowed grows with the depth: f32
+/// accumulation of `k` products.
+#[test]
+fn packed_linear_matches_reference_on_every_isa() {
+    let mut r = rng(46);
+    let shapes = [
+        (1, 1, 1),
+        (5, 7, 5),
+        (7, 385, 33),
+        (49, 64, 40),
+        (97, 384, 48),
+        (13, 1536, 20),
+    ];
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        for isa in Isa::available() {
+            for (m, k, n) in shapes {
+                let a = uniform(&mut r, m * k, 1.0);
+                let w = uniform(&mut r, n * k, 1.0);
+                let bias = uniform(&mut r, n, 1.0);
+                let tol = 2e-7 * (k as f64).sqrt() * 4.0;
+                for with_bias in [false, true] {
+                    let b = with_bias.then_some(bias.as_slice());
+                    let linear = cpu::PackedLinear::new(isa, &w, b, n, k).unwrap();
+                    assert_eq!((linear.out_features(), linear.in_features()), (n, k));
+                    let init: Vec<f32> = (0..m * n)
+                        .map(|e| if with_bias { bias[e % n] } else { 0.0 })
+                        .collect();
+                    let want = matmul_transposed_ref(&a, &w, &init, m, k);
+                    for act in [cpu::Activation::Identity, cpu::Activation::Gelu] {
+                        let mut dst = vec![f32::NAN; m * n];
+                        pool.install(|| linear.forward(&a, &mut dst, m, act))
+                            .unwrap();
+                        let want: Vec<f64> = match act {
+                            cpu::Activation::Gelu => {
+                                want.iter().map(|&x| gelu_ref(x as f32)).collect()
+                            }
+                            _ => want.clone(),
+                        };
+                        let what = format!(
+                            "{isa:?} {threads} threads {m}x{k}x{n} bias {with_bias} {act:?}"
+                        );
+                        assert_close(&what, &dst, &want, tol, tol * (k as f64).sqrt());
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_linear_rejects_shapes_that_do_not_fit() {
+    let isa = Isa::detect();
+    for (w, b, n, k) in [
+        (&[1.0f32; 6][..], None, 2, 2),
+        (&[1.0; 6], Some(&[0.0; 2][..]), 3, 2),
+        (&[], None, 0, 3),
+        (&[], None, 3, 0),
+    ] {
+        assert!(
+            matches!(
+                cpu::PackedLinear::new(isa, w, b, n, k),
+                Err(CpuKernelError::Shape { .. })
+            ),
+            "{n}x{k}"
+        );
+    }
+    // 3 outputs of 2 inputs: a = [rows, 2], dst = [rows, 3].
+    let linear = cpu::PackedLinear::new(isa, &[1.0; 6], None, 3, 2).unwrap();
+    let mut dst = vec![0.0; 6];
+    linear
+        .forward(&[1.0; 4], &mut dst, 2, cpu::Activation::Identity)
+        .unwrap();
+    assert_eq!(dst, [2.0; 6]);
+    for (a, dst_len, rows) in [(3, 3, 1), (4, 5, 2), (0, 0, 0)] {
+        assert!(
+            matches!(
+                linear.forward(
+                    &vec![1.0; a],
+                    &mut dst[..dst_len],
+                    rows,
+                    cpu::Activation::Identity
+                ),
+                Err(CpuKernelError::Shape { .. })
+            ),
+            "a {a}, dst {dst_len}, {rows} rows"
+        );
+    }
+    for isa in Isa::ALL.into_iter().filter(|i| !i.is_available()) {
+        assert!(matches!(
+            cpu::PackedLinear::new(isa, &[1.0; 6], None, 3, 2),
+            Err(CpuKernelError::IsaUnavailable(i)) if i == isa
+        ));
+    }
+}
+
 #[test]
 fn bias_gelu_matches_reference_on_every_isa() {
     for isa in Isa::available() {

@@ -5,20 +5,21 @@
 //!
 //! | candle-transformers `BertModel` | here |
 //! | --- | --- |
-//! | query, key, value: three `Linear`s (matmul + single-threaded bias-add each) | one product on the stacked weights, accumulated onto the bias ([`super::matmul_transposed_slice`]) |
+//! | query, key, value: three `Linear`s (matmul + single-threaded bias-add each) | one [`PackedLinear`] on the stacked weights, the bias as the accumulators' start |
 //! | `transpose_for_scores` ×3, `matmul`, `/ √d`, `broadcast_add(mask)`, `softmax`, `matmul`, transpose back | [`super::attention_packed_slice`] |
-//! | output dense bias-add + residual add + `LayerNorm` (3 passes) | product + [`super::add_layer_norm_slice`] |
-//! | intermediate bias-add + `gelu_erf` | product onto the bias + [`super::gelu_in_place_slice`] |
+//! | output dense bias-add + residual add + `LayerNorm` (3 passes) | [`PackedLinear`] + [`super::add_layer_norm_slice`] |
+//! | intermediate bias-add + `gelu_erf` | [`PackedLinear`] with the bias and GELU applied before the store |
 //!
 //! Each op of `BertModel` allocates its output tensor (about 50 per forward); here one
-//! forward allocates six buffers. The matrix products are gemm's, as in candle, on the same
-//! rayon pool.
+//! forward writes five buffers that the next forward reuses, and returns a sixth. The
+//! weights of the linear layers are packed once at load for Quiver's matrix-product kernel
+//! (see [`PackedLinear`]); every kernel runs on rayon's pool.
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
 
-use super::{AttentionShape, Isa};
+use super::{Activation, AttentionShape, Isa, PackedLinear};
 
 /// A BERT encoder on the CPU kernels; returns the last hidden state, as
 /// `candle_transformers::models::bert::BertModel::forward` does.
@@ -39,6 +40,10 @@ pub struct CpuBert {
     ln: (Vec<f32>, Vec<f32>),
     layers: Vec<Layer>,
     eps: f32,
+    /// Activation buffers reused across forwards: a fresh multi-megabyte buffer per
+    /// forward is paid again in page faults. A forward that finds it taken (two at once)
+    /// allocates its own.
+    scratch: std::sync::Mutex<Scratch>,
 }
 
 impl std::fmt::Debug for CpuBert {
@@ -52,19 +57,53 @@ impl std::fmt::Debug for CpuBert {
     }
 }
 
-/// One encoder layer's weights (`[out, in]` matrices, row-major, as stored).
+/// One encoder layer's weights, the linear layers packed for [`PackedLinear`].
 struct Layer {
-    /// Query, key and value stacked: `[3 × hidden, hidden]`.
-    qkv_w: Vec<f32>,
-    qkv_b: Vec<f32>,
-    out_w: Vec<f32>,
+    /// Query, key and value stacked (`[3 × hidden, hidden]`), with their biases.
+    qkv: PackedLinear,
+    /// The attention output's dense layer, without its bias (added by the layer norm).
+    out: PackedLinear,
     out_b: Vec<f32>,
     ln1: (Vec<f32>, Vec<f32>),
-    inter_w: Vec<f32>,
-    inter_b: Vec<f32>,
-    down_w: Vec<f32>,
+    /// The intermediate layer with its bias; GELU is applied as it is stored.
+    inter: PackedLinear,
+    /// The output dense layer, without its bias (added by the layer norm).
+    down: PackedLinear,
     down_b: Vec<f32>,
     ln2: (Vec<f32>, Vec<f32>),
+}
+
+/// The activation buffers of one forward, kept for the next (see [`CpuBert::forward`]).
+#[derive(Default)]
+struct Scratch {
+    sum: Vec<f32>,
+    x1: Vec<f32>,
+    qkv: Vec<f32>,
+    ctx: Vec<f32>,
+    inter: Vec<f32>,
+}
+
+impl Scratch {
+    fn floats(&self) -> usize {
+        self.sum.len() + self.x1.len() + self.qkv.len() + self.ctx.len() + self.inter.len()
+    }
+}
+
+/// The most activation memory a [`CpuBert`] keeps between forwards (128 MiB of f32: batch
+/// 64 × 128 tokens of MiniLM needs about 80); a larger forward's buffers are freed after it.
+const SCRATCH_KEEP_FLOATS: usize = 32 << 20;
+
+/// Rows per block of the feed-forward sub-layer: its `rows × intermediate` activation is
+/// written by one product and read by the next, so it should stay in the caches.
+const FFN_ROWS: usize = 1024;
+
+/// `buf` grown to at least `len` (new elements zero; old contents are overwritten by the op
+/// that writes it, so they are not cleared), as a slice of exactly `len`.
+fn take(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
 }
 
 impl CpuBert {
@@ -117,6 +156,7 @@ impl CpuBert {
             ))
         };
         let i = config.intermediate_size;
+        let isa = Isa::detect();
         let layers = (0..config.num_hidden_layers)
             .map(|l| {
                 let p = format!("encoder.layer.{l}");
@@ -126,15 +166,19 @@ impl CpuBert {
                 let flat = |t: Tensor| -> Result<Vec<f32>> {
                     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
                 };
+                let qkv_w = flat(Tensor::cat(&[w("query")?, w("key")?, w("value")?], 0)?)?;
+                let qkv_b = flat(Tensor::cat(&[b("query")?, b("key")?, b("value")?], 0)?)?;
+                let out_w = get(&format!("{p}.attention.output.dense.weight"), &[h, h])?;
+                let inter_w = get(&format!("{p}.intermediate.dense.weight"), &[i, h])?;
+                let inter_b = get(&format!("{p}.intermediate.dense.bias"), &[i])?;
+                let down_w = get(&format!("{p}.output.dense.weight"), &[h, i])?;
                 Ok(Layer {
-                    qkv_w: flat(Tensor::cat(&[w("query")?, w("key")?, w("value")?], 0)?)?,
-                    qkv_b: flat(Tensor::cat(&[b("query")?, b("key")?, b("value")?], 0)?)?,
-                    out_w: get(&format!("{p}.attention.output.dense.weight"), &[h, h])?,
+                    qkv: PackedLinear::new(isa, &qkv_w, Some(&qkv_b), 3 * h, h)?,
+                    out: PackedLinear::new(isa, &out_w, None, h, h)?,
                     out_b: get(&format!("{p}.attention.output.dense.bias"), &[h])?,
                     ln1: ln(&format!("{p}.attention.output"))?,
-                    inter_w: get(&format!("{p}.intermediate.dense.weight"), &[i, h])?,
-                    inter_b: get(&format!("{p}.intermediate.dense.bias"), &[i])?,
-                    down_w: get(&format!("{p}.output.dense.weight"), &[h, i])?,
+                    inter: PackedLinear::new(isa, &inter_w, Some(&inter_b), i, h)?,
+                    down: PackedLinear::new(isa, &down_w, None, h, i)?,
                     down_b: get(&format!("{p}.output.dense.bias"), &[h])?,
                     ln2: ln(&format!("{p}.output"))?,
                 })
@@ -143,7 +187,7 @@ impl CpuBert {
         #[allow(clippy::cast_possible_truncation)]
         let eps = config.layer_norm_eps as f32;
         Ok(CpuBert {
-            isa: Isa::detect(),
+            isa,
             hidden: h,
             intermediate: i,
             heads,
@@ -162,6 +206,7 @@ impl CpuBert {
             ln: ln("embeddings")?,
             layers,
             eps,
+            scratch: std::sync::Mutex::default(),
         })
     }
 
@@ -231,11 +276,21 @@ impl CpuBert {
         super::layer_norm_slice(isa, &sum, &self.ln.0, &self.ln.1, self.eps, &mut x)?;
 
         // Activations, reused by every layer: `sum` holds each sub-layer's product.
-        let mut x1 = vec![0.0f32; n * h];
-        let mut qkv = vec![0.0f32; n * 3 * h];
-        let mut ctx = vec![0.0f32; n * h];
-        let block = n.min(super::matmul::ROW_BLOCK);
-        let mut inter = vec![0.0f32; block * self.intermediate];
+        let mut scratch = self
+            .scratch
+            .try_lock()
+            .map(|mut kept| std::mem::take(&mut *kept))
+            .unwrap_or_default();
+        let block = n.min(FFN_ROWS);
+        let Scratch {
+            sum,
+            x1,
+            qkv,
+            ctx,
+            inter,
+        } = &mut scratch;
+        let (x1, qkv, ctx) = (take(x1, n * h), take(qkv, n * 3 * h), take(ctx, n * h));
+        let (sum, inter) = (take(sum, n * h), take(inter, block * self.intermediate));
         let shape = AttentionShape {
             batch: b,
             heads: self.heads,
@@ -244,13 +299,10 @@ impl CpuBert {
             head_dim: h / self.heads,
         };
         for l in &self.layers {
-            fill_rows(&mut qkv, &l.qkv_b);
-            super::matmul_transposed_slice(&x, &l.qkv_w, &mut qkv, (n, h, 3 * h), true)?;
-            super::attention_packed_slice(isa, shape, &qkv, mask.as_deref(), &mut ctx)?;
-            super::matmul_transposed_slice(&ctx, &l.out_w, &mut sum, (n, h, h), false)?;
-            super::add_layer_norm_slice(
-                isa, &sum, &x, &l.out_b, &l.ln1.0, &l.ln1.1, self.eps, &mut x1,
-            )?;
+            l.qkv.forward(&x, qkv, n, Activation::Identity)?;
+            super::attention_packed_slice(isa, shape, qkv, mask.as_deref(), ctx)?;
+            l.out.forward(ctx, sum, n, Activation::Identity)?;
+            super::add_layer_norm_slice(isa, sum, &x, &l.out_b, &l.ln1.0, &l.ln1.1, self.eps, x1)?;
             // The feed-forward block by blocks of rows, so its widest activation (4 × hidden
             // per row) stays one block's worth.
             for ((x1, sum), x) in x1
@@ -260,35 +312,18 @@ impl CpuBert {
             {
                 let rows = x1.len() / h;
                 let inter = &mut inter[..rows * self.intermediate];
-                fill_rows(inter, &l.inter_b);
-                super::matmul_transposed_slice(
-                    x1,
-                    &l.inter_w,
-                    inter,
-                    (rows, h, self.intermediate),
-                    true,
-                )?;
-                super::gelu_in_place_slice(isa, inter)?;
-                super::matmul_transposed_slice(
-                    inter,
-                    &l.down_w,
-                    sum,
-                    (rows, self.intermediate, h),
-                    false,
-                )?;
+                l.inter.forward(x1, inter, rows, Activation::Gelu)?;
+                l.down.forward(inter, sum, rows, Activation::Identity)?;
                 super::add_layer_norm_slice(
                     isa, sum, x1, &l.down_b, &l.ln2.0, &l.ln2.1, self.eps, x,
                 )?;
             }
         }
+        if scratch.floats() <= SCRATCH_KEEP_FLOATS
+            && let Ok(mut kept) = self.scratch.try_lock()
+        {
+            *kept = scratch;
+        }
         Tensor::from_vec(x, (b, s, h), &candle_core::Device::Cpu)
-    }
-}
-
-/// Copies `row` into every `row.len()` elements of `dst` (a bias, for a product to
-/// accumulate onto).
-fn fill_rows(dst: &mut [f32], row: &[f32]) {
-    for d in dst.chunks_exact_mut(row.len()) {
-        d.copy_from_slice(row);
     }
 }

@@ -12,8 +12,10 @@
 //!   [`bias_add_slice`], [`softmax_last_dim_slice`], [`layer_norm_slice`],
 //!   [`add_layer_norm_slice`], [`attention_slice`], [`attention_packed_slice`]) take an
 //!   [`Isa`], so tests and benchmarks can force each path on a CPU that has several;
-//!   [`matmul_transposed_slice`] (a linear layer's product, on `gemm`) writes into a
-//!   caller's buffer;
+//!   [`PackedLinear`] (a linear layer on its weight packed once for Quiver's own
+//!   register-tiled product, with the bias and GELU fused into it) and
+//!   [`matmul_transposed_slice`] (the same product on `gemm`, the weight as stored) write
+//!   into a caller's buffer;
 //! - tensor functions ([`gelu`], [`bias_gelu`], [`bias_add`], [`softmax_last_dim`],
 //!   [`layer_norm`], [`add_layer_norm`], [`attention`], [`attention_packed`]) take and return
 //!   `candle_core::Tensor`s on the CPU device, f32, and use
@@ -21,7 +23,7 @@
 //!   output is always a fresh contiguous tensor. Their error converts into
 //!   `candle_core::Error`, so they drop into candle model code with `?`.
 //!
-//! [`CpuBert`] is a BERT encoder built from these (and candle's matrix products), loading
+//! [`CpuBert`] is a BERT encoder built from these (its linear layers [`PackedLinear`]s), loading
 //! the same weights as candle-transformers' `BertModel`: the text-embedding model's encoder
 //! on the CPU device unless its `cpu_kernels` setting is off.
 //!
@@ -34,6 +36,7 @@ mod attention;
 mod bert;
 mod elementwise;
 mod layer_norm;
+mod linear;
 mod matmul;
 mod simd;
 mod softmax;
@@ -49,6 +52,7 @@ pub use elementwise::{
     gelu_in_place as gelu_in_place_slice,
 };
 pub use layer_norm::{add_layer_norm as add_layer_norm_slice, layer_norm as layer_norm_slice};
+pub use linear::{Activation, PackedLinear};
 pub use matmul::{ROW_BLOCK as MATMUL_ROW_BLOCK, matmul_transposed as matmul_transposed_slice};
 pub use softmax::softmax_last_dim as softmax_last_dim_slice;
 

@@ -1,0 +1,405 @@
+//! A linear layer on a weight packed once, at load, for Quiver's own matrix-product kernel:
+//! `dst = act(a · wᵀ + bias)` with `w` stored as PyTorch stores it (`[out, in]`).
+//!
+//! [`super::matmul_transposed_slice`] hands `gemm` the weight as it is stored, and `gemm`
+//! packs it again on every call; the bias needs a pass of its own before the product and
+//! GELU one after it. Here the weight is rearranged once into column panels of
+//! `NR = 2 × lanes` outputs (for each input position, the panel's `NR` weights side by
+//! side, zero-padded past the last output), so the micro-kernel streams it straight from
+//! memory; the bias is the accumulators' starting value and GELU is applied to the
+//! accumulators before they are stored, so the output is written once.
+//!
+//! The loop nest is the usual one for a register-tiled product (as in BLIS and `gemm`):
+//! - a task owns `MC` rows of `a` (and of `dst`) and a range of column panels; tasks are
+//!   spread over rayon's pool (split by columns too when there are few rows, so a short
+//!   batch still uses every thread);
+//! - the depth goes in blocks of `KC`: the task copies its rows' block of `a` into
+//!   `MR`-row strips (`MC × KC`, kept in L2), then for each column panel (its `KC × NR`
+//!   weights, kept in L1 across the strips) runs the micro-kernel on each strip;
+//! - the micro-kernel holds an `MR × NR` tile of `dst` in registers (6 × 16 on AVX2: 12 of
+//!   the 16 vector registers), two weight vectors and one broadcast of `a` per step, so
+//!   each step is 12 independent FMAs on 8 loads.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::simd::{Simd, WithSimd, dispatch, gelu};
+use super::{CpuKernelError, Isa};
+
+/// Rows of the register tile.
+const MR: usize = 6;
+/// Rows of `a` per task (a multiple of [`MR`]).
+const MC: usize = 48;
+/// Most depth per block: the `KC × NR` weights of one panel stay in L1 (24 KiB on AVX2).
+/// The depth is split into equal blocks of at most this (BERT's 384 is one block, its
+/// 1536 four).
+const KC: usize = 384;
+
+/// What a [`PackedLinear`] applies to `a · wᵀ + bias` before storing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Activation {
+    /// Nothing: the affine map alone.
+    #[default]
+    Identity,
+    /// GELU in its exact erf form, as [`super::gelu_slice`].
+    Gelu,
+}
+
+/// A linear layer's weight (and optional bias), packed for one instruction set's
+/// micro-kernel.
+#[derive(Clone)]
+pub struct PackedLinear {
+    isa: Isa,
+    out_features: usize,
+    in_features: usize,
+    /// Outputs per panel: two vectors of `isa`.
+    nr: usize,
+    /// Panel `j` is `[in_features, nr]`, outputs `j × nr ..`, zero past `out_features`.
+    panels: Vec<f32>,
+    /// `out_features` rounded up to `nr`, zero-padded; `None` for no bias.
+    bias: Option<Vec<f32>>,
+}
+
+impl std::fmt::Debug for PackedLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedLinear")
+            .field("isa", &self.isa)
+            .field("out_features", &self.out_features)
+            .field("in_features", &self.in_features)
+            .field("bias", &self.bias.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// f32 lanes of `isa`'s vectors.
+fn lanes(isa: Isa) -> usize {
+    match isa {
+        Isa::Scalar => 1,
+        Isa::Avx2 => 8,
+        Isa::Avx512 => 16,
+    }
+}
+
+impl PackedLinear {
+    /// Packs `weight` (`[out_features, in_features]`, row-major: PyTorch's `Linear.weight`)
+    /// and `bias` (`[out_features]`) for `isa`.
+    ///
+    /// # Errors
+    ///
+    /// [`CpuKernelError::IsaUnavailable`] when this CPU lacks `isa`;
+    /// [`CpuKernelError::Shape`] when a dimension is 0 or a slice's length does not match.
+    pub fn new(
+        isa: Isa,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Self, CpuKernelError> {
+        isa.check()?;
+        let (n, k) = (out_features, in_features);
+        if n == 0 || k == 0 || weight.len() != n * k || bias.is_some_and(|b| b.len() != n) {
+            return Err(CpuKernelError::shape(
+                "PackedLinear::new",
+                format!(
+                    "weight has {} elements, bias {:?}; [out, in] = [{n}, {k}]",
+                    weight.len(),
+                    bias.map(<[f32]>::len)
+                ),
+            ));
+        }
+        let nr = 2 * lanes(isa);
+        let padded = n.next_multiple_of(nr);
+        let mut panels = vec![0.0f32; padded * k];
+        for (j, panel) in panels.chunks_exact_mut(k * nr).enumerate() {
+            for (c, row) in weight.chunks_exact(k).skip(j * nr).take(nr).enumerate() {
+                for (p, &w) in row.iter().enumerate() {
+                    panel[p * nr + c] = w;
+                }
+            }
+        }
+        let bias = bias.map(|b| {
+            let mut padded = vec![0.0f32; padded];
+            padded[..n].copy_from_slice(b);
+            padded
+        });
+        Ok(PackedLinear {
+            isa,
+            out_features: n,
+            in_features: k,
+            nr,
+            panels,
+            bias,
+        })
+    }
+
+    /// Outputs per row.
+    #[must_use]
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Inputs per row.
+    #[must_use]
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// The instruction set it was packed for (and runs on).
+    #[must_use]
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// `dst = act(a · wᵀ + bias)` for `a` of `[rows, in_features]` and `dst` of
+    /// `[rows, out_features]`, row-major; multi-threaded on rayon's pool.
+    ///
+    /// # Errors
+    ///
+    /// [`CpuKernelError::Shape`] when `rows` is 0 or a slice's length does not match.
+    pub fn forward(
+        &self,
+        a: &[f32],
+        dst: &mut [f32],
+        rows: usize,
+        act: Activation,
+    ) -> Result<(), CpuKernelError> {
+        let (n, k) = (self.out_features, self.in_features);
+        if rows == 0 || a.len() != rows * k || dst.len() != rows * n {
+            return Err(CpuKernelError::shape(
+                "PackedLinear::forward",
+                format!(
+                    "a has {} elements, dst {}; rows {rows}, [out, in] = [{n}, {k}]",
+                    a.len(),
+                    dst.len()
+                ),
+            ));
+        }
+        let panels = n.div_ceil(self.nr);
+        let row_tasks = rows.div_ceil(MC);
+        // A few tasks per thread, so one slow thread does not hold the others up; split
+        // the columns when the rows alone do not make that many.
+        let threads = rayon::current_num_threads().max(1);
+        let want = 4 * threads;
+        let col_tasks = if threads == 1 || row_tasks >= want {
+            1
+        } else {
+            want.div_ceil(row_tasks).min(panels)
+        };
+        let per_task = panels.div_ceil(col_tasks);
+        let col_tasks = panels.div_ceil(per_task);
+        let out = DstPtr(dst.as_mut_ptr());
+        let run = |strips: &mut Vec<f32>, t: usize| {
+            let (rt, ct) = (t / col_tasks, t % col_tasks);
+            let row_range = rt * MC..(rt * MC + MC).min(rows);
+            let panel_range = ct * per_task..(ct * per_task + per_task).min(panels);
+            let cols = panel_range.start * self.nr..(panel_range.end * self.nr).min(n);
+            // SAFETY: tasks cover disjoint (row range × column range) rectangles of `dst`,
+            // which is `rows × n` (checked above), so each row slice made here is in bounds
+            // and no two live slices overlap; `dst`'s borrow outlives the parallel loop.
+            let mut dst_rows: Vec<&mut [f32]> = row_range
+                .clone()
+                .map(|r| unsafe {
+                    std::slice::from_raw_parts_mut(out.at(r * n + cols.start), cols.len())
+                })
+                .collect();
+            dispatch(
+                self.isa,
+                Block {
+                    w: self,
+                    a: &a[row_range.start * k..row_range.end * k],
+                    panels: panel_range,
+                    dst: &mut dst_rows,
+                    strips,
+                    act,
+                },
+            );
+        };
+        let tasks = row_tasks * col_tasks;
+        let strip_len = MC * KC;
+        if tasks == 1 || threads == 1 {
+            let mut strips = vec![0.0; strip_len];
+            (0..tasks).for_each(|t| run(&mut strips, t));
+        } else {
+            (0..tasks)
+                .into_par_iter()
+                .for_each_init(|| vec![0.0; strip_len], run);
+        }
+        Ok(())
+    }
+}
+
+/// `dst`'s base pointer, shared by the tasks (each writes its own rectangle).
+#[derive(Clone, Copy)]
+struct DstPtr(*mut f32);
+impl DstPtr {
+    /// The element `offset` past the base (a method, so closures capture the whole
+    /// `Sync` wrapper, not its raw field).
+    ///
+    /// # Safety
+    ///
+    /// `offset` is within `dst`.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: the caller keeps `offset` within `dst`.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+// SAFETY: the tasks that share it write disjoint parts of `dst` (see `forward`).
+unsafe impl Send for DstPtr {}
+// SAFETY: as above.
+unsafe impl Sync for DstPtr {}
+
+/// One task: rows of `a` against a range of column panels.
+struct Block<'a, 'd> {
+    w: &'a PackedLinear,
+    /// `dst.len()` rows of `in_features`.
+    a: &'a [f32],
+    panels: Range<usize>,
+    /// This task's rows of `dst`, each from the first column of `panels` to its last.
+    dst: &'a mut [&'d mut [f32]],
+    /// Scratch for `a`'s block in `MR`-row strips, `MC × KC`.
+    strips: &'a mut Vec<f32>,
+    act: Activation,
+}
+
+impl WithSimd for Block<'_, '_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let Block {
+            w,
+            a,
+            panels,
+            dst,
+            strips,
+            act,
+        } = self;
+        let (k, nr) = (w.in_features, w.nr);
+        debug_assert_eq!(nr, 2 * S::LANES);
+        let rows = dst.len();
+        let n_strips = rows.div_ceil(MR);
+        let col0 = panels.start * nr;
+        let kc_max = k.div_ceil(k.div_ceil(KC));
+        let mut p0 = 0;
+        while p0 < k {
+            let kc = kc_max.min(k - p0);
+            // `a[rows, p0 .. p0 + kc]` as strips of MR rows, column-major within a strip
+            // (the MR values of one depth step side by side), rows past the end zero.
+            let strips = &mut strips[..n_strips * MR * kc];
+            for (i, strip) in strips.chunks_exact_mut(MR * kc).enumerate() {
+                for r in 0..MR {
+                    let row = i * MR + r;
+                    if row < rows {
+                        let src = &a[row * k + p0..][..kc];
+                        for (p, &x) in src.iter().enumerate() {
+                            strip[p * MR + r] = x;
+                        }
+                    } else {
+                        for p in 0..kc {
+                            strip[p * MR + r] = 0.0;
+                        }
+                    }
+                }
+            }
+            let first = p0 == 0;
+            let last = p0 + kc == k;
+            for j in panels.clone() {
+                let weights = &w.panels[j * k * nr + p0 * nr..][..kc * nr];
+                let init = if first {
+                    match &w.bias {
+                        Some(b) => Init::Bias(&b[j * nr..][..nr]),
+                        None => Init::Zero,
+                    }
+                } else {
+                    Init::Load
+                };
+                let act = if last { act } else { Activation::Identity };
+                let col = j * nr - col0;
+                let cols = (w.out_features - j * nr).min(nr);
+                for (i, strip) in strips.chunks_exact(MR * kc).enumerate() {
+                    let tile_rows = &mut dst[i * MR..(i * MR + MR).min(rows)];
+                    tile(s, strip, weights, tile_rows, col, cols, init, act);
+                }
+            }
+            p0 += kc;
+        }
+    }
+}
+
+/// Where a tile's accumulators start.
+#[derive(Clone, Copy)]
+enum Init<'a> {
+    Zero,
+    /// The bias of the panel's `NR` outputs.
+    Bias(&'a [f32]),
+    /// What is in `dst` (the previous depth blocks' sum).
+    Load,
+}
+
+/// The micro-kernel: `dst[r][col .. col + cols] = act(init + strip · weights)` for the
+/// `dst.len() <= MR` rows, over one depth block (`strip`: `kc × MR`, `weights`: `kc × NR`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile<S: Simd>(
+    s: S,
+    strip: &[f32],
+    weights: &[f32],
+    dst: &mut [&mut [f32]],
+    col: usize,
+    cols: usize,
+    init: Init<'_>,
+    act: Activation,
+) {
+    let l = S::LANES;
+    let nr = 2 * l;
+    let mut acc = [[s.splat(0.0); 2]; MR];
+    match init {
+        Init::Zero => {}
+        Init::Bias(b) => {
+            let (b0, b1) = (s.load(b), s.load(&b[l..]));
+            acc.fill([b0, b1]);
+        }
+        Init::Load => {
+            for (a, row) in acc.iter_mut().zip(dst.iter()) {
+                let row = &row[col..];
+                if cols == nr {
+                    *a = [s.load(row), s.load(&row[l..])];
+                } else {
+                    let mut buf = [0.0f32; 32];
+                    buf[..cols].copy_from_slice(&row[..cols]);
+                    *a = [s.load(&buf), s.load(&buf[l..])];
+                }
+            }
+        }
+    }
+    for (w, x) in weights.chunks_exact(nr).zip(strip.chunks_exact(MR)) {
+        let (w0, w1) = (s.load(w), s.load(&w[l..]));
+        for (a, &x) in acc.iter_mut().zip(x) {
+            let x = s.splat(x);
+            a[0] = s.mul_add(x, w0, a[0]);
+            a[1] = s.mul_add(x, w1, a[1]);
+        }
+    }
+    if act == Activation::Gelu {
+        for a in acc.iter_mut().take(dst.len()) {
+            *a = [gelu(s, a[0]), gelu(s, a[1])];
+        }
+    }
+    if cols == nr {
+        for (a, row) in acc.iter().zip(dst.iter_mut()) {
+            let row = &mut row[col..];
+            s.store(row, a[0]);
+            s.store(&mut row[l..], a[1]);
+        }
+    } else {
+        for (a, row) in acc.iter().zip(dst.iter_mut()) {
+            let mut buf = [0.0f32; 32];
+            s.store(&mut buf, a[0]);
+            s.store(&mut buf[l..], a[1]);
+            row[col..col + cols].copy_from_slice(&buf[..cols]);
+        }
+    }
+}
