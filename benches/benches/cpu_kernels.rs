@@ -143,7 +143,8 @@ fn attention(c: &mut Criterion) {
 /// and candle's `x.matmul(&w.t()) + b` (a fresh output per op).
 fn linear(c: &mut Criterion) {
     for (rows, k, n) in [
-        (1024usize, 384usize, 1536usize),
+        (16usize, 384usize, 1152usize),
+        (1024, 384, 1536),
         (1024, 1536, 384),
         (8192, 384, 1152),
     ] {

@@ -2,12 +2,12 @@
 //! stores it (`[out, in]`, row-major), on the `gemm` crate (the one candle's CPU matmul
 //! calls), written into a caller's buffer.
 //!
-//! Going to `gemm` directly instead of through `Tensor::matmul` lets [`super::CpuBert`] keep
-//! its activations in a few buffers reused by every layer, instead of a fresh allocation per
-//! product (on a VM each fresh large buffer is paid again in page faults), and add a bias by
-//! accumulating onto it. Rows go in blocks of [`ROW_BLOCK`]: one block's output and input
-//! stay in the caches between gemm's passes over it, and a block of 1024 rows has enough
-//! work for gemm to use every thread.
+//! For a weight used once, or where packing it ahead is not worth its own copy; a model's
+//! layers use [`super::PackedLinear`] (the weight packed once at load, bias and GELU fused),
+//! and the benchmarks time the two against each other. Unlike `Tensor::matmul` it writes
+//! into the caller's buffer and can add a bias by accumulating onto it. Rows go in blocks
+//! of [`ROW_BLOCK`]: one block's output and input stay in the caches between gemm's passes
+//! over it, and a block of 1024 rows has enough work for gemm to use every thread.
 
 use gemm::{Parallelism, gemm};
 
