@@ -177,9 +177,9 @@ fn matmul_transposed_matches_reference_across_row_blocks() {
 /// `PackedLinear::forward` against f64 on every ISA, in pools of 1 and 3 threads (so both
 /// the row split and the column split of its tasks run): rows that are not a multiple of the
 /// register tile or of a task, outputs that are not a multiple of a panel (1, 5, 33),
-/// depths of one step, of one block and across blocks of unequal split (385, 1536), with and
-/// without bias, with and without GELU. The error allowed grows with the depth: f32
-/// accumulation of `k` products.
+/// depths of one step, of one block and across blocks of unequal split (385, 1536), inputs
+/// of magnitude 1 and 1e3, with and without bias, with and without GELU. The error allowed
+/// grows with the depth (f32 accumulation of `k` products) and with the magnitude.
 #[test]
 fn packed_linear_matches_reference_on_every_isa() {
     let mut r = rng(46);
@@ -197,11 +197,12 @@ fn packed_linear_matches_reference_on_every_isa() {
             .build()
             .unwrap();
         for isa in Isa::available() {
-            for (m, k, n) in shapes {
-                let a = uniform(&mut r, m * k, 1.0);
-                let w = uniform(&mut r, n * k, 1.0);
-                let bias = uniform(&mut r, n, 1.0);
+            for ((m, k, n), scale) in shapes.into_iter().flat_map(|s| [(s, 1.0), (s, 1e3)]) {
+                let a = uniform(&mut r, m * k, scale);
+                let w = uniform(&mut r, n * k, scale);
+                let bias = uniform(&mut r, n, scale * scale);
                 let tol = 2e-7 * (k as f64).sqrt() * 4.0;
+                let abs = tol * (k as f64).sqrt() * f64::from(scale * scale);
                 for with_bias in [false, true] {
                     let b = with_bias.then_some(bias.as_slice());
                     let linear = cpu::PackedLinear::new(isa, &w, b, n, k).unwrap();
@@ -221,9 +222,9 @@ fn packed_linear_matches_reference_on_every_isa() {
                             _ => want.clone(),
                         };
                         let what = format!(
-                            "{isa:?} {threads} threads {m}x{k}x{n} bias {with_bias} {act:?}"
+                            "{isa:?} {threads} threads {m}x{k}x{n} scale {scale} bias {with_bias} {act:?}"
                         );
-                        assert_close(&what, &dst, &want, tol, tol * (k as f64).sqrt());
+                        assert_close(&what, &dst, &want, tol, abs);
                     }
                 }
             }
