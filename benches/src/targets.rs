@@ -675,9 +675,17 @@ impl H3Target {
         };
         let result = async {
             let mut stream = self.send.clone().send_request(req).await?;
-            stream.send_data(b.body.clone()).await?;
-            stream.finish().await?;
-            let resp = stream.recv_response().await?;
+            // A server may answer before it has read the whole request (a refusal) and
+            // stop the request stream with H3_NO_ERROR; its response still stands
+            // (RFC 9114 §4.1), so a failed send only counts when no response follows.
+            let sent = match stream.send_data(b.body.clone()).await {
+                Ok(()) => stream.finish().await,
+                Err(e) => Err(e),
+            };
+            let resp = match stream.recv_response().await {
+                Ok(resp) => resp,
+                Err(e) => return Err(sent.err().unwrap_or(e)),
+            };
             let mut body = Vec::new();
             while let Some(mut chunk) = stream.recv_data().await? {
                 while chunk.has_remaining() {

@@ -304,3 +304,49 @@ async fn every_target_sends_the_token_as_its_protocol_carries_it() {
     }
     gateway.shutdown(Duration::from_secs(1)).await;
 }
+
+/// The gateway refuses an HTTP/3 request with a wrong token from its headers alone and stops
+/// the request stream (H3_NO_ERROR) while the client may still be sending: with a 4 MiB body
+/// the client always is. The refusal is the answer (`http_401`), not a transport error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h3_refusal_before_the_body_is_read_is_the_answer() {
+    use quiver_bench::inputs::{RequestPool, Shape, tensor_payloads};
+    use quiver_bench::load::{Infer, Outcome};
+    use quiver_bench::targets::{ConnectOptions, Target};
+    use quiver_gateway::tls::Trust;
+
+    let mut config = Config::parse(&format!(
+        "[server]\nauth_tokens = [\"bench-s3cret\"]\n{CONFIG}"
+    ))
+    .unwrap();
+    config.server.quic_listen = "127.0.0.1:0".parse().unwrap();
+    config.server.http_listen = None;
+    config.server.grpc_listen = None;
+    config.server.metrics_listen = None;
+    let gateway = Gateway::start(&config, None).await.unwrap();
+    let quic = gateway.quic_addr.expect("serve binds QUIC");
+    let pool = RequestPool {
+        model: "identity".into(),
+        // 1 Mi floats, binary: a 4 MiB body.
+        payloads: tensor_payloads("INPUT0", &Shape(vec![1024, 1024]), 1, 1).unwrap(),
+        parameters: Default::default(),
+    };
+    let options = ConnectOptions {
+        trust: Some(Trust::Insecure),
+        server_name: None,
+        connections: 1,
+        binary: true,
+        engine_config: None,
+        token: Some("wrong".into()),
+    };
+    let target = Target::connect(&format!("h3://{quic}").parse().unwrap(), &options, &pool)
+        .await
+        .unwrap();
+    for index in 0..3 {
+        match target.infer(index).await {
+            Outcome::Err(kind) => assert_eq!(kind, "http_401", "request {index}"),
+            other => panic!("request {index}: {other:?}"),
+        }
+    }
+    gateway.shutdown(Duration::from_secs(1)).await;
+}
