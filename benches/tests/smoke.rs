@@ -244,13 +244,9 @@ async fn the_rest_target_counts_results_and_http_errors_by_status() {
     assert_eq!((rec.path_known, rec.overflow), (rec.ok, 0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_target_sends_the_token_as_its_protocol_carries_it() {
-    use quiver_bench::inputs::{RequestPool, Shape, tensor_payloads};
-    use quiver_bench::load::{Infer, Outcome};
-    use quiver_bench::targets::{ConnectOptions, Target};
-    use quiver_gateway::tls::Trust;
-
+/// A gateway on loopback (QUIC, REST and gRPC on free ports, no metrics) that takes the
+/// bearer token `bench-s3cret`.
+async fn gateway_with_token() -> Gateway {
     let mut config = Config::parse(&format!(
         "[server]\nauth_tokens = [\"bench-s3cret\"]\n{CONFIG}"
     ))
@@ -259,7 +255,17 @@ async fn every_target_sends_the_token_as_its_protocol_carries_it() {
     config.server.http_listen = Some("127.0.0.1:0".parse().unwrap());
     config.server.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
     config.server.metrics_listen = None;
-    let gateway = Gateway::start(&config, None).await.unwrap();
+    Gateway::start(&config, None).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_target_sends_the_token_as_its_protocol_carries_it() {
+    use quiver_bench::inputs::{RequestPool, Shape, tensor_payloads};
+    use quiver_bench::load::{Infer, Outcome};
+    use quiver_bench::targets::{ConnectOptions, Target};
+    use quiver_gateway::tls::Trust;
+
+    let gateway = gateway_with_token().await;
     let quic = gateway.quic_addr.expect("serve binds QUIC");
     let http = gateway.http_addr.expect("REST is on");
     let grpc = gateway.grpc_addr.expect("gRPC is on");
@@ -315,15 +321,7 @@ async fn h3_refusal_before_the_body_is_read_is_the_answer() {
     use quiver_bench::targets::{ConnectOptions, Target};
     use quiver_gateway::tls::Trust;
 
-    let mut config = Config::parse(&format!(
-        "[server]\nauth_tokens = [\"bench-s3cret\"]\n{CONFIG}"
-    ))
-    .unwrap();
-    config.server.quic_listen = "127.0.0.1:0".parse().unwrap();
-    config.server.http_listen = None;
-    config.server.grpc_listen = None;
-    config.server.metrics_listen = None;
-    let gateway = Gateway::start(&config, None).await.unwrap();
+    let gateway = gateway_with_token().await;
     let quic = gateway.quic_addr.expect("serve binds QUIC");
     let pool = RequestPool {
         model: "identity".into(),
