@@ -7,8 +7,8 @@ mod support;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{
-    OIP_CONFIG, OIP_MAX_REQUEST_BYTES, Server, TOKEN, assert_close, f32_bytes, f32s_of, metric,
-    mlp_expected, mlp_rows,
+    OIP_CONFIG, OIP_MAX_REQUEST_BYTES, Server, TOKEN, assert_close, assert_reads_as_triton_config,
+    f32_bytes, f32s_of, metric, mlp_expected, mlp_rows,
 };
 
 fn client() -> reqwest::Client {
@@ -106,6 +106,29 @@ async fn health_metadata_config_and_json_infer_over_http1_and_h2c() {
         let (_, v) = get(&c, format!("{base}/v2/models/identity/config")).await;
         assert_eq!(v["max_batch_size"], 64);
         assert_eq!(v["input"][0]["dims"], json!([-1]));
+        // Every model's configuration reads as Triton's clients read it.
+        for model in ["mlp", "identity"] {
+            let (_, meta) = get(&c, format!("{base}/v2/models/{model}")).await;
+            let (_, config) = get(&c, format!("{base}/v2/models/{model}/config")).await;
+            assert_reads_as_triton_config(&meta, &config);
+        }
+        // A request larger than a batch is refused first for its size, with
+        // the numbers (it used to get a deadline prediction).
+        let data = mlp_rows(33);
+        let (s, v) = post_json(
+            &c,
+            format!("{base}/v2/models/mlp/infer"),
+            &json!({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [33, 16], "data": data}]}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("33 rows > max_batch_size 32 of model mlp"),
+            "{v}"
+        );
 
         let data = mlp_rows(3);
         let (s, v) = post_json(

@@ -226,6 +226,9 @@ impl Router {
             rows: prepared.rows,
             tokens: prepared.tokens,
         };
+        // Size first: a request no batch can hold gets the numbers, not a
+        // deadline prediction made for a batch that can never form.
+        check_budget(&entry.name, &entry.config, cost)?;
         let admission = entry.worker.admission();
         let predicted = admission.predict_completion_at(now, usize::from(routed.lane), cost);
         let margin = upstream.map_or(Duration::ZERO, Upstream::local_margin);
@@ -344,6 +347,32 @@ impl Router {
     }
 }
 
+/// Refuses a request larger than one batch of the model may be: more rows
+/// than `max_batch_size`, or more padded tokens (rows × its longest row's
+/// tokens) than `max_batch_tokens`. The message says the numbers, e.g. "40
+/// rows > max_batch_size 32 of model all-MiniLM-L6-v2"; the client's fault
+/// (400, INVALID_ARGUMENT): split the request.
+fn check_budget(
+    model: &str,
+    config: &quiver_config::Model,
+    cost: Cost,
+) -> Result<(), GatewayError> {
+    if cost.rows > config.max_batch_size {
+        return Err(GatewayError::InvalidArgument(format!(
+            "{} rows > max_batch_size {} of model {model}",
+            cost.rows, config.max_batch_size
+        )));
+    }
+    let padded = u64::from(cost.rows) * u64::from(cost.tokens);
+    if padded > u64::from(config.max_batch_tokens) {
+        return Err(GatewayError::InvalidArgument(format!(
+            "{padded} padded tokens ({} rows × {} tokens) > max_batch_tokens {} of model {model}",
+            cost.rows, cost.tokens, config.max_batch_tokens
+        )));
+    }
+    Ok(())
+}
+
 /// The scheduler lane of a schedule-policy priority: 1 is the most urgent
 /// (lane 0); 0 means the default, the least urgent lane.
 fn lane(priority: u32, levels: u8) -> Result<u8, GatewayError> {
@@ -360,6 +389,30 @@ fn lane(priority: u32, levels: u8) -> Result<u8, GatewayError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_larger_than_a_batch_is_refused_with_the_numbers() {
+        let config = quiver_config::Model {
+            max_batch_size: 32,
+            max_batch_tokens: 4096,
+            ..quiver_config::Model::new("m", quiver_config::ModelKind::Embedding)
+        };
+        let cost = |rows, tokens| Cost { rows, tokens };
+        assert!(check_budget("m", &config, cost(32, 128)).is_ok());
+        let rows = check_budget("all-MiniLM-L6-v2", &config, cost(40, 12))
+            .expect_err("40 rows do not fit a batch of 32");
+        assert_eq!(
+            rows.to_string(),
+            "invalid request: 40 rows > max_batch_size 32 of model all-MiniLM-L6-v2"
+        );
+        let tokens =
+            check_budget("m", &config, cost(32, 129)).expect_err("32 × 129 tokens do not fit 4096");
+        assert_eq!(
+            tokens.to_string(),
+            "invalid request: 4128 padded tokens (32 rows × 129 tokens) > max_batch_tokens 4096 of model m"
+        );
+        assert_eq!(tokens.outcome(), "invalid_argument");
+    }
 
     #[test]
     fn priority_maps_to_lanes() {

@@ -336,3 +336,48 @@ pub fn f32s_of(b: &[u8]) -> Vec<f32> {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
 }
+
+/// Checks a model's Triton configuration (`GET /v2/models/M/config`, as JSON)
+/// against its KServe v2 metadata (`GET /v2/models/M`) the way Triton's
+/// clients read them (perf_analyzer builds each request's shape from them): a
+/// batching model (`max_batch_size` > 0), every tensor with non-empty `dims`,
+/// and the metadata's shape = the batch dimension (-1) followed by `dims`.
+pub fn assert_reads_as_triton_config(metadata: &serde_json::Value, config: &serde_json::Value) {
+    let name = &config["name"];
+    assert!(
+        config["max_batch_size"].as_i64().unwrap() > 0,
+        "{name}: max_batch_size {}",
+        config["max_batch_size"]
+    );
+    for (meta_key, config_key) in [("inputs", "input"), ("outputs", "output")] {
+        let tensors = config[config_key].as_array().unwrap();
+        assert_eq!(
+            tensors.len(),
+            metadata[meta_key].as_array().unwrap().len(),
+            "{name}: {config_key}"
+        );
+        for t in tensors {
+            let dims: Vec<i64> = t["dims"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_i64().unwrap())
+                .collect();
+            assert!(!dims.is_empty(), "{name}: {} has no dims: {t}", t["name"]);
+            let meta = metadata[meta_key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["name"] == t["name"])
+                .unwrap_or_else(|| panic!("{name}: {} not in the metadata", t["name"]));
+            let mut shape = vec![-1];
+            shape.extend(&dims);
+            assert_eq!(
+                meta["shape"],
+                serde_json::json!(shape),
+                "{name}: {}",
+                t["name"]
+            );
+        }
+    }
+}
