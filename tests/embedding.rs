@@ -223,3 +223,101 @@ fn serve_model_rejects_a_directory_that_holds_no_model() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a directory"));
 }
+
+/// Triton's clients (perf_analyzer, tritonclient) make the text input's shape
+/// from the model configuration: `dims` must say one text per row (`[1]`, the
+/// batch dimension implicit), over REST and gRPC; requests shaped `[n, 1]` as
+/// they send them and `[n]` as KServe clients do both work; a request larger
+/// than a batch is refused for its size, with the numbers, whatever its
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minilm_config_reads_as_triton_clients_read_it() {
+    use quiver_gateway::proto::inference::ModelConfigRequest;
+    use quiver_gateway::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use serde_json::{Value, json};
+
+    let dir = model_dir();
+    let server = Server::start_args(&["--model", dir.to_str().unwrap()]);
+    let base = server.http_url();
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let http = http.clone();
+        async move {
+            let r = http.get(path).send().await.unwrap();
+            assert!(r.status().is_success(), "{}", r.status());
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let meta = get(format!("{base}/v2/models/{MODEL_NAME}")).await;
+    let config = get(format!("{base}/v2/models/{MODEL_NAME}/config")).await;
+    support::assert_reads_as_triton_config(&meta, &config);
+    assert_eq!(config["input"][0]["dims"], json!([1]));
+    assert_eq!(config["input"][0]["data_type"], "TYPE_STRING");
+    assert_eq!(config["output"][0]["dims"], json!([384]));
+
+    let mut grpc = GrpcInferenceServiceClient::connect(server.grpc_url())
+        .await
+        .unwrap();
+    let cfg = grpc
+        .model_config(ModelConfigRequest {
+            name: MODEL_NAME.into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert!(cfg.max_batch_size > 0);
+    assert_eq!(cfg.input[0].dims, vec![1]);
+    assert_eq!(cfg.output[0].dims, vec![384]);
+
+    let (sentences, want) = reference();
+    let infer = |shape: Value, texts: Vec<&str>, timeout_us: Option<u64>| {
+        let http = http.clone();
+        let mut body = json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": shape, "data": texts}]});
+        if let Some(t) = timeout_us {
+            body["parameters"] = json!({"timeout": t});
+        }
+        let url = format!("{base}/v2/models/{MODEL_NAME}/infer");
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    };
+    for shape in [json!([2, 1]), json!([2])] {
+        let (status, v) = infer(
+            shape.clone(),
+            vec![sentences[0].as_str(), sentences[1].as_str()],
+            Some(60_000_000),
+        )
+        .await;
+        assert!(status.is_success(), "{shape}: {status} {v}");
+        assert_eq!(v["outputs"][0]["shape"], json!([2, 384]), "{shape}");
+        let data: Vec<f32> = v["outputs"][0]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        check(&data[..384], &want[0], &format!("{shape} row 0"));
+        check(&data[384..], &want[1], &format!("{shape} row 1"));
+    }
+
+    // 40 sentences: more rows than a batch holds. With the default deadline
+    // and with a long one, the answer is the same: the size, with the numbers.
+    let many: Vec<&str> = (0..40)
+        .map(|i| sentences[i % sentences.len()].as_str())
+        .collect();
+    for timeout in [None, Some(600_000_000)] {
+        let (status, v) = infer(json!([40, 1]), many.clone(), timeout).await;
+        assert_eq!(status, reqwest::StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("40 rows > max_batch_size 32 of model all-MiniLM-L6-v2"),
+            "{v}"
+        );
+    }
+}

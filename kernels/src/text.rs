@@ -3,6 +3,11 @@
 //! This is the "text embeddings" family of `DESIGN.md` ("Models"). A request carries `text`
 //! (BYTES, shape `[n]` or `[n, 1]`, UTF-8) and gets `embedding` (FP32, `[n, dim]`).
 //!
+//! The signature says `[-1, 1]`, one text per row, as Triton's BERT-style configurations do:
+//! its model configuration then reports `dims: [1]` with the batch dimension implicit, which
+//! is what Triton's clients (perf_analyzer above all) need to make a request. `[n]` is still
+//! accepted, as KServe v2 clients that send a plain list of texts do.
+//!
 //! The work is split as the data path wants it:
 //!
 //! - [`Model::prepare`], on the front end, tokenizes every row (the `tokenizers` crate, from
@@ -236,7 +241,8 @@ impl TextEmbedding {
         })?;
         let dim = config.hidden_size;
         let signature = Signature {
-            inputs: vec![TensorSpec::new(INPUT, DataType::Bytes, vec![-1])],
+            // `[-1, 1]`: see the module's documentation.
+            inputs: vec![TensorSpec::new(INPUT, DataType::Bytes, vec![-1, 1])],
             outputs: vec![TensorSpec::new(
                 OUTPUT,
                 DataType::Fp32,
@@ -378,7 +384,7 @@ impl Model for TextEmbedding {
             if !matches!(t.shape.as_slice(), [_] | [_, 1]) {
                 return Err(InputError::WrongShape {
                     name: t.name.clone(),
-                    expected: vec![-1],
+                    expected: vec![-1, 1],
                     got: t.shape.clone(),
                 });
             }
