@@ -27,6 +27,14 @@ struct Cli {
 enum Command {
     /// Serve models. With no --config, serves the embedded default: the
     /// `identity` model and a demo MLP named `mlp`.
+    ///
+    /// On SIGTERM or SIGINT the gateway drains: readiness turns false, no new
+    /// connection is accepted, and requests in flight get up to
+    /// server.shutdown_grace_ms (default 10 s) to finish; what is still
+    /// queued then gets UNAVAILABLE. The ports stay bound while it drains,
+    /// so a new instance on the same ports starts once the old one printed
+    /// "quiver: drained".
+    #[command(verbatim_doc_comment)]
     Serve(ServeArgs),
     /// Serve models as a CPU worker: the upstream gateways overflow to. The
     /// same models and batching as `serve`, every model on the CPU, over
@@ -184,9 +192,13 @@ fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: in `kubectl logs`, journald or a file the
+    // escape codes are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
 }
 
@@ -250,10 +262,28 @@ fn run_until_signal(config: Config, overrides: Overrides, label: &str) -> ExitCo
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{label}: {e:#}");
+            eprintln!("{label}: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each said once. Errors often quote
+/// their source in their own message (`cannot bind udp ADDR: Address already
+/// in use`), which anyhow's `{:#}` would print a second time.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// The configuration file at `path`, or the embedded default; an invalid
@@ -355,7 +385,7 @@ fn infer_cmd(args: InferArgs) -> ExitCode {
     match infer(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("quiver infer: {e:#}");
+            eprintln!("quiver infer: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }

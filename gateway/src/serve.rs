@@ -96,8 +96,18 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
     let signal = shutdown_signal();
     say!("quiver: ready");
     signal.await;
-    say!("quiver: shutting down");
-    gateway.shutdown(config.server.shutdown_grace).await;
+    let grace = config.server.shutdown_grace;
+    say!(
+        "quiver: draining: not ready, no new connections; requests in flight get up to {} ms \
+         (shutdown_grace_ms) to finish, and the ports stay bound until then",
+        grace.as_millis()
+    );
+    let started = std::time::Instant::now();
+    gateway.shutdown(grace).await;
+    say!(
+        "quiver: drained in {} ms; the ports are free",
+        started.elapsed().as_millis()
+    );
     Ok(())
 }
 

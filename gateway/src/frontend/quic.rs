@@ -103,7 +103,7 @@ pub fn bind(
 pub enum BindError {
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("cannot bind UDP {addr}: {source}")]
+    #[error("cannot bind the QUIC listener (QUIC native and HTTP/3) on udp {addr}: {source}")]
     Io {
         addr: std::net::SocketAddr,
         source: std::io::Error,
