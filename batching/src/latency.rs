@@ -189,17 +189,24 @@ impl LatencyModel {
             self.xy[i] = lambda * self.xy[i] + xi * y;
         }
         self.samples = self.samples.saturating_add(1);
+        let (a, b) = self.normal_equations();
+        // With the ridge the matrix is positive definite; a failed solve
+        // (only possible with absurd inputs) keeps the previous fit.
+        if let Some(theta) = solve_non_negative(a, b) {
+            self.theta = theta;
+        }
+    }
+
+    /// The fit's normal equations `a θ = b`: the decayed sums plus the ridge
+    /// towards the prior.
+    fn normal_equations(&self) -> ([[f64; 3]; 3], [f64; 3]) {
         let mut a = self.xx;
         let mut b = self.xy;
         for i in 0..3 {
             a[i][i] += RIDGE;
             b[i] += RIDGE * self.prior[i];
         }
-        // With the ridge the matrix is positive definite; a failed solve
-        // (only possible with absurd inputs) keeps the previous fit.
-        if let Some(theta) = solve_non_negative(a, b) {
-            self.theta = theta;
-        }
+        (a, b)
     }
 
     /// Predicted service time of a batch of `rows` rows and `padded_tokens`
@@ -314,12 +321,7 @@ mod tests {
         for (rows, us) in [(1u32, 10_000u64), (4, 8_000), (16, 4_000), (32, 1_000)] {
             model.observe(rows, rows * 16, Duration::from_micros(us));
         }
-        let mut a = model.xx;
-        let mut b = model.xy;
-        for i in 0..3 {
-            a[i][i] += RIDGE;
-            b[i] += RIDGE * model.prior[i];
-        }
+        let (a, b) = model.normal_equations();
         let plain = solve3(a, b).expect("a positive definite system");
         assert!(plain.iter().any(|&t| t < 0.0), "plain fit {plain:?}");
         assert!(model.theta.iter().all(|&t| t >= 0.0), "{:?}", model.theta);
@@ -329,12 +331,7 @@ mod tests {
             let us = 500 + 20 * u64::from(rows) + u64::from(tokens);
             clean.observe(rows, tokens, Duration::from_micros(us));
         }
-        let mut a = clean.xx;
-        let mut b = clean.xy;
-        for i in 0..3 {
-            a[i][i] += RIDGE;
-            b[i] += RIDGE * clean.prior[i];
-        }
+        let (a, b) = clean.normal_equations();
         let plain = solve3(a, b).expect("a positive definite system");
         for (p, t) in plain.iter().zip(clean.theta) {
             assert!(
