@@ -1,7 +1,7 @@
 //! Device names and the mapping onto candle devices.
 #![allow(clippy::unwrap_used)]
 
-use quiver_kernels::{Device, DeviceError, LoadError, ModelSpec, load};
+use quiver_kernels::{Device, DeviceError};
 
 #[test]
 fn parse_accepts_cpu_cuda_and_cuda_n() {
@@ -52,6 +52,8 @@ fn cpu_opens() {
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn cuda_without_the_feature_is_not_compiled() {
+    use quiver_kernels::{LoadError, ModelSpec, load};
+
     let err = Device::Cuda(0).to_candle().unwrap_err();
     assert_eq!(
         err,
