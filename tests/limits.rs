@@ -331,3 +331,139 @@ async fn a_rest_connection_over_the_limit_gets_503_and_the_others_keep_working()
     }
     assert_eq!(http1_get(&mut b, "/v2/health/live").await.0, 200);
 }
+
+/// A bound that the slow-client tests wait for answers within; the read
+/// timeout they configure is far below it.
+const READ_TIMEOUT: &str = "request_read_timeout_ms = 300";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_body_shorter_than_its_length_gets_408_and_others_are_served() {
+    let server = Server::start(&format!("[server]\n{READ_TIMEOUT}\n{IDENTITY}"));
+    // Announces 1000 bytes, sends 20, and waits.
+    let mut slow = TcpStream::connect(server.http).await.unwrap();
+    slow.write_all(
+        b"POST /v2/models/identity/infer HTTP/1.1\r\nHost: quiver\r\n\
+          content-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"inputs\": [{\"name\"",
+    )
+    .await
+    .unwrap();
+    // Meanwhile another client is served.
+    let mut other = TcpStream::connect(server.http).await.unwrap();
+    assert_eq!(http1_get(&mut other, "/v2/models/identity").await.0, 200);
+    let answer = read_until_closed_or_head(&mut slow).await;
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert_eq!(http1_get(&mut other, "/v2/health/ready").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_stream_that_stalls_after_its_length_prefix_gets_deadline_exceeded() {
+    let server = Server::start(&format!("[server]\n{READ_TIMEOUT}\n{IDENTITY}"));
+    let client = server.client().await;
+    // A length prefix announcing 4 KiB, then nothing: the stream stays open.
+    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
+    send.write_all(&4096u32.to_be_bytes()).await.unwrap();
+    let body = tokio::time::timeout(BOUND, recv.read_to_end(1 << 20))
+        .await
+        .expect("the server answers the stalled stream")
+        .unwrap();
+    let reply = quiver_gateway::client::decode_reply(&body[4..]).unwrap();
+    match reply.result {
+        Some(reply::Result::Status(s)) => {
+            assert_eq!(
+                quiver_gateway::error::Code::from_i32(s.code),
+                quiver_gateway::error::Code::DeadlineExceeded,
+                "{}",
+                s.message
+            );
+            assert!(
+                s.message.contains("request_read_timeout_ms"),
+                "{}",
+                s.message
+            );
+        }
+        other => panic!("expected a status, got {other:?}"),
+    }
+    // The connection and the gateway go on serving.
+    assert_echoes(&client, 7.0).await;
+    let text = server.scrape().await;
+    assert_eq!(
+        metric(
+            &text,
+            "quiver_rejections_total",
+            &[("protocol", "quic"), ("reason", "request_timeout")]
+        ),
+        1.0,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_cannot_take_every_connection() {
+    let server = Server::start(&format!(
+        "[server]\nmax_connections = 64\nmax_connections_per_source = 2\n{IDENTITY}"
+    ));
+    // REST: two idle connections from this host; a third is refused with 503
+    // although 62 places are free.
+    let mut a = TcpStream::connect(server.http).await.unwrap();
+    let mut b = TcpStream::connect(server.http).await.unwrap();
+    assert_eq!(http1_get(&mut a, "/v2/health/live").await.0, 200);
+    assert_eq!(http1_get(&mut b, "/v2/health/live").await.0, 200);
+    let mut c = TcpStream::connect(server.http).await.unwrap();
+    let refused = read_until_closed(&mut c).await;
+    assert!(refused.starts_with("HTTP/1.1 503 "), "{refused}");
+    assert_eq!(http1_get(&mut a, "/v2/health/ready").await.0, 200);
+
+    // QUIC: the third connection from this host is closed once its handshake
+    // is done; the two within the limit keep working.
+    let options = || ClientOptions::new(Trust::Pinned(server.fingerprint.clone()));
+    let q1 = server.client().await;
+    let q2 = server.client().await;
+    assert_echoes(&q1, 1.0).await;
+    assert_echoes(&q2, 2.0).await;
+    let q3 = Client::connect(server.quic, options()).await.unwrap();
+    let refused = q3.infer(&echo_request(3.0)).await;
+    assert!(
+        refused.is_err(),
+        "a third connection from one host was served"
+    );
+    match q3.connection().close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+            assert_eq!(
+                close.error_code,
+                quiver_gateway::frontend::quic::CLOSE_TOO_MANY_FROM_SOURCE.into(),
+                "{close}"
+            );
+        }
+        other => panic!("closed for another reason: {other:?} ({refused:?})"),
+    }
+    assert_echoes(&q1, 4.0).await;
+    let text = server.scrape().await;
+    for protocol in ["http", "quic"] {
+        assert_eq!(
+            metric(
+                &text,
+                "quiver_rejections_total",
+                &[
+                    ("protocol", protocol),
+                    ("reason", "too_many_connections_from_source")
+                ]
+            ),
+            1.0,
+            "{protocol}: {text}"
+        );
+    }
+    // A closed QUIC connection gives its place back.
+    q2.close().await;
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let q = Client::connect(server.quic, options()).await.unwrap();
+        if q.infer(&echo_request(5.0)).await.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the freed place was never given again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

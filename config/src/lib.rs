@@ -165,10 +165,25 @@ pub struct Server {
     /// Client connections held at once; more are refused. TOML
     /// `max_connections`. Default 1024, range 1..=1 048 576.
     pub max_connections: u32,
+    /// Client connections held at once from one source address (IP), per
+    /// listener (QUIC, REST, gRPC); more from that address are refused (REST:
+    /// 503 with `Retry-After`; QUIC: the handshake is refused), so one host
+    /// cannot take every place of `max_connections`. Clients behind one NAT
+    /// share an address: size it for them. TOML `max_connections_per_source`.
+    /// Default 256, range 1..=1 048 576.
+    pub max_connections_per_source: u32,
     /// A connection with no traffic for this long is closed. TOML
     /// `idle_timeout_ms`, milliseconds. Default 30 000 (30 s), range
     /// 1..=3 600 000 (1 h).
     pub idle_timeout: Duration,
+    /// Longest a client may take to send one request once it has started:
+    /// a QUIC native request's frame from the stream's opening, a REST body
+    /// (HTTP/1.1, HTTP/2, HTTP/3) from its headers. A slower request is
+    /// answered with a timeout (HTTP 408; native DEADLINE_EXCEEDED) and its
+    /// bytes are released, so a client that announces a length and stalls
+    /// holds nothing for long. TOML `request_read_timeout_ms`, milliseconds.
+    /// Default 10 000 (10 s), range 1..=3 600 000 (1 h).
+    pub request_read_timeout: Duration,
     /// On SIGINT or SIGTERM, how long in-flight requests may drain before
     /// the process exits. TOML `shutdown_grace_ms`, milliseconds. Default
     /// 10 000 (10 s), range 0..=600 000 (10 min); 0 exits without draining.
@@ -194,6 +209,10 @@ impl Server {
     pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
     /// Default of [`Server::max_connections`].
     pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
+    /// Default of [`Server::max_connections_per_source`].
+    pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: u32 = 256;
+    /// Default of [`Server::request_read_timeout`]: 10 s.
+    pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_millis(10_000);
     /// Default of [`Server::idle_timeout`]: 30 s.
     pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_millis(30_000);
     /// Default of [`Server::shutdown_grace`]: 10 s.
@@ -212,7 +231,9 @@ impl Default for Server {
             max_frame_bytes: Server::DEFAULT_MAX_FRAME_BYTES,
             max_concurrent_streams: Server::DEFAULT_MAX_CONCURRENT_STREAMS,
             max_connections: Server::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_source: Server::DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
             idle_timeout: Server::DEFAULT_IDLE_TIMEOUT,
+            request_read_timeout: Server::DEFAULT_REQUEST_READ_TIMEOUT,
             shutdown_grace: Server::DEFAULT_SHUTDOWN_GRACE,
         }
     }

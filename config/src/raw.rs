@@ -26,7 +26,9 @@ pub(crate) struct RawServer {
     pub(crate) max_frame_bytes: Option<i64>,
     pub(crate) max_concurrent_streams: Option<i64>,
     pub(crate) max_connections: Option<i64>,
+    pub(crate) max_connections_per_source: Option<i64>,
     pub(crate) idle_timeout_ms: Option<i64>,
+    pub(crate) request_read_timeout_ms: Option<i64>,
     pub(crate) shutdown_grace_ms: Option<i64>,
 }
 

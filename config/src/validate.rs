@@ -43,6 +43,7 @@ const MAX_FRAME_BYTES: Bound = Bound::new(1 << 10, 1 << 30);
 const MAX_CONCURRENT_STREAMS: Bound = Bound::new(1, 65_535);
 const MAX_CONNECTIONS: Bound = Bound::new(1, 1 << 20);
 const IDLE_TIMEOUT_MS: Bound = Bound::new(1, 3_600_000);
+const REQUEST_READ_TIMEOUT_MS: Bound = Bound::new(1, 3_600_000);
 const SHUTDOWN_GRACE_MS: Bound = Bound::new(0, 600_000);
 
 const MAX_BATCH_SIZE: Bound = Bound::new(1, 4096);
@@ -206,6 +207,13 @@ fn convert_server(raw: RawServer, errors: &mut Errors) -> Server {
                 MAX_CONNECTIONS,
             )
             .unwrap_or(defaults.max_connections),
+        max_connections_per_source: errors
+            .int(
+                "server.max_connections_per_source",
+                raw.max_connections_per_source,
+                MAX_CONNECTIONS,
+            )
+            .unwrap_or(defaults.max_connections_per_source),
         idle_timeout: errors
             .int(
                 "server.idle_timeout_ms",
@@ -213,6 +221,13 @@ fn convert_server(raw: RawServer, errors: &mut Errors) -> Server {
                 IDLE_TIMEOUT_MS,
             )
             .map_or(defaults.idle_timeout, Duration::from_millis),
+        request_read_timeout: errors
+            .int(
+                "server.request_read_timeout_ms",
+                raw.request_read_timeout_ms,
+                REQUEST_READ_TIMEOUT_MS,
+            )
+            .map_or(defaults.request_read_timeout, Duration::from_millis),
         shutdown_grace: errors
             .int(
                 "server.shutdown_grace_ms",
@@ -430,10 +445,20 @@ fn check_server(server: &Server, errors: &mut Errors) {
         server.max_connections.into(),
         MAX_CONNECTIONS,
     );
+    errors.bounded(
+        "server.max_connections_per_source",
+        server.max_connections_per_source.into(),
+        MAX_CONNECTIONS,
+    );
     errors.bounded_millis(
         "server.idle_timeout_ms",
         server.idle_timeout,
         IDLE_TIMEOUT_MS,
+    );
+    errors.bounded_millis(
+        "server.request_read_timeout_ms",
+        server.request_read_timeout,
+        REQUEST_READ_TIMEOUT_MS,
     );
     errors.bounded_millis(
         "server.shutdown_grace_ms",

@@ -152,6 +152,8 @@ auth_exempt_health = false
 max_frame_bytes = 2048
 max_concurrent_streams = 7
 max_connections = 9
+max_connections_per_source = 3
+request_read_timeout_ms = 700
 idle_timeout_ms = 1500
 shutdown_grace_ms = 0
 
@@ -196,7 +198,9 @@ seed = 7
             max_frame_bytes: 2048,
             max_concurrent_streams: 7,
             max_connections: 9,
+            max_connections_per_source: 3,
             idle_timeout: Duration::from_millis(1500),
+            request_read_timeout: Duration::from_millis(700),
             shutdown_grace: Duration::ZERO,
         }
     );

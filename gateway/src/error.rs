@@ -82,6 +82,11 @@ pub enum GatewayError {
     /// The request is larger than the configured limit; it was not read whole.
     #[error("request of {got} bytes exceeds the limit of {limit} bytes")]
     TooLarge { limit: u64, got: u64 },
+    /// The client did not send its whole request within
+    /// `server.request_read_timeout_ms` of starting it (a length announced,
+    /// then a stall): its bytes are released.
+    #[error("the request was not received within {0:?} (server.request_read_timeout_ms)")]
+    RequestTimeout(Duration),
     /// The model's admission lane is full.
     #[error("model '{model}' is overloaded: {reason}")]
     Overloaded { model: String, reason: RejectReason },
@@ -140,7 +145,8 @@ impl GatewayError {
             GatewayError::InvalidArgument(_)
             | GatewayError::Input(_)
             | GatewayError::UnknownModel(_)
-            | GatewayError::TooLarge { .. } => Fault::Client,
+            | GatewayError::TooLarge { .. }
+            | GatewayError::RequestTimeout(_) => Fault::Client,
             GatewayError::Overloaded { .. }
             | GatewayError::DeadlineUnreachable { .. }
             | GatewayError::DeadlineExceeded => Fault::Capacity,
@@ -169,6 +175,7 @@ impl GatewayError {
             GatewayError::InvalidArgument(_) | GatewayError::Input(_) => "invalid_argument",
             GatewayError::UnknownModel(_) => "unknown_model",
             GatewayError::TooLarge { .. } => "too_large",
+            GatewayError::RequestTimeout(_) => "request_timeout",
             GatewayError::Overloaded { .. } => "overloaded",
             GatewayError::DeadlineUnreachable { .. } => "deadline_unreachable",
             GatewayError::DeadlineExceeded => "deadline_exceeded",

@@ -8,3 +8,4 @@ pub mod grpc;
 pub mod h3;
 pub mod http;
 pub mod quic;
+pub mod sources;

@@ -194,6 +194,8 @@ impl Gateway {
             max_frame_bytes: config.server.max_frame_bytes,
             max_concurrent_streams: config.server.max_concurrent_streams,
             max_connections: config.server.max_connections,
+            max_connections_per_source: config.server.max_connections_per_source,
+            request_read_timeout: config.server.request_read_timeout,
             idle_timeout: config.server.idle_timeout,
         };
         let in_flight = Arc::new(InFlight::default());
@@ -205,6 +207,7 @@ impl Gateway {
             metrics: metrics.clone(),
             auth: auth.clone(),
             max_body_bytes,
+            request_read_timeout: config.server.request_read_timeout,
             ready: ready.clone(),
             protocol,
         };
@@ -213,6 +216,7 @@ impl Gateway {
             auth: auth.clone(),
             metrics: metrics.clone(),
             max_body_bytes,
+            request_read_timeout: config.server.request_read_timeout,
             in_flight: in_flight.clone(),
         };
         let (endpoint, quic_addr) = if quic_on {
@@ -241,6 +245,7 @@ impl Gateway {
         };
         let tcp_limits = http::TcpLimits {
             max_connections: config.server.max_connections,
+            max_connections_per_source: config.server.max_connections_per_source,
             max_concurrent_streams: config.server.max_concurrent_streams,
             header_timeout: config.server.idle_timeout,
         };

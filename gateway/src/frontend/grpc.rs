@@ -52,7 +52,9 @@ pub fn grpc_status(err: &GatewayError) -> Status {
         | GatewayError::ShuttingDown
         | GatewayError::UpstreamUnavailable { .. }
         | GatewayError::Upstream { .. } => Status::unavailable(message),
-        GatewayError::DeadlineExceeded => Status::deadline_exceeded(message),
+        GatewayError::DeadlineExceeded | GatewayError::RequestTimeout(_) => {
+            Status::deadline_exceeded(message)
+        }
         GatewayError::Model { .. } => Status::internal(message),
         GatewayError::Cancelled => Status::cancelled(message),
     }
@@ -253,6 +255,10 @@ mod tests {
                 Code::Unavailable,
             ),
             (GatewayError::DeadlineExceeded, Code::DeadlineExceeded),
+            (
+                GatewayError::RequestTimeout(std::time::Duration::from_secs(1)),
+                Code::DeadlineExceeded,
+            ),
             (
                 GatewayError::Model {
                     model: "m".into(),

@@ -50,6 +50,8 @@ pub struct H3Service {
     pub metrics: Arc<Metrics>,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// Longest a request's body may take to arrive once its headers have.
+    pub request_read_timeout: std::time::Duration,
     /// Requests being served, for shutdown.
     pub in_flight: Arc<InFlight>,
 }
@@ -131,10 +133,19 @@ async fn serve_request(req: http::Request<()>, mut stream: Stream, conn: &Conn) 
         stream.stop_sending(::h3::error::Code::H3_NO_ERROR);
         return respond(&mut stream, error_response(&e)).await;
     }
-    let body = match read_body(&parts.headers, &mut stream, svc.max_body_bytes).await {
+    let read = tokio::time::timeout(
+        svc.request_read_timeout,
+        read_body(&parts.headers, &mut stream, svc.max_body_bytes),
+    )
+    .await
+    .unwrap_or(Err(GatewayError::RequestTimeout(svc.request_read_timeout)));
+    let body = match read {
         Ok(b) => b,
         Err(e) => {
-            if matches!(e, GatewayError::TooLarge { .. }) {
+            if matches!(
+                e,
+                GatewayError::TooLarge { .. } | GatewayError::RequestTimeout(_)
+            ) {
                 svc.metrics.record_rejection("", PROTOCOL, e.outcome());
                 // The rest of the body is not wanted.
                 stream.stop_sending(::h3::error::Code::H3_NO_ERROR);

@@ -53,6 +53,9 @@ pub struct Api {
     pub auth: Auth,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// Longest the body of one request may take to arrive once its headers
+    /// have (`server.request_read_timeout_ms`): 408 past it.
+    pub request_read_timeout: Duration,
     /// Cleared when shutdown starts: `/v2/health/ready` then says 503.
     pub ready: Arc<AtomicBool>,
     /// The metrics label of the transport: `http` or `h3`.
@@ -75,6 +78,7 @@ pub fn http_status(err: &GatewayError) -> (StatusCode, Option<u32>) {
         | GatewayError::UpstreamUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
         GatewayError::Upstream { .. } => (StatusCode::BAD_GATEWAY, None),
         GatewayError::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, None),
+        GatewayError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, None),
         GatewayError::Model { .. } => (StatusCode::INTERNAL_SERVER_ERROR, None),
         // Nobody is left to read it; 499 is the customary log code.
         GatewayError::Cancelled => (
@@ -313,7 +317,12 @@ async fn infer_inner(
         false,
     )?;
     catalog::find(&api.router, model, version)?;
-    let body = read_body(&parts.headers, body, api.max_body_bytes).await?;
+    let body = tokio::time::timeout(
+        api.request_read_timeout,
+        read_body(&parts.headers, body, api.max_body_bytes),
+    )
+    .await
+    .map_err(|_| GatewayError::RequestTimeout(api.request_read_timeout))??;
     let json_len = header_length(&parts.headers)?;
     let decoded = decode_request(model, &body, json_len)?;
 
@@ -600,6 +609,9 @@ fn json_response_text(text: String) -> Response {
 pub struct TcpLimits {
     /// Connections at once; more are answered 503 (HTTP/1.1) or closed.
     pub max_connections: u32,
+    /// Connections at once from one source address; more from it are
+    /// answered 503 (HTTP/1.1) or closed.
+    pub max_connections_per_source: u32,
     /// Concurrent HTTP/2 streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS).
     pub max_concurrent_streams: u32,
     /// A connection whose request header does not arrive in this time is
@@ -625,6 +637,7 @@ pub async fn serve_tcp(
     use hyper_util::server::conn::auto;
 
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections as usize));
+    let sources = super::sources::SourceLimit::new(limits.max_connections_per_source);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -667,6 +680,14 @@ pub async fn serve_tcp(
             }
             continue;
         };
+        let Some(slot) = sources.try_hold(remote.ip()) else {
+            tracing::warn!(%remote, limit = sources.limit(), "connection refused: too many connections from this address");
+            metrics.record_rejection("", protocol, "too_many_connections_from_source");
+            if !http2_only {
+                tokio::spawn(refuse_http1(stream));
+            }
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service.clone())
@@ -676,6 +697,7 @@ pub async fn serve_tcp(
             if let Err(e) = conn.await {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
+            drop(slot);
             drop(permit);
         });
     }
@@ -728,6 +750,11 @@ mod tests {
                 true,
             ),
             (GatewayError::DeadlineExceeded, 504, false),
+            (
+                GatewayError::RequestTimeout(Duration::from_secs(1)),
+                408,
+                false,
+            ),
             (
                 GatewayError::Model {
                     model: "m".into(),

@@ -38,6 +38,14 @@ pub const PROTOCOL: &str = "quic";
 /// Application error code sent with STOP_SENDING when a frame is too large.
 pub const STOP_TOO_LARGE: u32 = 0x1;
 
+/// Application error code sent with STOP_SENDING when a frame did not arrive
+/// within `server.request_read_timeout_ms`.
+pub const STOP_REQUEST_TIMEOUT: u32 = 0x2;
+
+/// Application error code that closes a connection over
+/// `server.max_connections_per_source`.
+pub const CLOSE_TOO_MANY_FROM_SOURCE: u32 = 0x2;
+
 /// Limits of the QUIC listener.
 #[derive(Clone, Debug)]
 pub struct QuicLimits {
@@ -50,6 +58,12 @@ pub struct QuicLimits {
     /// in their handshake. A closed connection counts until QUIC has drained
     /// it (three probe timeouts, milliseconds on a LAN).
     pub max_connections: u32,
+    /// Connections at once from one source address, counted once their
+    /// handshake is done (a spoofed source never completes one, so it cannot
+    /// use up another host's places); more from it are closed at once.
+    pub max_connections_per_source: u32,
+    /// Longest a stream may take to deliver its whole request frame.
+    pub request_read_timeout: Duration,
     /// Idle time after which a connection is closed.
     pub idle_timeout: Duration,
 }
@@ -64,7 +78,7 @@ pub fn native_status(err: &GatewayError) -> Status {
         | GatewayError::ShuttingDown
         | GatewayError::UpstreamUnavailable { .. }
         | GatewayError::Upstream { .. } => Code::Unavailable,
-        GatewayError::DeadlineExceeded => Code::DeadlineExceeded,
+        GatewayError::DeadlineExceeded | GatewayError::RequestTimeout(_) => Code::DeadlineExceeded,
         GatewayError::Model { .. } => Code::Internal,
         GatewayError::Cancelled => Code::Cancelled,
         GatewayError::Unauthenticated(_) => Code::Unauthenticated,
@@ -174,6 +188,7 @@ pub async fn serve(
     in_flight: Arc<InFlight>,
     h3: Option<super::h3::H3Service>,
 ) {
+    let sources = super::sources::SourceLimit::new(limits.max_connections_per_source);
     let ctx = Arc::new(Ctx {
         router,
         metrics,
@@ -197,16 +212,34 @@ pub async fn serve(
             continue;
         }
         let ctx = ctx.clone();
+        let sources = sources.clone();
         tokio::spawn(async move {
-            match incoming.await {
-                Ok(conn) if alpn(&conn).as_deref() == Some(super::h3::ALPN) => {
-                    match ctx.h3.clone() {
-                        Some(h3) => super::h3::serve_connection(conn, h3, ctx.router.clone()).await,
-                        None => conn.close(0x0101u32.into(), b"HTTP/3 is off"),
-                    }
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => return tracing::debug!(error = %e, "handshake failed"),
+            };
+            // Held while the connection lives.
+            let Some(_slot) = sources.try_hold(conn.remote_address().ip()) else {
+                tracing::warn!(
+                    remote = %conn.remote_address(),
+                    limit = sources.limit(),
+                    "connection refused: too many connections from this address"
+                );
+                ctx.metrics
+                    .record_rejection("", PROTOCOL, "too_many_connections_from_source");
+                conn.close(
+                    CLOSE_TOO_MANY_FROM_SOURCE.into(),
+                    b"too many connections from this address",
+                );
+                return;
+            };
+            if alpn(&conn).as_deref() == Some(super::h3::ALPN) {
+                match ctx.h3.clone() {
+                    Some(h3) => super::h3::serve_connection(conn, h3, ctx.router.clone()).await,
+                    None => conn.close(0x0101u32.into(), b"HTTP/3 is off"),
                 }
-                Ok(conn) => serve_connection(conn, ctx).await,
-                Err(e) => tracing::debug!(error = %e, "handshake failed"),
+            } else {
+                serve_connection(conn, ctx).await;
             }
         });
     }
@@ -242,9 +275,20 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<Ctx>) {
 
 async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, ctx: &Ctx) {
     let started = Instant::now();
-    let req = match framing::read_frame::<ModelInferRequest>(&mut recv, ctx.limits.max_frame_bytes)
-        .await
-    {
+    let read = tokio::time::timeout(
+        ctx.limits.request_read_timeout,
+        framing::read_frame::<ModelInferRequest>(&mut recv, ctx.limits.max_frame_bytes),
+    )
+    .await;
+    let Ok(read) = read else {
+        // A length announced, then a stall: the frame's bytes are released
+        // and the client is told, once.
+        let _ = recv.stop(STOP_REQUEST_TIMEOUT.into());
+        let err = GatewayError::RequestTimeout(ctx.limits.request_read_timeout);
+        ctx.metrics.record_rejection("", PROTOCOL, err.outcome());
+        return answer(&mut send, ctx, "", started, Err(err)).await;
+    };
+    let req = match read {
         Ok(req) => req,
         Err(FrameError::Read(reason)) => {
             // The client reset its stream or the connection went: no one to answer.
@@ -357,6 +401,10 @@ mod tests {
                 Code::Unavailable,
             ),
             (GatewayError::DeadlineExceeded, Code::DeadlineExceeded),
+            (
+                GatewayError::RequestTimeout(std::time::Duration::from_secs(1)),
+                Code::DeadlineExceeded,
+            ),
             (
                 GatewayError::Model {
                     model: "m".into(),
