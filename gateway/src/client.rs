@@ -209,8 +209,9 @@ fn encode_request(req: &ModelInferRequest, token_fields: Option<&[u8]>) -> Bytes
     // Over 4 GiB the server refuses the frame as too large, as it does
     // every frame over its limit.
     buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-    req.encode(&mut buf)
-        .expect("BytesMut grows, so encoding cannot run out of room");
+    // `encode_raw` writes what `encode` would, without the capacity check
+    // that a growing BytesMut never fails.
+    req.encode_raw(&mut buf);
     buf.put_slice(extra);
     buf.freeze()
 }

@@ -42,17 +42,15 @@ pub fn body_len(header: [u8; HEADER_LEN], limit: u32) -> Result<usize, FrameErro
     Ok(declared as usize)
 }
 
-/// Encodes `msg` as one frame.
-///
-/// # Panics
-/// Never for messages under 4 GiB; a larger one is a local bug, since every
-/// frame we send is bounded by the inputs we were sent.
+/// Encodes `msg` as one frame. A message of 4 GiB or more gets the length
+/// `u32::MAX`, which every peer refuses as too large: never a panic.
 pub fn encode<M: Message>(msg: &M) -> Bytes {
     let len = msg.encoded_len();
     let mut buf = BytesMut::with_capacity(HEADER_LEN + len);
     buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-    msg.encode(&mut buf)
-        .expect("BytesMut grows, so encoding cannot run out of room");
+    // `encode_raw` writes what `encode` would, without the capacity check
+    // that a growing BytesMut never fails.
+    msg.encode_raw(&mut buf);
     buf.freeze()
 }
 

@@ -10,6 +10,19 @@
 //! accepted request ends with exactly one answer: a result or a typed
 //! [`error::GatewayError`].
 #![forbid(unsafe_code)]
+// Nothing a peer sends may panic the gateway: outside tests, no unwrap or
+// expect, no indexing or slicing that can panic, no panic! or unreachable!.
+// The few local invariants that need one say why in an #[allow] on the item.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic,
+        clippy::unreachable
+    )
+)]
 
 pub mod client;
 pub mod device;

@@ -263,7 +263,7 @@ pub fn model_config_json(c: &ModelConfig) -> Value {
     });
     if let Some(SchedulingChoice::DynamicBatching(d)) = &c.scheduling_choice {
         let policy = d.default_queue_policy.unwrap_or_default();
-        v["dynamic_batching"] = json!({
+        let dynamic_batching = json!({
             "preferred_batch_size": d.preferred_batch_size,
             "max_queue_delay_microseconds": d.max_queue_delay_microseconds,
             "preserve_ordering": d.preserve_ordering,
@@ -276,6 +276,9 @@ pub fn model_config_json(c: &ModelConfig) -> Value {
                 "max_queue_size": policy.max_queue_size,
             },
         });
+        if let Some(object) = v.as_object_mut() {
+            object.insert("dynamic_batching".into(), dynamic_batching);
+        }
     }
     v
 }

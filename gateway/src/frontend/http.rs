@@ -418,7 +418,7 @@ pub fn decode_request(
     json_len: Option<usize>,
 ) -> Result<Decoded, GatewayError> {
     let (header, mut binary) = match json_len {
-        None => (body, &body[body.len()..]),
+        None => (body, &[][..]),
         Some(n) if n <= body.len() => body.split_at(n),
         Some(n) => {
             return Err(invalid(format!(

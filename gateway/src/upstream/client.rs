@@ -494,7 +494,7 @@ fn classify_reqwest(e: reqwest::Error) -> TryError {
 /// outputs with `binary_data_size`) their raw bytes in order.
 fn decode_rest_response(body: &Bytes, json_len: Option<usize>) -> Result<Answer, String> {
     let (header, mut binary) = match json_len {
-        None => (&body[..], &body[body.len()..]),
+        None => (body.as_ref(), &[][..]),
         Some(n) if n <= body.len() => body.split_at(n),
         Some(n) => return Err(format!("header length {n} is past the body's end")),
     };

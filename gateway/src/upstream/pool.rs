@@ -260,25 +260,28 @@ impl Pool {
     }
 
     fn is_available(&self, i: EndpointId) -> bool {
-        match self.endpoints[i].health {
+        self.endpoints.get(i).is_some_and(|e| match e.health {
             Health::Healthy => true,
             Health::Probation { probing, .. } => !probing,
             Health::Ejected { .. } => false,
-        }
+        })
     }
 
     fn cost(&self, i: EndpointId, now: Instant) -> f64 {
-        let e = &self.endpoints[i];
-        e.ewma.at_time(now, self.config.decay) * f64::from(e.in_flight + 1)
+        self.endpoints.get(i).map_or(f64::INFINITY, |e| {
+            e.ewma.at_time(now, self.config.decay) * f64::from(e.in_flight + 1)
+        })
     }
 
     /// The expected latency of the best available endpoint: its peak-EWMA,
     /// or `None` when none is available.
     pub fn expected_latency(&mut self, now: Instant) -> Option<Duration> {
         self.refresh(now);
-        (0..self.endpoints.len())
-            .filter(|&i| self.is_available(i))
-            .map(|i| self.endpoints[i].ewma.at_time(now, self.config.decay))
+        self.endpoints
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| self.is_available(i))
+            .map(|(_, e)| e.ewma.at_time(now, self.config.decay))
             .min_by(f64::total_cmp)
             .map(Duration::from_secs_f64)
     }
@@ -312,16 +315,18 @@ impl Pool {
         {
             candidates.retain(|&i| i != x);
         }
-        let id = match candidates.len() {
-            0 => return None,
-            1 => candidates[0],
-            n => {
+        let id = match *candidates.as_slice() {
+            [] => return None,
+            [only] => only,
+            _ => {
+                let n = candidates.len();
                 let a = (self.next_random() % n as u64) as usize;
                 let mut b = (self.next_random() % (n as u64 - 1)) as usize;
                 if b >= a {
                     b += 1;
                 }
-                let (a, b) = (candidates[a], candidates[b]);
+                // Both below n by construction.
+                let (a, b) = (*candidates.get(a)?, *candidates.get(b)?);
                 if self.cost(b, now) < self.cost(a, now) {
                     b
                 } else {
@@ -329,7 +334,7 @@ impl Pool {
                 }
             }
         };
-        let e = &mut self.endpoints[id];
+        let e = self.endpoints.get_mut(id)?;
         e.in_flight += 1;
         let probe = match &mut e.health {
             Health::Probation { probing, .. } => {
@@ -397,7 +402,9 @@ impl Pool {
 
     fn fail(&mut self, id: EndpointId, now: Instant) {
         let config = &self.config;
-        let e = &mut self.endpoints[id];
+        let Some(e) = self.endpoints.get_mut(id) else {
+            return;
+        };
         e.failures += 1;
         let ejections = match e.health {
             Health::Healthy if e.failures >= config.eject_after => 0,
@@ -444,6 +451,8 @@ impl RetryBudget {
         }
     }
 
+    // `i` comes from `position` or `enumerate` over this same array.
+    #[allow(clippy::indexing_slicing)]
     fn bucket(&mut self, now: Instant) -> &mut (Option<Instant>, u32, u32) {
         let slot = self.window / 10;
         let slot = if slot.is_zero() {
