@@ -467,3 +467,108 @@ async fn one_source_cannot_take_every_connection() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The value of the gauge `quiver_inflight_bytes`.
+async fn inflight_bytes(server: &Server) -> f64 {
+    metric(&server.scrape().await, "quiver_inflight_bytes", &[])
+}
+
+/// Polls (bounded) until the request-memory gauge reads `want`.
+async fn wait_inflight(server: &Server, want: f64) {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let got = inflight_bytes(server).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "quiver_inflight_bytes stayed at {got}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_memory_budget_are_refused_before_their_bodies_are_read() {
+    // A budget of 1 MiB and requests of up to 768 KiB: one announced request
+    // of 700,000 bytes holds most of it.
+    let server = Server::start(&format!(
+        "[server]\nmax_inflight_bytes = 1048576\nmax_frame_bytes = 786432\n{IDENTITY}"
+    ));
+    wait_inflight(&server, 0.0).await;
+
+    // REST: a body announced and half sent holds its whole length.
+    let post = |len: usize| {
+        format!(
+            "POST /v2/models/identity/infer HTTP/1.1\r\nHost: quiver\r\n\
+             content-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+        )
+    };
+    let mut holder = TcpStream::connect(server.http).await.unwrap();
+    holder.write_all(post(700_000).as_bytes()).await.unwrap();
+    holder.write_all(&vec![b' '; 1000]).await.unwrap();
+    wait_inflight(&server, 700_000.0).await;
+    // A second one that does not fit is refused from its headers alone.
+    let mut refused = TcpStream::connect(server.http).await.unwrap();
+    refused.write_all(post(700_000).as_bytes()).await.unwrap();
+    let answer = read_until_closed_or_head(&mut refused).await;
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nretry-after: 1\r\n"),
+        "{answer}"
+    );
+    // Small requests still fit beside it.
+    let client = server.client().await;
+    assert_echoes(&client, 1.0).await;
+
+    // QUIC native: a frame announced beside the held one gets UNAVAILABLE
+    // before its body is sent.
+    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
+    send.write_all(&700_000u32.to_be_bytes()).await.unwrap();
+    let body = tokio::time::timeout(BOUND, recv.read_to_end(1 << 20))
+        .await
+        .expect("the server answers at once")
+        .unwrap();
+    let reply = quiver_gateway::client::decode_reply(&body[4..]).unwrap();
+    match reply.result {
+        Some(reply::Result::Status(s)) => {
+            assert_eq!(
+                quiver_gateway::error::Code::from_i32(s.code),
+                quiver_gateway::error::Code::Unavailable,
+                "{}",
+                s.message
+            );
+            assert!(s.message.contains("max_inflight_bytes"), "{}", s.message);
+        }
+        other => panic!("expected a status, got {other:?}"),
+    }
+
+    // The holder goes away: its bytes are given back, and a large request
+    // fits again.
+    drop(holder);
+    wait_inflight(&server, 0.0).await;
+    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
+    send.write_all(&600_000u32.to_be_bytes()).await.unwrap();
+    wait_inflight(&server, 600_004.0).await;
+    // Cancelled mid-body by its client: released too.
+    send.reset(0u32.into()).unwrap();
+    drop(recv.stop(0u32.into()));
+    wait_inflight(&server, 0.0).await;
+    assert_echoes(&client, 2.0).await;
+    wait_inflight(&server, 0.0).await;
+
+    let text = server.scrape().await;
+    for protocol in ["http", "quic"] {
+        assert!(
+            metric(
+                &text,
+                "quiver_rejections_total",
+                &[("protocol", protocol), ("reason", "memory_budget")]
+            ) >= 1.0,
+            "{protocol}: {text}"
+        );
+    }
+}

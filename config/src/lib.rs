@@ -122,11 +122,12 @@ impl Config {
 
 /// The network front end (`[server]`).
 ///
-/// Worst-case request bytes held by the front end at once:
-/// `max_connections × max_concurrent_streams × max_frame_bytes`
-/// (defaults: 1024 × 256 × 16 MiB = 4 TiB). That product is an upper bound,
-/// not a budget: size `max_connections` and `max_frame_bytes` to the memory
-/// of the machine.
+/// Request bytes held at once, by every front end, queue and upstream call
+/// together, are at most `max_inflight_bytes` (default 1 GiB): the one
+/// budget. The product `max_connections × max_concurrent_streams ×
+/// max_frame_bytes` (defaults: 1024 × 256 × 16 MiB = 4 TiB) is how much
+/// could be *announced* at once; past the budget, requests are refused
+/// before their bodies are read.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Server {
     /// UDP address of the QUIC listener (ALPN `quiver/1`, later also `h3`).
@@ -159,6 +160,19 @@ pub struct Server {
     /// (16 777 216), range 1 KiB..=1 GiB. Worst case per connection:
     /// `max_concurrent_streams × max_frame_bytes`.
     pub max_frame_bytes: u32,
+    /// The request-memory budget: bytes of requests held at once over every
+    /// connection, protocol and model, from the moment a request's length is
+    /// known (a QUIC native frame's header, a REST `Content-Length`, or as a
+    /// body without one arrives; a gRPC message once decoded) until its
+    /// answer is sent, queued, computing or sent upstream alike. A request
+    /// that would pass it is refused with the protocol's overload answer
+    /// (HTTP 503 + `Retry-After`, gRPC and native `UNAVAILABLE`) before its
+    /// body is read where its length is announced. Gauge
+    /// `quiver_inflight_bytes`. TOML `max_inflight_bytes`. Default 1 GiB
+    /// (1 073 741 824), range 1 MiB..=1 TiB, and at least `max_frame_bytes`.
+    /// The process's request memory is this plus each request's decoded
+    /// copy (tensors), bounded by the same figure again.
+    pub max_inflight_bytes: u64,
     /// Streams a client may open at once on one QUIC connection. TOML
     /// `max_concurrent_streams`. Default 256, range 1..=65535.
     pub max_concurrent_streams: u32,
@@ -205,6 +219,8 @@ impl Server {
         SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8001));
     /// Default of [`Server::max_frame_bytes`]: 16 MiB.
     pub const DEFAULT_MAX_FRAME_BYTES: u32 = 16 << 20;
+    /// Default of [`Server::max_inflight_bytes`]: 1 GiB.
+    pub const DEFAULT_MAX_INFLIGHT_BYTES: u64 = 1 << 30;
     /// Default of [`Server::max_concurrent_streams`].
     pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
     /// Default of [`Server::max_connections`].
@@ -229,6 +245,7 @@ impl Default for Server {
             auth_tokens: Vec::new(),
             auth_exempt_health: true,
             max_frame_bytes: Server::DEFAULT_MAX_FRAME_BYTES,
+            max_inflight_bytes: Server::DEFAULT_MAX_INFLIGHT_BYTES,
             max_concurrent_streams: Server::DEFAULT_MAX_CONCURRENT_STREAMS,
             max_connections: Server::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_source: Server::DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
@@ -254,10 +271,11 @@ pub struct Tls {
 
 /// One served model (`[[models]]`), with its batcher's knobs.
 ///
-/// Worst-case request bytes queued for one model:
-/// `queue_capacity × priority_levels × server.max_frame_bytes`
-/// (defaults: 1024 × 2 × 16 MiB = 32 GiB); see
-/// [`Model::worst_case_queued_bytes`].
+/// Request bytes queued for one model: at most
+/// `queue_capacity × priority_levels × server.max_frame_bytes` by the
+/// queue's shape (defaults: 1024 × 2 × 16 MiB = 32 GiB; see
+/// [`Model::worst_case_queued_bytes`]), and at most
+/// [`Server::max_inflight_bytes`] for all models together, the real bound.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Model {
     /// Name clients ask for (`/v2/models/{name}`). Required; 1 to 128 of

@@ -24,6 +24,7 @@ pub(crate) struct RawServer {
     pub(crate) auth_tokens: Option<Vec<String>>,
     pub(crate) auth_exempt_health: Option<bool>,
     pub(crate) max_frame_bytes: Option<i64>,
+    pub(crate) max_inflight_bytes: Option<i64>,
     pub(crate) max_concurrent_streams: Option<i64>,
     pub(crate) max_connections: Option<i64>,
     pub(crate) max_connections_per_source: Option<i64>,

@@ -40,6 +40,7 @@ impl Bound {
 }
 
 const MAX_FRAME_BYTES: Bound = Bound::new(1 << 10, 1 << 30);
+const MAX_INFLIGHT_BYTES: Bound = Bound::new(1 << 20, 1 << 40);
 const MAX_CONCURRENT_STREAMS: Bound = Bound::new(1, 65_535);
 const MAX_CONNECTIONS: Bound = Bound::new(1, 1 << 20);
 const IDLE_TIMEOUT_MS: Bound = Bound::new(1, 3_600_000);
@@ -193,6 +194,13 @@ fn convert_server(raw: RawServer, errors: &mut Errors) -> Server {
                 MAX_FRAME_BYTES,
             )
             .unwrap_or(defaults.max_frame_bytes),
+        max_inflight_bytes: errors
+            .int(
+                "server.max_inflight_bytes",
+                raw.max_inflight_bytes,
+                MAX_INFLIGHT_BYTES,
+            )
+            .unwrap_or(defaults.max_inflight_bytes),
         max_concurrent_streams: errors
             .int(
                 "server.max_concurrent_streams",
@@ -435,6 +443,20 @@ fn check_server(server: &Server, errors: &mut Errors) {
         server.max_frame_bytes.into(),
         MAX_FRAME_BYTES,
     );
+    errors.bounded(
+        "server.max_inflight_bytes",
+        server.max_inflight_bytes,
+        MAX_INFLIGHT_BYTES,
+    );
+    if server.max_inflight_bytes < u64::from(server.max_frame_bytes) {
+        errors.push(
+            "server.max_inflight_bytes",
+            format!(
+                "must be at least server.max_frame_bytes ({}), got {}: no request of the largest size could ever be held",
+                server.max_frame_bytes, server.max_inflight_bytes
+            ),
+        );
+    }
     errors.bounded(
         "server.max_concurrent_streams",
         server.max_concurrent_streams.into(),

@@ -150,6 +150,7 @@ grpc_listen = "off"
 auth_tokens = ["t0k3n", "second"]
 auth_exempt_health = false
 max_frame_bytes = 2048
+max_inflight_bytes = 2097152
 max_concurrent_streams = 7
 max_connections = 9
 max_connections_per_source = 3
@@ -196,6 +197,7 @@ seed = 7
             auth_tokens: vec!["t0k3n".to_owned(), "second".to_owned()],
             auth_exempt_health: false,
             max_frame_bytes: 2048,
+            max_inflight_bytes: 2 << 20,
             max_concurrent_streams: 7,
             max_connections: 9,
             max_connections_per_source: 3,

@@ -87,6 +87,13 @@ pub enum GatewayError {
     /// then a stall): its bytes are released.
     #[error("the request was not received within {0:?} (server.request_read_timeout_ms)")]
     RequestTimeout(Duration),
+    /// The request's bytes do not fit the request-memory budget
+    /// (`server.max_inflight_bytes`) beside the requests held now; refused
+    /// before its body is read where its length is announced.
+    #[error(
+        "the gateway holds {held} bytes of requests; {need} more would pass server.max_inflight_bytes {limit}"
+    )]
+    MemoryBudget { need: u64, held: u64, limit: u64 },
     /// The model's admission lane is full.
     #[error("model '{model}' is overloaded: {reason}")]
     Overloaded { model: String, reason: RejectReason },
@@ -148,6 +155,7 @@ impl GatewayError {
             | GatewayError::TooLarge { .. }
             | GatewayError::RequestTimeout(_) => Fault::Client,
             GatewayError::Overloaded { .. }
+            | GatewayError::MemoryBudget { .. }
             | GatewayError::DeadlineUnreachable { .. }
             | GatewayError::DeadlineExceeded => Fault::Capacity,
             GatewayError::Model { .. } => Fault::Device,
@@ -163,6 +171,7 @@ impl GatewayError {
         matches!(
             self,
             GatewayError::Overloaded { .. }
+                | GatewayError::MemoryBudget { .. }
                 | GatewayError::DeadlineUnreachable { .. }
                 | GatewayError::ShuttingDown
                 | GatewayError::UpstreamUnavailable { .. }
@@ -176,6 +185,7 @@ impl GatewayError {
             GatewayError::UnknownModel(_) => "unknown_model",
             GatewayError::TooLarge { .. } => "too_large",
             GatewayError::RequestTimeout(_) => "request_timeout",
+            GatewayError::MemoryBudget { .. } => "memory_budget",
             GatewayError::Overloaded { .. } => "overloaded",
             GatewayError::DeadlineUnreachable { .. } => "deadline_unreachable",
             GatewayError::DeadlineExceeded => "deadline_exceeded",

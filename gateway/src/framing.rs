@@ -62,9 +62,24 @@ pub async fn read_frame<M: Message + Default>(
     recv: &mut quinn::RecvStream,
     limit: u32,
 ) -> Result<M, FrameError> {
+    let len = read_header(recv, limit).await?;
+    read_body(recv, len).await
+}
+
+/// Reads a frame's header: the body length it declares, if within `limit`.
+/// Nothing of the body is read, so the caller can decide (a memory budget)
+/// before it is.
+pub async fn read_header(recv: &mut quinn::RecvStream, limit: u32) -> Result<usize, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     read_exact(recv, &mut header).await?;
-    let len = body_len(header, limit)?;
+    body_len(header, limit)
+}
+
+/// Reads a frame's body of `len` bytes (from [`read_header`]) and decodes it.
+pub async fn read_body<M: Message + Default>(
+    recv: &mut quinn::RecvStream,
+    len: usize,
+) -> Result<M, FrameError> {
     let mut body = vec![0u8; len];
     read_exact(recv, &mut body).await?;
     Ok(M::decode(Bytes::from(body))?)

@@ -24,6 +24,7 @@
     )
 )]
 
+pub mod budget;
 pub mod client;
 pub mod device;
 pub mod error;

@@ -357,6 +357,9 @@ pub struct Metrics {
     pub latency_model: Family<TermLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Requests sent to an upstream, by model and reason.
     pub overflow: Family<OverflowLabels, Counter>,
+    /// Bytes of requests held now, over every front end and model (the
+    /// request-memory budget, `server.max_inflight_bytes`).
+    pub inflight_bytes: Gauge,
     /// Requests answered, by model, path and outcome.
     pub routed: Family<PathLabels, Counter>,
     /// Time of each try to an upstream that got an answer, by endpoint.
@@ -515,7 +518,14 @@ impl Metrics {
             "1 while an upstream endpoint takes traffic, 0 while it is ejected",
             upstream_available.clone(),
         );
+        let inflight_bytes = Gauge::default();
+        registry.register(
+            "inflight_bytes",
+            "Bytes of requests held now, from the moment their length is known until their answer is sent (server.max_inflight_bytes bounds it)",
+            inflight_bytes.clone(),
+        );
         Metrics {
+            inflight_bytes,
             latency_model,
             device_healthy,
             device_probes,

@@ -189,6 +189,12 @@ impl Gateway {
             }
         }
         let router = Arc::new(router);
+        // One request-memory budget for every front end (and, through the
+        // requests it counts, the queues and the upstream calls).
+        let budget = crate::budget::MemoryBudget::new(
+            config.server.max_inflight_bytes,
+            metrics.inflight_bytes.clone(),
+        );
 
         let limits = QuicLimits {
             max_frame_bytes: config.server.max_frame_bytes,
@@ -196,6 +202,7 @@ impl Gateway {
             max_connections: config.server.max_connections,
             max_connections_per_source: config.server.max_connections_per_source,
             request_read_timeout: config.server.request_read_timeout,
+            memory: budget.clone(),
             idle_timeout: config.server.idle_timeout,
         };
         let in_flight = Arc::new(InFlight::default());
@@ -208,6 +215,7 @@ impl Gateway {
             auth: auth.clone(),
             max_body_bytes,
             request_read_timeout: config.server.request_read_timeout,
+            budget: budget.clone(),
             ready: ready.clone(),
             protocol,
         };
@@ -217,6 +225,7 @@ impl Gateway {
             metrics: metrics.clone(),
             max_body_bytes,
             request_read_timeout: config.server.request_read_timeout,
+            budget: budget.clone(),
             in_flight: in_flight.clone(),
         };
         let (endpoint, quic_addr) = if quic_on {
@@ -277,6 +286,7 @@ impl Gateway {
                     metrics: metrics.clone(),
                     auth: auth.clone(),
                     ready: ready.clone(),
+                    budget: budget.clone(),
                 };
                 let app = tonic::service::Routes::new(service.into_server(max_body_bytes))
                     .into_axum_router();

@@ -49,6 +49,7 @@ pub fn grpc_status(err: &GatewayError) -> Status {
             Status::resource_exhausted(message)
         }
         GatewayError::DeadlineUnreachable { .. }
+        | GatewayError::MemoryBudget { .. }
         | GatewayError::ShuttingDown
         | GatewayError::UpstreamUnavailable { .. }
         | GatewayError::Upstream { .. } => Status::unavailable(message),
@@ -68,6 +69,8 @@ pub struct InferenceService {
     pub auth: Auth,
     /// Cleared when shutdown starts: readiness then says false.
     pub ready: Arc<AtomicBool>,
+    /// The request-memory budget shared with the other front ends.
+    pub budget: Arc<crate::budget::MemoryBudget>,
 }
 
 impl InferenceService {
@@ -101,6 +104,11 @@ impl InferenceService {
             .map(|v| v.as_bytes().to_vec());
         self.auth.check(authorization.as_deref(), false)?;
         let req = req.into_inner();
+        // tonic has read the message whole (at most max_frame_bytes): it is
+        // counted from here until its answer is returned.
+        let _reservation = self
+            .budget
+            .reserve(prost::Message::encoded_len(&req) as u64)?;
         catalog::find(&self.router, &req.model_name, &req.model_version)?;
         let req = tensor::request_from_proto(req)?;
         let cancel = CancelToken::new();
@@ -255,6 +263,14 @@ mod tests {
                 Code::Unavailable,
             ),
             (GatewayError::DeadlineExceeded, Code::DeadlineExceeded),
+            (
+                GatewayError::MemoryBudget {
+                    need: 2,
+                    held: 1,
+                    limit: 2,
+                },
+                Code::Unavailable,
+            ),
             (
                 GatewayError::RequestTimeout(std::time::Duration::from_secs(1)),
                 Code::DeadlineExceeded,

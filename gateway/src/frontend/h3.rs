@@ -52,6 +52,8 @@ pub struct H3Service {
     pub max_body_bytes: usize,
     /// Longest a request's body may take to arrive once its headers have.
     pub request_read_timeout: std::time::Duration,
+    /// The request-memory budget shared with the other front ends.
+    pub budget: Arc<crate::budget::MemoryBudget>,
     /// Requests being served, for shutdown.
     pub in_flight: Arc<InFlight>,
 }
@@ -133,9 +135,19 @@ async fn serve_request(req: http::Request<()>, mut stream: Stream, conn: &Conn) 
         stream.stop_sending(::h3::error::Code::H3_NO_ERROR);
         return respond(&mut stream, error_response(&e)).await;
     }
+    // The body's bytes are counted from here until the answer is sent.
+    let mut reservation = match svc.budget.reserve(0) {
+        Ok(r) => r,
+        Err(e) => return respond(&mut stream, error_response(&e)).await,
+    };
     let read = tokio::time::timeout(
         svc.request_read_timeout,
-        read_body(&parts.headers, &mut stream, svc.max_body_bytes),
+        read_body(
+            &parts.headers,
+            &mut stream,
+            svc.max_body_bytes,
+            &mut reservation,
+        ),
     )
     .await
     .unwrap_or(Err(GatewayError::RequestTimeout(svc.request_read_timeout)));
@@ -144,7 +156,9 @@ async fn serve_request(req: http::Request<()>, mut stream: Stream, conn: &Conn) 
         Err(e) => {
             if matches!(
                 e,
-                GatewayError::TooLarge { .. } | GatewayError::RequestTimeout(_)
+                GatewayError::TooLarge { .. }
+                    | GatewayError::RequestTimeout(_)
+                    | GatewayError::MemoryBudget { .. }
             ) {
                 svc.metrics.record_rejection("", PROTOCOL, e.outcome());
                 // The rest of the body is not wanted.
@@ -163,7 +177,8 @@ async fn serve_request(req: http::Request<()>, mut stream: Stream, conn: &Conn) 
                 .unwrap_or_default()
         });
     let started = std::time::Instant::now();
-    let request = http::Request::from_parts(parts, Body::from(body));
+    let mut request = http::Request::from_parts(parts, Body::from(body));
+    request.extensions_mut().insert(super::http::BodyCounted);
     let call = svc.app.clone().oneshot(request);
     let response = match stopped {
         Some(stopped) => tokio::select! {
@@ -190,10 +205,14 @@ async fn serve_request(req: http::Request<()>, mut stream: Stream, conn: &Conn) 
     respond(&mut stream, response).await;
 }
 
+/// Reads the body (at most `limit` bytes), counting it against the memory
+/// budget: an announced length before anything is allocated, and whatever
+/// arrives beyond it as it arrives.
 async fn read_body(
     headers: &http::HeaderMap,
     stream: &mut Stream,
     limit: usize,
+    reservation: &mut crate::budget::Reservation,
 ) -> Result<Bytes, GatewayError> {
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
@@ -207,15 +226,21 @@ async fn read_body(
             got: len,
         });
     }
-    let mut body = BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
+    let counted_up_front = declared.unwrap_or(0);
+    reservation.grow(counted_up_front)?;
+    let mut body = BytesMut::with_capacity(counted_up_front as usize);
     loop {
         match stream.recv_data().await {
             Ok(Some(mut chunk)) => {
-                if body.len() + chunk.remaining() > limit {
+                let total = (body.len() + chunk.remaining()) as u64;
+                if total > limit as u64 {
                     return Err(GatewayError::TooLarge {
                         limit: limit as u64,
-                        got: (body.len() + chunk.remaining()) as u64,
+                        got: total,
                     });
+                }
+                if total > reservation.bytes() {
+                    reservation.grow(total - reservation.bytes())?;
                 }
                 while chunk.has_remaining() {
                     let c = chunk.chunk();

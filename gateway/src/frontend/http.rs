@@ -56,6 +56,8 @@ pub struct Api {
     /// Longest the body of one request may take to arrive once its headers
     /// have (`server.request_read_timeout_ms`): 408 past it.
     pub request_read_timeout: Duration,
+    /// The request-memory budget shared with the other front ends.
+    pub budget: Arc<crate::budget::MemoryBudget>,
     /// Cleared when shutdown starts: `/v2/health/ready` then says 503.
     pub ready: Arc<AtomicBool>,
     /// The metrics label of the transport: `http` or `h3`.
@@ -74,6 +76,7 @@ pub fn http_status(err: &GatewayError) -> (StatusCode, Option<u32>) {
         GatewayError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, None),
         GatewayError::Overloaded { .. } => (StatusCode::TOO_MANY_REQUESTS, Some(1)),
         GatewayError::DeadlineUnreachable { .. }
+        | GatewayError::MemoryBudget { .. }
         | GatewayError::ShuttingDown
         | GatewayError::UpstreamUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
         GatewayError::Upstream { .. } => (StatusCode::BAD_GATEWAY, None),
@@ -294,6 +297,14 @@ async fn infer(
         Ok(resp) => ("ok", resp),
         Err(e) => {
             tracing::debug!(model, error = %e, "request failed");
+            // Refused before its body was read whole, as the other front
+            // ends count them.
+            if matches!(
+                e,
+                GatewayError::MemoryBudget { .. } | GatewayError::RequestTimeout(_)
+            ) {
+                api.metrics.record_rejection("", api.protocol, e.outcome());
+            }
             (e.outcome(), error_response(&e))
         }
     };
@@ -317,9 +328,20 @@ async fn infer_inner(
         false,
     )?;
     catalog::find(&api.router, model, version)?;
+    // Held until the answer is made; an HTTP/3 request's body was counted
+    // (and read) by its own front end.
+    let mut reservation = match parts.extensions.get::<BodyCounted>() {
+        Some(_) => None,
+        None => Some(api.budget.reserve(0)?),
+    };
     let body = tokio::time::timeout(
         api.request_read_timeout,
-        read_body(&parts.headers, body, api.max_body_bytes),
+        read_body(
+            &parts.headers,
+            body,
+            api.max_body_bytes,
+            reservation.as_mut(),
+        ),
     )
     .await
     .map_err(|_| GatewayError::RequestTimeout(api.request_read_timeout))??;
@@ -333,24 +355,41 @@ async fn infer_inner(
     Ok(encode_response(result?, &decoded.binary_outputs))
 }
 
+/// Marks a request whose body its front end has already read and counted
+/// against the memory budget (HTTP/3), so the handler does not count it again.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyCounted;
+
 /// Reads a body of at most `limit` bytes: refused from its
 /// `Content-Length` before any byte is read, or as soon as what arrives
-/// passes the limit.
+/// passes the limit. With a `reservation`, the body's bytes are counted
+/// against the memory budget: the announced length before any byte is read,
+/// else each chunk as it arrives.
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
+    mut reservation: Option<&mut crate::budget::Reservation>,
 ) -> Result<Bytes, GatewayError> {
-    if let Some(len) = headers
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared
         && len > limit as u64
     {
         return Err(GatewayError::TooLarge {
             limit: limit as u64,
             got: len,
         });
+    }
+    if let (Some(len), Some(r)) = (declared, reservation.as_deref_mut()) {
+        r.grow(len)?;
+        // The length is counted; hyper refuses a body that runs past it.
+        reservation = None;
+    }
+    if let Some(r) = reservation {
+        return count_chunks(body, r, limit).await;
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         let source = std::error::Error::source(&e)
@@ -365,6 +404,35 @@ pub async fn read_body(
             GatewayError::InvalidArgument(format!("cannot read the request body: {e}"))
         }
     })
+}
+
+/// Reads a body without a declared length chunk by chunk, counting each
+/// against the budget before it is kept; refused at the first chunk that
+/// does not fit the budget or passes `limit`.
+async fn count_chunks(
+    mut body: Body,
+    reservation: &mut crate::budget::Reservation,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    use http_body_util::BodyExt;
+    let mut chunks = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            GatewayError::InvalidArgument(format!("cannot read the request body: {e}"))
+        })?;
+        if let Ok(data) = frame.into_data() {
+            let total = chunks.len() + data.len();
+            if total > limit {
+                return Err(GatewayError::TooLarge {
+                    limit: limit as u64,
+                    got: total as u64,
+                });
+            }
+            reservation.grow(data.len() as u64)?;
+            chunks.extend_from_slice(&data);
+        }
+    }
+    Ok(chunks.freeze())
 }
 
 fn header_length(headers: &HeaderMap) -> Result<Option<usize>, GatewayError> {
@@ -750,6 +818,15 @@ mod tests {
                 true,
             ),
             (GatewayError::DeadlineExceeded, 504, false),
+            (
+                GatewayError::MemoryBudget {
+                    need: 2,
+                    held: 1,
+                    limit: 2,
+                },
+                503,
+                true,
+            ),
             (
                 GatewayError::RequestTimeout(Duration::from_secs(1)),
                 408,

@@ -42,6 +42,10 @@ pub const STOP_TOO_LARGE: u32 = 0x1;
 /// within `server.request_read_timeout_ms`.
 pub const STOP_REQUEST_TIMEOUT: u32 = 0x2;
 
+/// Application error code sent with STOP_SENDING when a frame does not fit
+/// the request-memory budget (`server.max_inflight_bytes`).
+pub const STOP_OVER_BUDGET: u32 = 0x3;
+
 /// Application error code that closes a connection over
 /// `server.max_connections_per_source`.
 pub const CLOSE_TOO_MANY_FROM_SOURCE: u32 = 0x2;
@@ -64,6 +68,9 @@ pub struct QuicLimits {
     pub max_connections_per_source: u32,
     /// Longest a stream may take to deliver its whole request frame.
     pub request_read_timeout: Duration,
+    /// The request-memory budget shared with the other front ends: a frame
+    /// is counted from its header until its answer is sent.
+    pub memory: Arc<crate::budget::MemoryBudget>,
     /// Idle time after which a connection is closed.
     pub idle_timeout: Duration,
 }
@@ -75,6 +82,7 @@ pub fn native_status(err: &GatewayError) -> Status {
         GatewayError::UnknownModel(_) => Code::NotFound,
         GatewayError::TooLarge { .. } | GatewayError::Overloaded { .. } => Code::ResourceExhausted,
         GatewayError::DeadlineUnreachable { .. }
+        | GatewayError::MemoryBudget { .. }
         | GatewayError::ShuttingDown
         | GatewayError::UpstreamUnavailable { .. }
         | GatewayError::Upstream { .. } => Code::Unavailable,
@@ -275,10 +283,16 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<Ctx>) {
 
 async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, ctx: &Ctx) {
     let started = Instant::now();
-    let read = tokio::time::timeout(
-        ctx.limits.request_read_timeout,
-        framing::read_frame::<ModelInferRequest>(&mut recv, ctx.limits.max_frame_bytes),
-    )
+    let read = tokio::time::timeout(ctx.limits.request_read_timeout, async {
+        let len = framing::read_header(&mut recv, ctx.limits.max_frame_bytes).await?;
+        let bytes = (framing::HEADER_LEN + len) as u64;
+        let reservation = match ctx.limits.memory.reserve(bytes) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let req = framing::read_body::<ModelInferRequest>(&mut recv, len).await?;
+        Ok::<_, FrameError>(Ok((req, reservation)))
+    })
     .await;
     let Ok(read) = read else {
         // A length announced, then a stall: the frame's bytes are released
@@ -288,8 +302,15 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
         ctx.metrics.record_rejection("", PROTOCOL, err.outcome());
         return answer(&mut send, ctx, "", started, Err(err)).await;
     };
-    let req = match read {
-        Ok(req) => req,
+    let (req, _reservation) = match read {
+        Ok(Ok(held)) => held,
+        Ok(Err(over_budget)) => {
+            // Refused before its body is read: the rest is not wanted.
+            let _ = recv.stop(STOP_OVER_BUDGET.into());
+            ctx.metrics
+                .record_rejection("", PROTOCOL, over_budget.outcome());
+            return answer(&mut send, ctx, "", started, Err(over_budget)).await;
+        }
         Err(FrameError::Read(reason)) => {
             // The client reset its stream or the connection went: no one to answer.
             tracing::debug!(%reason, "request stream reset before its frame");
@@ -401,6 +422,14 @@ mod tests {
                 Code::Unavailable,
             ),
             (GatewayError::DeadlineExceeded, Code::DeadlineExceeded),
+            (
+                GatewayError::MemoryBudget {
+                    need: 2,
+                    held: 1,
+                    limit: 2,
+                },
+                Code::Unavailable,
+            ),
             (
                 GatewayError::RequestTimeout(std::time::Duration::from_secs(1)),
                 Code::DeadlineExceeded,
