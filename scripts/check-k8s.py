@@ -113,6 +113,10 @@ def exported_metrics() -> dict[str, set[str]]:
             r"let (\w+)\s*=\s*Family::<(\w+),\s*(Counter|Gauge|Histogram)", text
         )
     }
+    # Metrics without labels: `let x = Gauge::default();`.
+    labels[""] = set()
+    for var, kind in re.findall(r"let (\w+)\s*=\s*(Counter|Gauge)::default\(\)", text):
+        kinds.setdefault(var, ("", kind))
     out: dict[str, set[str]] = {}
     for name, var in re.findall(
         r'registry\.register\(\s*"(\w+)",\s*"(?:[^"\\]|\\.)*",\s*(\w+)\.clone\(\)', text
