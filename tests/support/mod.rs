@@ -131,6 +131,18 @@ impl Server {
         }
     }
 
+    /// The server process's peak resident set (`VmHWM` of
+    /// `/proc/PID/status`), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status");
+        kib * 1024
+    }
+
     /// The Prometheus text of `/metrics`.
     pub async fn scrape(&self) -> String {
         http_get(self.metrics, "/metrics").await
