@@ -454,3 +454,115 @@ async fn quic_native_refuses_lies_and_survives_a_reset_storm() {
     eprintln!("peak RSS {} MiB", peak >> 20);
     assert!(peak < BUDGET + RSS_SLACK, "peak RSS {} MiB", peak >> 20);
 }
+
+// ---- slow and abusive clients ------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connections_are_closed_and_others_are_served() {
+    // Headers must arrive within the connection's idle time (1 s here).
+    let server = Server::start(&format!(
+        "[server]\nidle_timeout_ms = 1000\nmax_connections_per_source = 1000\n{}",
+        config().trim_start_matches("[server]\n")
+    ));
+    let http = reqwest::Client::new();
+    // 500 connections each sending a header byte every 100 ms, forever.
+    // Connected first, one by one (500 SYNs at once would overflow the listen
+    // backlog, and a dropped SYN is retried after a second: the kernel's
+    // doing, not the gateway's).
+    let mut streams = Vec::new();
+    for _ in 0..500 {
+        streams.push(TcpStream::connect(server.http).await.unwrap());
+    }
+    let mut slow = tokio::task::JoinSet::new();
+    for mut s in streams {
+        slow.spawn(async move {
+            let head = b"POST /v2/models/identity/infer HTTP/1.1\r\nHost: quiver\r\nx-slow: ";
+            for i in 0..600usize {
+                let byte = head.get(i).copied().unwrap_or(b'a');
+                if s.write_all(&[byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let mut probe = [0u8; 64];
+                // A close, or an answer before the close: either ends it.
+                if let Ok(read) =
+                    tokio::time::timeout(Duration::from_millis(1), s.read(&mut probe)).await
+                {
+                    let _ = read;
+                    return;
+                }
+            }
+            panic!("a slow connection was held for a minute");
+        });
+    }
+    // Meanwhile a normal client is served.
+    for _ in 0..5 {
+        rest_still_serves(&http, &server).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut closed = 0;
+        while let Some(done) = slow.join_next().await {
+            done.unwrap();
+            closed += 1;
+        }
+        closed
+    })
+    .await
+    .expect("every slow connection is closed by the server");
+    assert_eq!(closed, 500);
+    rest_still_serves(&http, &server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_reset_storm_leaves_other_clients_served() {
+    let server = Server::start(&config());
+    // 10,000 gRPC calls on one HTTP/2 connection, each cancelled (RST_STREAM)
+    // as soon as it is sent.
+    let abuser = GrpcInferenceServiceClient::connect(server.grpc_url())
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..10_000u64 {
+        let mut c = abuser.clone();
+        tasks.spawn(async move {
+            let req = ModelInferRequest {
+                model_name: "identity".into(),
+                inputs: vec![grpc_input("INPUT0", "FP32", vec![1, 1])],
+                raw_input_contents: vec![Bytes::from(1.0f32.to_le_bytes().to_vec())],
+                ..Default::default()
+            };
+            // Cancelled at some point between sending and the answer.
+            let after = Duration::from_micros(i % 300);
+            let _ = tokio::time::timeout(after, c.model_infer(req)).await;
+        });
+    }
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .expect("the storm ends");
+    // Another client, on its own connection, is served at once.
+    let mut c = GrpcInferenceServiceClient::connect(server.grpc_url())
+        .await
+        .unwrap();
+    let ok = tokio::time::timeout(
+        Duration::from_secs(1),
+        c.model_infer(ModelInferRequest {
+            model_name: "identity".into(),
+            inputs: vec![grpc_input("INPUT0", "FP32", vec![1, 1])],
+            raw_input_contents: vec![Bytes::from(3.0f32.to_le_bytes().to_vec())],
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("answered within a second")
+    .unwrap()
+    .into_inner();
+    assert_eq!(ok.raw_output_contents[0].as_ref(), 3.0f32.to_le_bytes());
+    let http = reqwest::Client::new();
+    rest_still_serves(&http, &server).await;
+    let peak = server.peak_rss();
+    eprintln!("peak RSS {} MiB", peak >> 20);
+    assert!(peak < BUDGET + RSS_SLACK, "peak RSS {} MiB", peak >> 20);
+}
