@@ -6,6 +6,7 @@
 #   $QUIVER_CACHE/build/<key>/target  CARGO_TARGET_DIR: fmt, clippy, the tests (one build)
 #   $QUIVER_CACHE/build/<key>/loom    the loom models (they need RUSTFLAGS="--cfg loom")
 #   $QUIVER_CACHE/build/<key>/cuda    the `cuda` feature's compile-and-link check
+#   $QUIVER_CACHE/build/<key>/fuzz    the fuzz targets (nightly, sanitizers: scripts/fuzz)
 #   $QUIVER_CACHE/cuda                the CUDA wheels (a fixed path: candle-kernels rebuilds
 #                                     from scratch, 15 minutes, whenever CUDA_HOME moves)
 #   $QUIVER_CACHE/models              the test models (scripts/fetch-models)
@@ -44,6 +45,7 @@ export QUIVER_CACHE
 export CARGO_TARGET_DIR="$_builds/$_key/target"
 export QUIVER_LOOM_TARGET_DIR="$_builds/$_key/loom"
 export QUIVER_CUDA_TARGET_DIR="$_builds/$_key/cuda"
+export QUIVER_FUZZ_TARGET_DIR="$_builds/$_key/fuzz"
 export QUIVER_CUDA_DIR="$QUIVER_CACHE/cuda"
 export QUIVER_MODELS_DIR="$QUIVER_CACHE/models"
 # Incremental compilation helps an edited tree, not a fresh clone (every workspace file is
