@@ -355,34 +355,39 @@ async fn a_rest_body_shorter_than_its_length_gets_408_and_others_are_served() {
     assert_eq!(http1_get(&mut other, "/v2/health/ready").await.0, 200);
 }
 
+/// Opens a native stream, sends only a length prefix announcing `len` bytes
+/// and keeps the stream open; returns the status the server answers with.
+async fn status_after_length_prefix(
+    client: &Client,
+    len: u32,
+) -> (quiver_gateway::error::Code, String) {
+    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
+    send.write_all(&len.to_be_bytes()).await.unwrap();
+    let body = tokio::time::timeout(BOUND, recv.read_to_end(1 << 20))
+        .await
+        .expect("the server answers the stream")
+        .unwrap();
+    let reply = quiver_gateway::client::decode_reply(&body[4..]).unwrap();
+    match reply.result {
+        Some(reply::Result::Status(s)) => {
+            (quiver_gateway::error::Code::from_i32(s.code), s.message)
+        }
+        other => panic!("expected a status, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_stream_that_stalls_after_its_length_prefix_gets_deadline_exceeded() {
     let server = Server::start(&format!("[server]\n{READ_TIMEOUT}\n{IDENTITY}"));
     let client = server.client().await;
     // A length prefix announcing 4 KiB, then nothing: the stream stays open.
-    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
-    send.write_all(&4096u32.to_be_bytes()).await.unwrap();
-    let body = tokio::time::timeout(BOUND, recv.read_to_end(1 << 20))
-        .await
-        .expect("the server answers the stalled stream")
-        .unwrap();
-    let reply = quiver_gateway::client::decode_reply(&body[4..]).unwrap();
-    match reply.result {
-        Some(reply::Result::Status(s)) => {
-            assert_eq!(
-                quiver_gateway::error::Code::from_i32(s.code),
-                quiver_gateway::error::Code::DeadlineExceeded,
-                "{}",
-                s.message
-            );
-            assert!(
-                s.message.contains("request_read_timeout_ms"),
-                "{}",
-                s.message
-            );
-        }
-        other => panic!("expected a status, got {other:?}"),
-    }
+    let (code, message) = status_after_length_prefix(&client, 4096).await;
+    assert_eq!(
+        code,
+        quiver_gateway::error::Code::DeadlineExceeded,
+        "{message}"
+    );
+    assert!(message.contains("request_read_timeout_ms"), "{message}");
     // The connection and the gateway go on serving.
     assert_echoes(&client, 7.0).await;
     let text = server.scrape().await;
@@ -526,25 +531,9 @@ async fn requests_past_the_memory_budget_are_refused_before_their_bodies_are_rea
 
     // QUIC native: a frame announced beside the held one gets UNAVAILABLE
     // before its body is sent.
-    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
-    send.write_all(&700_000u32.to_be_bytes()).await.unwrap();
-    let body = tokio::time::timeout(BOUND, recv.read_to_end(1 << 20))
-        .await
-        .expect("the server answers at once")
-        .unwrap();
-    let reply = quiver_gateway::client::decode_reply(&body[4..]).unwrap();
-    match reply.result {
-        Some(reply::Result::Status(s)) => {
-            assert_eq!(
-                quiver_gateway::error::Code::from_i32(s.code),
-                quiver_gateway::error::Code::Unavailable,
-                "{}",
-                s.message
-            );
-            assert!(s.message.contains("max_inflight_bytes"), "{}", s.message);
-        }
-        other => panic!("expected a status, got {other:?}"),
-    }
+    let (code, message) = status_after_length_prefix(&client, 700_000).await;
+    assert_eq!(code, quiver_gateway::error::Code::Unavailable, "{message}");
+    assert!(message.contains("max_inflight_bytes"), "{message}");
 
     // The holder goes away: its bytes are given back, and a large request
     // fits again.
