@@ -275,6 +275,12 @@ async fn bad_requests_get_their_status_and_the_server_keeps_serving() {
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, _) = get(&c, format!("{base}/v2/models/mlp/versions/7")).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    // A path no route matches is named as such, not as an unknown model.
+    let (s, v) = post_json(&c, format!("{base}/v1/embeddings"), &json!({"input": "x"})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let error = v["error"].as_str().unwrap();
+    assert!(error.contains("no route for POST /v1/embeddings"), "{v}");
+    assert!(!error.contains("unknown model"), "{v}");
 
     // Oversized body: refused from its Content-Length.
     let big = vec![b' '; OIP_MAX_REQUEST_BYTES + 1];

@@ -184,10 +184,19 @@ fn model_and_version(params: &HashMap<String, String>) -> (&str, &str) {
     )
 }
 
-async fn not_found() -> ApiError {
-    ApiError(GatewayError::UnknownModel(
-        "no such endpoint (the KServe v2 API is under /v2)".into(),
-    ))
+/// A path no route matches: 404 naming the method and path (not an unknown
+/// model: no model was asked for).
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let message = format!(
+        "no route for {method} {} (the KServe v2 API is under /v2)",
+        uri.path()
+    );
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({ "error": message }).to_string(),
+    )
+        .into_response()
 }
 
 async fn live(State(api): State<Api>, headers: HeaderMap) -> Result<Response, ApiError> {
