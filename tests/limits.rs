@@ -49,6 +49,15 @@ async fn assert_echoes(client: &Client, v: f32) {
     assert_eq!(echoed(&resp), v);
 }
 
+/// `quiver_rejections_total` for one protocol and reason.
+fn rejections(text: &str, protocol: &str, reason: &str) -> f64 {
+    metric(
+        text,
+        "quiver_rejections_total",
+        &[("protocol", protocol), ("reason", reason)],
+    )
+}
+
 /// Whether `fut` is still pending after one poll.
 async fn pending_after_one_poll<F: Future>(fut: Pin<&mut F>) -> bool {
     let mut fut = fut;
@@ -82,11 +91,7 @@ async fn a_quic_connection_over_the_limit_is_refused_and_the_others_keep_working
     assert_echoes(&b, 4.0).await;
     let text = server.scrape().await;
     assert_eq!(
-        metric(
-            &text,
-            "quiver_rejections_total",
-            &[("protocol", "quic"), ("reason", "too_many_connections")]
-        ),
+        rejections(&text, "quic", "too_many_connections"),
         1.0,
         "{text}"
     );
@@ -298,11 +303,7 @@ async fn a_rest_connection_over_the_limit_gets_503_and_the_others_keep_working()
     assert_eq!(http1_get(&mut b, "/v2/health/ready").await.0, 200);
     let text = server.scrape().await;
     assert_eq!(
-        metric(
-            &text,
-            "quiver_rejections_total",
-            &[("protocol", "http"), ("reason", "too_many_connections")]
-        ),
+        rejections(&text, "http", "too_many_connections"),
         1.0,
         "{text}"
     );
@@ -391,15 +392,7 @@ async fn a_quic_stream_that_stalls_after_its_length_prefix_gets_deadline_exceede
     // The connection and the gateway go on serving.
     assert_echoes(&client, 7.0).await;
     let text = server.scrape().await;
-    assert_eq!(
-        metric(
-            &text,
-            "quiver_rejections_total",
-            &[("protocol", "quic"), ("reason", "request_timeout")]
-        ),
-        1.0,
-        "{text}"
-    );
+    assert_eq!(rejections(&text, "quic", "request_timeout"), 1.0, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,14 +438,7 @@ async fn one_source_cannot_take_every_connection() {
     let text = server.scrape().await;
     for protocol in ["http", "quic"] {
         assert_eq!(
-            metric(
-                &text,
-                "quiver_rejections_total",
-                &[
-                    ("protocol", protocol),
-                    ("reason", "too_many_connections_from_source")
-                ]
-            ),
+            rejections(&text, protocol, "too_many_connections_from_source"),
             1.0,
             "{protocol}: {text}"
         );
@@ -552,11 +538,7 @@ async fn requests_past_the_memory_budget_are_refused_before_their_bodies_are_rea
     let text = server.scrape().await;
     for protocol in ["http", "quic"] {
         assert!(
-            metric(
-                &text,
-                "quiver_rejections_total",
-                &[("protocol", protocol), ("reason", "memory_budget")]
-            ) >= 1.0,
+            rejections(&text, protocol, "memory_budget") >= 1.0,
             "{protocol}: {text}"
         );
     }
