@@ -131,6 +131,8 @@ async fn rest_refuses_lies_and_malformed_bodies_and_keeps_serving() {
             ),
             (json!([2, 2]), json!([1.0, 2.0, 3.0])),
             (json!([1, 2]), json!(["a", "b"])),
+            // Past f32's range: refused, not made infinite.
+            (json!([1, 2]), json!([1.0, 1e40])),
         ] {
             let (status, v) = rest_json(
                 &http,
@@ -455,17 +457,187 @@ async fn quic_native_refuses_lies_and_survives_a_reset_storm() {
     assert!(peak < BUDGET + RSS_SLACK, "peak RSS {} MiB", peak >> 20);
 }
 
+// ---- HTTP/3 ------------------------------------------------------------------------------
+
+async fn h3_still_serves(h3: &mut support::h3::H3) {
+    let a = tokio::time::timeout(
+        Duration::from_secs(1),
+        h3.post_json(
+            "/v2/models/identity/infer",
+            &json!({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2], "data": [0.5, 4.0]}]}),
+        ),
+    )
+    .await
+    .expect("a normal HTTP/3 request is answered within a second");
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["outputs"][0]["data"], json!([0.5, 4.0]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_refuses_lies_and_malformed_bodies_and_survives_a_reset_storm() {
+    let server = Server::start(&config());
+    let mut h3 = support::h3::connect(&server).await;
+    let infer = "/v2/models/identity/infer";
+    let json_type = ("content-type", "application/json".to_string());
+    let call = |body: Vec<u8>, extra: Vec<(&'static str, String)>| {
+        let mut headers = vec![json_type.clone()];
+        headers.extend(extra);
+        (headers, body)
+    };
+
+    // Garbage, and JSON nested 100,000 deep.
+    let deep = format!(
+        "{{\"inputs\": {}{}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    for body in [b"\x00\xff garbage".to_vec(), deep.into_bytes()] {
+        let (headers, body) = call(body, vec![]);
+        let a = h3.call("POST", infer, &headers, Some(body)).await;
+        assert_eq!(a.status, 400, "{}", String::from_utf8_lossy(&a.body));
+        h3_still_serves(&mut h3).await;
+    }
+
+    // Shapes negative, overflowing, or disagreeing with the data; unknown
+    // input and datatype; unknown model.
+    for (name, dtype, shape, data) in [
+        ("INPUT0", "FP32", json!([-1, 2]), json!([1.0, 2.0])),
+        (
+            "INPUT0",
+            "FP32",
+            json!([9223372036854775807i64, 2]),
+            json!([1.0]),
+        ),
+        ("INPUT0", "FP32", json!([2, 2]), json!([1.0])),
+        ("NOPE", "FP32", json!([1, 1]), json!([1.0])),
+        ("INPUT0", "FP128", json!([1, 1]), json!([1.0])),
+    ] {
+        let a = h3
+            .post_json(
+                infer,
+                &json!({"inputs": [{"name": name, "datatype": dtype, "shape": shape, "data": data}]}),
+            )
+            .await;
+        assert_eq!(
+            a.status,
+            400,
+            "{name} {dtype} {shape}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    let a = h3
+        .post_json("/v2/models/nosuch/infer", &json!({"inputs": []}))
+        .await;
+    assert_eq!(a.status, 404);
+    h3_still_serves(&mut h3).await;
+
+    // Binary tensors whose lengths lie: the header length past the body; a
+    // BYTES element whose length runs past the end of its tensor.
+    let head = json!({"inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [1, 1],
+        "parameters": {"binary_data_size": 8}}]})
+    .to_string();
+    let mut body = head.clone().into_bytes();
+    body.extend_from_slice(&1000u32.to_le_bytes());
+    body.extend_from_slice(b"abcd");
+    for json_len in [head.len() + 100, head.len()] {
+        let (headers, body) = call(
+            body.clone(),
+            vec![("inference-header-content-length", json_len.to_string())],
+        );
+        let a = h3.call("POST", infer, &headers, Some(body)).await;
+        assert_eq!(a.status, 400, "{}", String::from_utf8_lossy(&a.body));
+    }
+    h3_still_serves(&mut h3).await;
+
+    // content-length that lies: larger than the body, smaller, absurd.
+    let ok =
+        br#"{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}"#;
+    for (declared, status) in [
+        (ok.len() + 10, 400),
+        (ok.len() - 10, 400),
+        (1usize << 60, 413),
+    ] {
+        let req = http::Request::post(format!("https://localhost{infer}"))
+            .header("content-type", "application/json")
+            .header("content-length", declared)
+            .body(())
+            .unwrap();
+        let mut stream = h3.send.send_request(req).await.unwrap();
+        let _ = stream.send_data(Bytes::from_static(ok)).await;
+        let _ = stream.finish().await;
+        let resp = tokio::time::timeout(BOUND, stream.recv_response())
+            .await
+            .expect("an answer in time");
+        match resp {
+            Ok(r) => assert_eq!(r.status().as_u16(), status, "content-length {declared}"),
+            // h3 itself may refuse a body longer than content-length.
+            Err(e) => assert!(declared < ok.len(), "content-length {declared}: {e}"),
+        }
+    }
+    h3_still_serves(&mut h3).await;
+
+    // A body that announces its length and stalls: the request read timeout
+    // (2 s here) answers it.
+    let req = http::Request::post(format!("https://localhost{infer}"))
+        .header("content-type", "application/json")
+        .header("content-length", 100_000)
+        .body(())
+        .unwrap();
+    let mut stream = h3.send.send_request(req).await.unwrap();
+    stream
+        .send_data(Bytes::from_static(b"{\"inputs\""))
+        .await
+        .unwrap();
+    let resp = tokio::time::timeout(BOUND, stream.recv_response())
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 408);
+    h3_still_serves(&mut h3).await;
+
+    // 10,000 requests opened and reset, on a second connection.
+    let mut abuser = support::h3::connect(&server).await;
+    let mut opened = 0u32;
+    for i in 0..10_000u32 {
+        let req = http::Request::post(format!("https://localhost{infer}"))
+            .header("content-type", "application/json")
+            .header("content-length", ok.len())
+            .body(())
+            .unwrap();
+        let Ok(mut stream) = abuser.send.send_request(req).await else {
+            // The server may close an abusive connection: that is its right.
+            break;
+        };
+        if i % 2 == 0 {
+            let _ = stream.send_data(Bytes::from_static(ok)).await;
+        }
+        stream.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+        stream.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+        opened += 1;
+    }
+    eprintln!("{opened} HTTP/3 requests opened and reset");
+    assert_eq!(opened, 10_000, "the server refused to open streams");
+    drop(abuser);
+    h3_still_serves(&mut h3).await;
+    let mut fresh = support::h3::connect(&server).await;
+    h3_still_serves(&mut fresh).await;
+    rest_still_serves(&reqwest::Client::new(), &server).await;
+    let peak = server.peak_rss();
+    eprintln!("peak RSS {} MiB", peak >> 20);
+    assert!(peak < BUDGET + RSS_SLACK, "peak RSS {} MiB", peak >> 20);
+}
+
 // ---- slow and abusive clients ------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_connections_are_closed_and_others_are_served() {
-    // Headers must arrive within the connection's idle time (1 s here).
+    // Headers must arrive within server.header_read_timeout_ms (1.5 s here).
     let server = Server::start(&format!(
-        "[server]\nidle_timeout_ms = 1000\nmax_connections_per_source = 1000\n{}",
+        "[server]\nheader_read_timeout_ms = 1500\nmax_connections_per_source = 1000\n{}",
         config().trim_start_matches("[server]\n")
     ));
     let http = reqwest::Client::new();
-    // 500 connections each sending a header byte every 100 ms, forever.
+    // 500 connections each sending a header byte a second, forever.
     // Connected first, one by one (500 SYNs at once would overflow the listen
     // backlog, and a dropped SYN is retried after a second: the kernel's
     // doing, not the gateway's).
@@ -477,16 +649,15 @@ async fn slowloris_connections_are_closed_and_others_are_served() {
     for mut s in streams {
         slow.spawn(async move {
             let head = b"POST /v2/models/identity/infer HTTP/1.1\r\nHost: quiver\r\nx-slow: ";
-            for i in 0..600usize {
+            for i in 0..60usize {
                 let byte = head.get(i).copied().unwrap_or(b'a');
                 if s.write_all(&[byte]).await.is_err() {
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
                 let mut probe = [0u8; 64];
                 // A close, or an answer before the close: either ends it.
                 if let Ok(read) =
-                    tokio::time::timeout(Duration::from_millis(1), s.read(&mut probe)).await
+                    tokio::time::timeout(Duration::from_secs(1), s.read(&mut probe)).await
                 {
                     let _ = read;
                     return;
@@ -511,6 +682,98 @@ async fn slowloris_connections_are_closed_and_others_are_served() {
     .await
     .expect("every slow connection is closed by the server");
     assert_eq!(closed, 500);
+    rest_still_serves(&http, &server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_slower_than_the_minimum_rate_is_cut_off() {
+    // The whole-request timeout is long (30 s): the rate check (1 KiB/s
+    // after a 2 s grace, the defaults) is what ends these.
+    let server = Server::start(&config().replace(
+        "request_read_timeout_ms = 2000",
+        "request_read_timeout_ms = 30000",
+    ));
+    let http = reqwest::Client::new();
+    let infer = "/v2/models/identity/infer";
+    let mut slow = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(server.http).await.unwrap();
+        slow.spawn(async move {
+            s.write_all(post_head(infer, "100000", "").as_bytes())
+                .await
+                .unwrap();
+            let started = std::time::Instant::now();
+            // 10 bytes a second, far under 1 KiB/s.
+            let mut buf = Vec::new();
+            for _ in 0..100 {
+                if s.write_all(b"[[[[[[[[[[").await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut buf)).await {
+                    Ok(_) => break,
+                    Err(_) => continue,
+                }
+            }
+            (
+                started.elapsed(),
+                String::from_utf8_lossy(&buf).into_owned(),
+            )
+        });
+    }
+    rest_still_serves(&http, &server).await;
+    while let Some(done) = slow.join_next().await {
+        let (elapsed, text) = done.unwrap();
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("min_body_bytes_per_sec"), "{text}");
+        eprintln!("cut off after {elapsed:?}");
+    }
+    let text = server.scrape().await;
+    assert!(
+        support::metric(
+            &text,
+            "quiver_rejections_total",
+            &[("protocol", "http"), ("reason", "body_too_slow")]
+        ) >= 20.0,
+        "{text}"
+    );
+    // The same over HTTP/3: a body trickled at 10 B/s gets 408 from the
+    // rate check, long before the 30 s request timeout.
+    let mut h3 = support::h3::connect(&server).await;
+    let req = http::Request::post(format!("https://localhost{infer}"))
+        .header("content-type", "application/json")
+        .header("content-length", 100_000)
+        .body(())
+        .unwrap();
+    let mut stream = h3.send.send_request(req).await.unwrap();
+    let started = std::time::Instant::now();
+    let trickle = async {
+        loop {
+            if stream
+                .send_data(Bytes::from_static(b"[[[[[[[[[["))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), trickle).await;
+    let resp = tokio::time::timeout(BOUND, stream.recv_response())
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    eprintln!("HTTP/3 slow body answered after {:?}", started.elapsed());
+    assert_eq!(resp.status().as_u16(), 408);
+    let text = server.scrape().await;
+    assert!(
+        support::metric(
+            &text,
+            "quiver_rejections_total",
+            &[("protocol", "h3"), ("reason", "body_too_slow")]
+        ) >= 1.0,
+        "{text}"
+    );
     rest_still_serves(&http, &server).await;
 }
 

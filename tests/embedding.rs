@@ -23,30 +23,11 @@ use support::{Server, quiver_bin};
 const MODEL_NAME: &str = "all-MiniLM-L6-v2";
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    support::workspace()
 }
 
-/// `$QUIVER_MODELS_DIR/all-MiniLM-L6-v2` (or `$QUIVER_MODELS_DIR` itself),
-/// else `<workspace>/models/all-MiniLM-L6-v2`.
 fn model_dir() -> PathBuf {
-    let dir = match std::env::var_os("QUIVER_MODELS_DIR") {
-        Some(root) => {
-            let root = PathBuf::from(root);
-            let nested = root.join(MODEL_NAME);
-            if nested.join("config.json").is_file() {
-                nested
-            } else {
-                root
-            }
-        }
-        None => workspace().join("models").join(MODEL_NAME),
-    };
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "{MODEL_NAME} is not in {}: run scripts/fetch-models (or set QUIVER_MODELS_DIR)",
-        dir.display()
-    );
-    std::fs::canonicalize(dir).unwrap()
+    support::minilm_dir()
 }
 
 /// The reference sentences and embeddings.

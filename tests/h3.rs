@@ -5,120 +5,13 @@
 
 mod support;
 
-use std::sync::Arc;
-
-use bytes::{Buf, Bytes};
-use quiver_gateway::tls::{Trust, client_config};
-use serde_json::{Value, json};
+use bytes::Bytes;
+use serde_json::json;
+use support::h3::connect;
 use support::{
     OIP_CONFIG, OIP_MAX_REQUEST_BYTES, Server, TOKEN, assert_close, f32_bytes, f32s_of, metric,
     mlp_expected, mlp_rows,
 };
-
-type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
-
-struct H3 {
-    send: SendRequest,
-    _endpoint: quinn::Endpoint,
-}
-
-async fn connect(server: &Server) -> H3 {
-    let tls = client_config(&Trust::Pinned(server.fingerprint.clone()), &[b"h3"]).unwrap();
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    let conn = endpoint
-        .connect(server.quic, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
-    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-    });
-    H3 {
-        send,
-        _endpoint: endpoint,
-    }
-}
-
-struct Answer {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap()
-    }
-}
-
-impl H3 {
-    async fn call(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, String)],
-        body: Option<Vec<u8>>,
-    ) -> Answer {
-        let mut b = http::Request::builder()
-            .method(method)
-            .uri(format!("https://localhost{path}"));
-        for (k, v) in headers {
-            b = b.header(*k, v);
-        }
-        if let Some(body) = &body {
-            b = b.header("content-length", body.len());
-        }
-        let mut stream = self.send.send_request(b.body(()).unwrap()).await.unwrap();
-        if let Some(body) = body {
-            // The server may refuse before reading it all.
-            let _ = stream.send_data(Bytes::from(body)).await;
-        }
-        let _ = stream.finish().await;
-        let resp = stream.recv_response().await.unwrap();
-        let mut out = Vec::new();
-        while let Some(mut chunk) = stream.recv_data().await.unwrap() {
-            while chunk.has_remaining() {
-                let c = chunk.chunk();
-                out.extend_from_slice(c);
-                let n = c.len();
-                chunk.advance(n);
-            }
-        }
-        Answer {
-            status: resp.status().as_u16(),
-            headers: resp.headers().clone(),
-            body: out,
-        }
-    }
-
-    async fn get(&mut self, path: &str) -> Answer {
-        self.call(
-            "GET",
-            path,
-            &[("authorization", format!("Bearer {TOKEN}"))],
-            None,
-        )
-        .await
-    }
-
-    async fn post_json(&mut self, path: &str, body: &Value) -> Answer {
-        self.call(
-            "POST",
-            path,
-            &[
-                ("authorization", format!("Bearer {TOKEN}")),
-                ("content-type", "application/json".into()),
-            ],
-            Some(body.to_string().into_bytes()),
-        )
-        .await
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_over_http3_alongside_the_native_protocol() {
@@ -302,35 +195,8 @@ async fn a_stopped_request_stream_is_cancelled_and_never_computed() {
     // As in the native protocol's test: one request fills the whole batch
     // budget of a model slow enough to keep the device busy while a second
     // request waits in the queue and is cancelled.
-    let server = Server::start(
-        r#"
-[[models]]
-name = "big"
-kind = "mlp"
-max_batch_size = 2048
-max_batch_tokens = 2048
-default_timeout_ms = 60000
-[models.demo]
-inputs = 1024
-hidden = [2048, 2048]
-outputs = 8
-"#,
-    );
-    let native = server.client().await;
-    let big = quiver_kernels::HostTensor::new(
-        "INPUT0",
-        vec![2048, 1024],
-        quiver_kernels::TensorData::F32(vec![0.01; 2048 * 1024]),
-    )
-    .unwrap();
-    let big_req =
-        quiver_gateway::tensor::request_to_proto("big", "big", &[big], Default::default());
-    let busy = tokio::spawn(async move { native.infer(&big_req).await });
-    server
-        .wait_for_metrics("the big batch on the device", |t| {
-            metric(t, "quiver_batches_in_flight", &[("model", "big")]) >= 1.0
-        })
-        .await;
+    let server = Server::start(support::BIG_MODEL);
+    let busy = support::occupy_device(&server).await;
 
     let mut h3 = connect(&server).await;
     let body = json!({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1024], "data": vec![0.5; 1024]}]})

@@ -543,3 +543,223 @@ async fn requests_past_the_memory_budget_are_refused_before_their_bodies_are_rea
         );
     }
 }
+
+// ---- QUIC address validation and 0-RTT ---------------------------------------------------
+
+/// A quinn client endpoint of the native protocol that pins the server's
+/// certificate and would send 0-RTT data if the server allowed it.
+fn early_data_client(server: &Server) -> quinn::Endpoint {
+    let mut tls = quiver_gateway::tls::client_config(
+        &Trust::Pinned(server.fingerprint.clone()),
+        &[quiver_gateway::NATIVE_ALPN],
+    )
+    .unwrap();
+    tls.enable_early_data = true;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    endpoint
+}
+
+async fn native_echo(conn: &quinn::Connection, v: f32) -> f32 {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    quiver_gateway::framing::write_frame(&mut send, &echo_request(v))
+        .await
+        .unwrap();
+    let reply: Reply = quiver_gateway::framing::read_frame(&mut recv, 1 << 20)
+        .await
+        .unwrap();
+    match reply.result {
+        Some(reply::Result::Response(r)) => echoed(&r),
+        other => panic!("expected a response, got {other:?}"),
+    }
+}
+
+/// Three clients, each on a new connection, each served; then the count of
+/// QUIC Retries the server sent.
+async fn retries_for_three_clients(server: &Server) -> f64 {
+    for v in [1.0, 2.0, 3.0] {
+        let client = server.client().await;
+        assert_eq!(echoed(&client.infer(&echo_request(v)).await.unwrap()), v);
+        client.close().await;
+    }
+    metric(&server.scrape().await, "quiver_quic_retries_total", &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_handshake_rate_clients_prove_their_address_with_a_retry() {
+    // 0: every new client is asked for a Retry.
+    let always = Server::start(&format!(
+        "[server]\nquic_retry_above_per_sec = 0\n{IDENTITY}"
+    ));
+    assert_eq!(retries_for_three_clients(&always).await, 3.0);
+    // Under the default rate a client is never asked.
+    let calm = Server::start(IDENTITY);
+    assert_eq!(retries_for_three_clients(&calm).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_rtt_is_refused() {
+    let server = Server::start(IDENTITY);
+    let endpoint = early_data_client(&server);
+    // A first connection, which a resuming client learns its ticket from.
+    let conn = endpoint
+        .connect(server.quic, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(native_echo(&conn, 5.0).await, 5.0);
+    conn.close(0u32.into(), b"done");
+    // The second may resume, but may not send before the handshake ends.
+    let connecting = endpoint.connect(server.quic, "localhost").unwrap();
+    match connecting.into_0rtt() {
+        Err(connecting) => {
+            let conn = connecting.await.unwrap();
+            assert_eq!(native_echo(&conn, 6.0).await, 6.0);
+        }
+        Ok((conn, accepted)) => {
+            assert!(!accepted.await, "the server accepted 0-RTT data");
+            assert_eq!(native_echo(&conn, 6.0).await, 6.0);
+        }
+    }
+}
+
+// ---- per-client rate limits ----------------------------------------------------------------
+
+/// A model slow enough (one row per batch, about a few ms each) that a
+/// greedy client could take all of its capacity.
+fn fair_config(rate: u32) -> String {
+    format!(
+        "[server]\nauth_tokens = [\"greedy\", \"polite\"]\nrate_limit_per_sec = {rate}\n\
+         rate_limit_burst = 10\n\n\
+         [[models]]\nname = \"mlp\"\nkind = \"mlp\"\nmax_batch_size = 1\nqueue_capacity = 4096\n\
+         default_timeout_ms = 500\n\
+         [models.demo]\ninputs = 1024\nhidden = [2048, 2048, 2048]\noutputs = 4\nseed = 7\n"
+    )
+}
+
+fn mlp_request() -> quiver_gateway::proto::ModelInferRequest {
+    let t = HostTensor::new("INPUT0", vec![1, 1024], TensorData::F32(vec![0.25; 1024])).unwrap();
+    request_to_proto("mlp", "", &[t], HashMap::new())
+}
+
+/// Runs a greedy client (open loop, `greedy_per_sec`) beside a polite one
+/// (20 requests/s) for `secs`; returns (polite ok, polite failed, greedy
+/// ok, greedy refused for its rate) and the first polite failure.
+async fn greedy_beside_polite(
+    server: &Server,
+    greedy_per_sec: u32,
+    secs: u64,
+) -> ((u32, u32, u32, u32), Option<String>) {
+    let greedy = std::sync::Arc::new(server.client_with_token(Some("greedy")).await);
+    let polite = std::sync::Arc::new(server.client_with_token(Some("polite")).await);
+    let run = |client: std::sync::Arc<Client>, per_sec: u32| async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1) / per_sec);
+        let mut tasks = tokio::task::JoinSet::new();
+        let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while tokio::time::Instant::now() < until {
+            tick.tick().await;
+            let client = client.clone();
+            tasks.spawn(async move { client.infer(&mlp_request()).await });
+        }
+        let (mut ok, mut limited, mut failed, mut first) = (0u32, 0u32, 0u32, None);
+        while let Some(r) = tasks.join_next().await {
+            match r.unwrap() {
+                Ok(_) => ok += 1,
+                Err(e) if e.to_string().contains("rate limit") => limited += 1,
+                Err(e) => {
+                    failed += 1;
+                    first.get_or_insert(e.to_string());
+                }
+            }
+        }
+        (ok, limited, failed, first)
+    };
+    let (g, p) = tokio::join!(run(greedy, greedy_per_sec), run(polite, 20));
+    ((p.0, p.1 + p.2, g.0, g.1), p.3.or(g.3))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greedy_client_does_not_push_a_polite_one_past_its_deadlines() {
+    // Each client's share is 40 requests/s; the greedy one sends ten times
+    // that, open loop, more than the model can compute.
+    let server = Server::start(&fair_config(40));
+    let ((polite_ok, polite_failed, greedy_ok, greedy_limited), first) =
+        greedy_beside_polite(&server, 400, 3).await;
+    eprintln!(
+        "polite: {polite_ok} ok, {polite_failed} failed; greedy: {greedy_ok} ok, {greedy_limited} refused for its rate"
+    );
+    assert_eq!(polite_failed, 0, "first failure: {first:?}");
+    assert!(polite_ok >= 55, "{polite_ok}");
+    // The greedy client got its rate (3 s x 40/s + the burst), no more.
+    assert!(greedy_ok <= 3 * 40 + 10 + 5, "{greedy_ok}");
+    assert!(greedy_limited > 500, "{greedy_limited}");
+    let text = server.scrape().await;
+    assert!(
+        metric(
+            &text,
+            "quiver_rejections_total",
+            &[
+                ("model", "mlp"),
+                ("protocol", "quic"),
+                ("reason", "rate_limited")
+            ]
+        ) >= greedy_limited as f64,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_rest_request_gets_429_with_retry_after_before_its_body_is_read() {
+    let server = Server::start(&format!(
+        "[server]\nrate_limit_per_sec = 1\nrate_limit_burst = 1\n{IDENTITY}"
+    ));
+    let http = reqwest::Client::new();
+    let url = format!("{}/v2/models/identity/infer", server.http_url());
+    let body = serde_json::json!({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]});
+    let first = http.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let second = http.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(second.status(), 429);
+    assert_eq!(
+        second
+            .headers()
+            .get("retry-after")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        "1"
+    );
+    let text = second.text().await.unwrap();
+    assert!(text.contains("rate limit of 1 requests/s"), "{text}");
+
+    // The same client (its source address) over HTTP/3 shares the bucket:
+    // refused before its body is read, counted once.
+    let mut h3 = support::h3::connect(&server).await;
+    let a = h3
+        .call(
+            "POST",
+            "/v2/models/identity/infer",
+            &[("content-type", "application/json".into())],
+            Some(body.to_string().into_bytes()),
+        )
+        .await;
+    assert_eq!(a.status, 429, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(a.headers.get("retry-after").unwrap(), "1");
+    let metrics = server.scrape().await;
+    for protocol in ["http", "h3"] {
+        assert_eq!(
+            metric(
+                &metrics,
+                "quiver_rejections_total",
+                &[
+                    ("model", "identity"),
+                    ("protocol", protocol),
+                    ("reason", "rate_limited")
+                ]
+            ),
+            1.0,
+            "{protocol}: {metrics}"
+        );
+    }
+}

@@ -156,7 +156,7 @@ async fn counters_move_with_the_requests_sent() {
     );
     assert!(metric(&after, "quiver_batches_total", &[("model", "mlp")]) >= 1.0);
     assert!(
-        after.contains("quiver_queue_depth{model=\"mlp\"}"),
+        after.contains("quiver_queue_depth{model=\"mlp\",version=\"1\",device=\"cpu\"}"),
         "{after}"
     );
     // The start-up calibration's fit, one gauge per term; a batch costs
@@ -171,7 +171,7 @@ async fn counters_move_with_the_requests_sent() {
     for t in ["fixed", "per_row", "per_token"] {
         assert!(
             after.contains(&format!(
-                "quiver_latency_model_seconds{{model=\"mlp\",term=\"{t}\"}}"
+                "quiver_latency_model_seconds{{model=\"mlp\",version=\"1\",device=\"cpu\",term=\"{t}\"}}"
             )),
             "{after}"
         );

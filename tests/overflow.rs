@@ -523,6 +523,8 @@ async fn overflow_spills_survives_a_killed_worker_and_avoids_a_slow_one() {
 struct Flaky {
     inner: Arc<dyn quiver_kernels::Model>,
     broken: Arc<AtomicBool>,
+    /// While broken: panic in `forward` rather than return an error.
+    panics: AtomicBool,
     forwards: AtomicU64,
 }
 
@@ -548,6 +550,9 @@ impl quiver_kernels::Model for Flaky {
     ) -> Result<Vec<Vec<HostTensor>>, quiver_kernels::ModelError> {
         self.forwards.fetch_add(1, Ordering::Relaxed);
         if self.broken.load(Ordering::Relaxed) {
+            if self.panics.load(Ordering::Relaxed) {
+                panic!("injected panic in forward");
+            }
             return Err(quiver_kernels::ModelError::BadBatch {
                 message: "injected device fault".into(),
             });
@@ -556,24 +561,83 @@ impl quiver_kernels::Model for Flaky {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_device_overflows_until_a_probe_batch_succeeds() {
-    use quiver_batching::{CancelToken, LatencyModel, Scheduler, SchedulerConfig};
-    use quiver_gateway::device::DeviceWorker;
-    use quiver_gateway::metrics::Metrics;
-    use quiver_gateway::request::{InferRequest, OverflowReason, Served};
-    use quiver_gateway::router::{ModelEntry, Router};
-    use quiver_gateway::upstream::Upstream;
+/// Request `r{i}` to "mlp": one row, [`row`] `i`.
+fn row_request(i: usize) -> quiver_gateway::request::InferRequest {
+    let input = HostTensor::new("INPUT0", vec![1, 16], TensorData::F32(row(i))).unwrap();
+    quiver_gateway::request::InferRequest {
+        version: String::new(),
+        rtt: None,
+        model: "mlp".into(),
+        id: format!("r{i}"),
+        inputs: vec![input],
+        outputs: Vec::new(),
+        priority: 0,
+        timeout: None,
+        truncate: None,
+        truncation_side: Default::default(),
+    }
+}
 
-    let w = Worker::start();
+/// A router whose one model "mlp" runs on a [`Flaky`] device (broken at
+/// first; unhealthy after two failed batches in a row) with `upstream`.
+fn flaky_router(
+    upstream: Option<Arc<quiver_gateway::upstream::Upstream>>,
+    metrics: Arc<quiver_gateway::metrics::Metrics>,
+) -> (Arc<Flaky>, Arc<AtomicBool>, quiver_gateway::router::Router) {
+    use quiver_batching::{LatencyModel, Scheduler, SchedulerConfig};
+    use quiver_gateway::device::DeviceWorker;
+    use quiver_gateway::router::{ModelEntry, Router};
+
     let broken = Arc::new(AtomicBool::new(true));
     let flaky = Arc::new(Flaky {
         inner: reference(),
         broken: broken.clone(),
+        panics: AtomicBool::new(false),
         forwards: AtomicU64::new(0),
     });
-    let metrics = Arc::new(Metrics::new());
     let config = quiver_config::Model::new("mlp", quiver_config::ModelKind::Mlp);
+    let scheduler = Scheduler::new(SchedulerConfig::default(), LatencyModel::new());
+    let worker = DeviceWorker::spawn(
+        quiver_gateway::metrics::DeviceLabels {
+            model: "mlp".into(),
+            version: "1".into(),
+            device: "cpu".into(),
+        },
+        flaky.clone(),
+        scheduler,
+        metrics.clone(),
+        2,
+    )
+    .unwrap();
+    let router = Router::with_metrics(metrics);
+    router.insert(ModelEntry {
+        name: "mlp".into(),
+        version: 1,
+        model: flaky.clone(),
+        replicas: vec![quiver_gateway::registry::Replica {
+            device: "cpu".into(),
+            model: flaky.clone(),
+            worker,
+        }],
+        next_replica: Default::default(),
+        default_timeout: Duration::from_secs(10),
+        priority_levels: config.priority_levels,
+        routing: config.routing,
+        config,
+        upstream,
+    });
+    (flaky, broken, router)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_device_overflows_until_a_probe_batch_succeeds() {
+    use quiver_batching::CancelToken;
+    use quiver_gateway::metrics::Metrics;
+    use quiver_gateway::request::{OverflowReason, Served};
+    use quiver_gateway::upstream::Upstream;
+
+    let w = Worker::start();
+    let metrics = Arc::new(Metrics::new());
     let endpoint = quiver_config::Endpoint::parse(&format!("grpc://{}", w.grpc)).unwrap();
     let upstream = Upstream::new(
         "mlp",
@@ -581,35 +645,9 @@ async fn a_failed_device_overflows_until_a_probe_batch_succeeds() {
         metrics.clone(),
     )
     .unwrap();
-    let scheduler = Scheduler::new(SchedulerConfig::default(), LatencyModel::new());
-    let worker =
-        DeviceWorker::spawn("mlp".into(), flaky.clone(), scheduler, metrics.clone()).unwrap();
-    let mut router = Router::with_metrics(metrics.clone());
-    router.insert(ModelEntry {
-        name: "mlp".into(),
-        model: flaky.clone(),
-        worker,
-        default_timeout: Duration::from_secs(10),
-        priority_levels: config.priority_levels,
-        routing: config.routing,
-        config,
-        upstream: Some(upstream),
-    });
+    let (flaky, broken, router) = flaky_router(Some(upstream), metrics.clone());
     let reference = reference();
-    let infer = |i: usize| {
-        let input = HostTensor::new("INPUT0", vec![1, 16], TensorData::F32(row(i))).unwrap();
-        router.infer(
-            InferRequest {
-                model: "mlp".into(),
-                id: format!("r{i}"),
-                inputs: vec![input],
-                outputs: Vec::new(),
-                priority: 0,
-                timeout: None,
-            },
-            CancelToken::new(),
-        )
-    };
+    let infer = |i: usize| router.infer(row_request(i), CancelToken::new());
     let check = |i: usize, resp: &quiver_gateway::request::InferResponse| {
         let got = match &resp.outputs[0].data {
             TensorData::F32(v) => v.clone(),
@@ -621,7 +659,7 @@ async fn a_failed_device_overflows_until_a_probe_batch_succeeds() {
     let entry = router.model("mlp").unwrap();
 
     // The device fails the first batch: its request is sent on, and the
-    // device is marked unhealthy.
+    // device stays healthy; the second failure in a row marks it unhealthy.
     let resp = infer(0).await.expect("the worker answers");
     check(0, &resp);
     assert!(
@@ -629,7 +667,15 @@ async fn a_failed_device_overflows_until_a_probe_batch_succeeds() {
         "{:?}",
         resp.served
     );
-    assert!(!entry.worker.healthy());
+    assert!(entry.healthy(), "one failure is not yet unhealthy");
+    let resp = infer(100).await.expect("the worker answers");
+    check(100, &resp);
+    assert!(
+        matches!(&resp.served, Served::Upstream(u) if u.reason == OverflowReason::DeviceFailed),
+        "{:?}",
+        resp.served
+    );
+    assert!(!entry.healthy());
 
     // While unhealthy, traffic goes straight to the upstream.
     for i in 1..6 {
@@ -648,7 +694,7 @@ async fn a_failed_device_overflows_until_a_probe_batch_succeeds() {
     eventually(
         "a probe batch succeeds",
         Duration::from_secs(10),
-        || async { entry.worker.healthy() },
+        || async { entry.healthy() },
     )
     .await;
     let resp = infer(6).await.expect("served");
@@ -698,7 +744,12 @@ async fn the_upstream_token_reaches_a_worker_that_wants_one() {
 
         let without = Upstream::new("m", &config, Arc::new(Metrics::new())).unwrap();
         let err = without
-            .infer("", std::slice::from_ref(&input), 0, deadline())
+            .infer(
+                "",
+                std::slice::from_ref(&input),
+                quiver_gateway::upstream::client::Policy::default(),
+                deadline(),
+            )
             .await
             .expect_err("the worker wants a token");
         assert!(
@@ -709,7 +760,12 @@ async fn the_upstream_token_reaches_a_worker_that_wants_one() {
         config.token = Some("w-s3cret".into());
         let with = Upstream::new("m", &config, Arc::new(Metrics::new())).unwrap();
         let served = with
-            .infer("", std::slice::from_ref(&input), 0, deadline())
+            .infer(
+                "",
+                std::slice::from_ref(&input),
+                quiver_gateway::upstream::client::Policy::default(),
+                deadline(),
+            )
             .await
             .unwrap_or_else(|e| panic!("{scheme}: {e}"));
         let got = match &served.answer.outputs[0].data {
@@ -717,5 +773,202 @@ async fn the_upstream_token_reaches_a_worker_that_wants_one() {
             other => panic!("expected FP32, got {other:?}"),
         };
         support::assert_close(&got, &want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_device_without_upstreams_is_refused_typed_and_not_ready_until_a_probe() {
+    use quiver_batching::CancelToken;
+    use quiver_gateway::error::GatewayError;
+    use quiver_gateway::frontend::http;
+    use quiver_gateway::metrics::Metrics;
+    use quiver_gateway::request::Served;
+    use tower::ServiceExt;
+
+    let metrics = Arc::new(Metrics::new());
+    let (flaky, broken, router) = flaky_router(None, metrics.clone());
+    let router = Arc::new(router);
+    let infer = |i: usize| {
+        let router = router.clone();
+        async move { router.infer(row_request(i), CancelToken::new()).await }
+    };
+    let app = http::app(http::Api {
+        router: router.clone(),
+        metrics: metrics.clone(),
+        auth: quiver_gateway::frontend::auth::Auth::new(&[], true),
+        max_body_bytes: 1 << 20,
+        request_read_timeout: Duration::from_secs(10),
+        min_body_rate: None,
+        budget: quiver_gateway::budget::MemoryBudget::new(1 << 30, Default::default()),
+        ready: Arc::new(AtomicBool::new(true)),
+        lifecycle: quiver_gateway::lifecycle::Lifecycle::new(
+            router.clone(),
+            quiver_gateway::frontend::auth::Auth::new(&[], true),
+            quiver_config::Config::embedded_default(),
+            None,
+            None,
+            false,
+        ),
+        protocol: http::PROTOCOL,
+    });
+    let ready = |app: axum::Router| async move {
+        let resp = app
+            .oneshot(
+                axum::http::Request::get("/v2/models/mlp/ready")
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        resp.status().as_u16()
+    };
+    assert_eq!(ready(app.clone()).await, 200);
+
+    // A failed batch, then a panicking one: each fails its request with a
+    // typed model error and the process lives on; the second in a row
+    // marks the device unhealthy.
+    let err = infer(0).await.unwrap_err();
+    assert!(matches!(err, GatewayError::Model { .. }), "{err}");
+    assert!(router.model("mlp").unwrap().healthy());
+    flaky.panics.store(true, Ordering::Relaxed);
+    let err = infer(1).await.unwrap_err();
+    assert!(matches!(err, GatewayError::Model { .. }), "{err}");
+    assert!(err.to_string().contains("panicked"), "{err}");
+    assert!(!router.model("mlp").unwrap().healthy());
+
+    // Unhealthy with nowhere to overflow: refused at once, 503 on the wire,
+    // and the model says it is not ready.
+    let forwards = flaky.forwards.load(Ordering::Relaxed);
+    let err = infer(2).await.unwrap_err();
+    assert!(matches!(err, GatewayError::DeviceUnhealthy { .. }), "{err}");
+    assert_eq!(
+        http::http_status(&err),
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, Some(1))
+    );
+    assert_eq!(ready(app.clone()).await, 503);
+    let text = metrics.encode();
+    assert_eq!(
+        metric(&text, "quiver_device_healthy", &[("model", "mlp")]),
+        0.0
+    );
+
+    // Repaired: a probe batch (one a second) brings it back.
+    broken.store(false, Ordering::Relaxed);
+    eventually(
+        "a probe batch succeeds",
+        Duration::from_secs(10),
+        || async { router.model("mlp").unwrap().healthy() },
+    )
+    .await;
+    assert!(
+        flaky.forwards.load(Ordering::Relaxed) > forwards,
+        "a probe ran"
+    );
+    let resp = infer(3).await.expect("served again");
+    assert!(matches!(resp.served, Served::Local(_)), "{:?}", resp.served);
+    support::assert_close(
+        match &resp.outputs[0].data {
+            TensorData::F32(v) => v,
+            other => panic!("expected FP32, got {other:?}"),
+        },
+        &expected(reference().as_ref(), &row(3)),
+    );
+    assert_eq!(ready(app).await, 200);
+}
+
+/// Two devices, the first broken: a request whose batch fails there is
+/// computed on the other (no request fails), the broken one is marked
+/// unhealthy after its second failed batch and takes nothing more, and once
+/// it is repaired a probe brings it back into placement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_devices_requests_move_to_the_other_device() {
+    use quiver_batching::{CancelToken, LatencyModel, Scheduler, SchedulerConfig};
+    use quiver_gateway::device::DeviceWorker;
+    use quiver_gateway::metrics::{DeviceLabels, Metrics};
+    use quiver_gateway::registry::Replica;
+    use quiver_gateway::router::{ModelEntry, Router};
+
+    let metrics = Arc::new(Metrics::new());
+    let broken = Arc::new(AtomicBool::new(true));
+    let flaky = Arc::new(Flaky {
+        inner: reference(),
+        broken: broken.clone(),
+        panics: AtomicBool::new(false),
+        forwards: AtomicU64::new(0),
+    });
+    let good = reference();
+    let replica = |device: &str, model: Arc<dyn quiver_kernels::Model>| Replica {
+        device: device.into(),
+        worker: DeviceWorker::spawn(
+            DeviceLabels {
+                model: "mlp".into(),
+                version: "1".into(),
+                device: device.into(),
+            },
+            model.clone(),
+            Scheduler::new(SchedulerConfig::default(), LatencyModel::new()),
+            metrics.clone(),
+            2,
+        )
+        .unwrap(),
+        model,
+    };
+    let config = quiver_config::Model::new("mlp", quiver_config::ModelKind::Mlp);
+    let router = Router::with_metrics(metrics.clone());
+    router.insert(ModelEntry {
+        name: "mlp".into(),
+        version: 1,
+        model: flaky.clone(),
+        replicas: vec![
+            replica("sim:0", flaky.clone()),
+            replica("sim:1", good.clone()),
+        ],
+        next_replica: Default::default(),
+        default_timeout: Duration::from_secs(10),
+        priority_levels: config.priority_levels,
+        routing: config.routing,
+        config,
+        upstream: None,
+    });
+    let entry = router.model("mlp").unwrap();
+    for i in 0..6 {
+        let resp = router
+            .infer(row_request(i), CancelToken::new())
+            .await
+            .unwrap_or_else(|e| panic!("request {i} failed: {e}"));
+        assert_eq!(resp.device.as_deref(), Some("sim:1"), "request {i}");
+        let got = match &resp.outputs[0].data {
+            TensorData::F32(v) => v.clone(),
+            other => panic!("expected FP32, got {other:?}"),
+        };
+        support::assert_close(&got, &expected(good.as_ref(), &row(i)));
+    }
+    assert_eq!(
+        flaky.forwards.load(Ordering::Relaxed),
+        2,
+        "two failed batches, then none"
+    );
+    assert!(!entry.replicas[0].worker.healthy());
+    assert!(
+        entry.healthy(),
+        "the model stays healthy on its other device"
+    );
+
+    broken.store(false, Ordering::Relaxed);
+    support_wait(|| entry.replicas[0].worker.healthy()).await;
+    // Both idle and alike again: placement prefers the first on a tie.
+    let resp = router
+        .infer(row_request(9), CancelToken::new())
+        .await
+        .unwrap();
+    assert_eq!(resp.device.as_deref(), Some("sim:0"));
+}
+
+/// Waits (bounded, 10 s) for `done`.
+async fn support_wait(done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "condition never held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

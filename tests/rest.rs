@@ -276,11 +276,49 @@ async fn bad_requests_get_their_status_and_the_server_keeps_serving() {
     let (s, _) = get(&c, format!("{base}/v2/models/mlp/versions/7")).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // A path no route matches is named as such, not as an unknown model.
-    let (s, v) = post_json(&c, format!("{base}/v1/embeddings"), &json!({"input": "x"})).await;
+    let (s, v) = post_json(&c, format!("{base}/v2/embeddings"), &json!({"input": "x"})).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let error = v["error"].as_str().unwrap();
-    assert!(error.contains("no route for POST /v1/embeddings"), "{v}");
+    assert!(error.contains("no route for POST /v2/embeddings"), "{v}");
     assert!(!error.contains("unknown model"), "{v}");
+    // Repository bodies are held to their schema (schemathesis found these
+    // read as defaults); an empty or null body is `{}`.
+    let (s, v) = post_json(
+        &c,
+        format!("{base}/v2/repository/index"),
+        &json!({"ready": {}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("ready must be a boolean"),
+        "{v}"
+    );
+    let (s, v) = post_json(&c, format!("{base}/v2/repository/index"), &Value::Null).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = post_json(
+        &c,
+        format!("{base}/v2/repository/models/mlp/load"),
+        &json!({"parameters": [null, null]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("parameters must be an object"),
+        "{v}"
+    );
+    // Under /v1 too, in OpenAI's error shape.
+    let (s, v) = post_json(&c, format!("{base}/v1/embedding"), &json!({"input": "x"})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let error = v["error"]["message"].as_str().unwrap();
+    assert!(error.contains("no route for POST /v1/embedding"), "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
 
     // Oversized body: refused from its Content-Length.
     let big = vec![b' '; OIP_MAX_REQUEST_BYTES + 1];
@@ -361,4 +399,88 @@ async fn chunked_oversized(addr: std::net::SocketAddr) -> u16 {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_is_counted_once_as_cancelled() {
+    use tokio::io::AsyncWriteExt;
+    // One request fills the batch budget of a model slow enough to keep the
+    // device busy while a REST request waits in the queue; its client then
+    // closes the connection.
+    let server = support::Server::start(support::BIG_MODEL);
+    let busy = support::occupy_device(&server).await;
+    let body = json!({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1024], "data": vec![0.5; 1024]}]})
+        .to_string();
+    let mut s = tokio::net::TcpStream::connect(server.http).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /v2/models/big/infer HTTP/1.1\r\nHost: quiver\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    server
+        .wait_for_metrics("the REST request taken in", |t| {
+            support::metric(t, "quiver_requests_received_total", &[("protocol", "http")]) >= 1.0
+        })
+        .await;
+    drop(s);
+    let text = server
+        .wait_for_metrics("the REST request counted as cancelled", |t| {
+            support::metric(
+                t,
+                "quiver_requests_total",
+                &[
+                    ("model", "big"),
+                    ("protocol", "http"),
+                    ("outcome", "cancelled"),
+                ],
+            ) >= 1.0
+        })
+        .await;
+    assert_eq!(
+        support::metric(
+            &text,
+            "quiver_requests_total",
+            &[
+                ("model", "big"),
+                ("protocol", "http"),
+                ("outcome", "cancelled")
+            ],
+        ),
+        1.0,
+        "{text}"
+    );
+    busy.await.unwrap().unwrap();
+    let text = server.scrape().await;
+    assert_eq!(
+        support::metric(
+            &text,
+            "quiver_requests_received_total",
+            &[("protocol", "http")]
+        ),
+        1.0
+    );
+    // Both requests entered routing; each ended there once (the REST one
+    // as cancelled).
+    assert_eq!(
+        support::metric(&text, "quiver_admitted_requests_total", &[("model", "big")]),
+        2.0
+    );
+    assert_eq!(
+        support::metric(&text, "quiver_routed_requests_total", &[("model", "big")]),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        support::metric(
+            &text,
+            "quiver_routed_requests_total",
+            &[("model", "big"), ("outcome", "cancelled")]
+        ),
+        1.0,
+        "{text}"
+    );
 }

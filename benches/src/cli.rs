@@ -36,6 +36,17 @@ pub enum Command {
     /// Serve a bare QUIC echo (each stream answered with its own bytes): the
     /// transport's limit, measured with a `quic-echo://` target.
     EchoServer(EchoArgs),
+    /// Start a gateway and two workers, drive the gateway past its local
+    /// capacity while injecting faults (client resets, dropped connections,
+    /// a worker killed and restarted, a worker frozen, an upstream that
+    /// answers errors), and check that every request got exactly one
+    /// outcome, the gateway's counters balance and its RSS and descriptors
+    /// stay flat. Writes a JSON report and an SVG plot.
+    Soak(crate::soak::SoakArgs),
+    /// Write random weights of given names, dtypes and shapes (a
+    /// safetensors header as JSON): a model of real dimensions without
+    /// carrying its weights (`scripts/gpu-check`).
+    GenWeights(crate::weights::GenWeightsArgs),
 }
 
 /// What the input tensors are.

@@ -58,7 +58,7 @@ impl EchoServer {
     /// Binds `addr` with a fresh self-signed certificate.
     pub fn bind(addr: SocketAddr, limits: EchoLimits) -> Result<Self, EchoError> {
         let identity = Identity::self_signed(&[])?;
-        let rustls = tls::server_config(&identity, &[quiver_gateway::NATIVE_ALPN])?;
+        let rustls = tls::server_config(&identity, &[quiver_gateway::NATIVE_ALPN], None)?;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(rustls)
             .map_err(|e| EchoError::Quic(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));

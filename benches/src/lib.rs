@@ -17,4 +17,6 @@ pub mod inputs;
 pub mod load;
 pub mod report;
 pub mod schedule;
+pub mod soak;
 pub mod targets;
+pub mod weights;

@@ -10,5 +10,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => cli::run(*args).await,
         Command::EchoServer(args) => cli::echo_server(args).await,
+        Command::Soak(args) => quiver_bench::soak::soak(args).await,
+        Command::GenWeights(args) => quiver_bench::weights::gen_weights(&args),
     }
 }

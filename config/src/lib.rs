@@ -36,7 +36,7 @@ mod syntax;
 mod upstream;
 mod validate;
 
-pub use upstream::{Endpoint, Routing, Upstream, UpstreamProtocol};
+pub use upstream::{Endpoint, Routing, Upstream, UpstreamProtocol, UpstreamTls};
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -54,7 +54,37 @@ pub struct Config {
     pub models: Vec<Model>,
 }
 
+/// A per-client rate limit in effect for a model: see
+/// [`Server::rate_limit_per_sec`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Requests per second, sustained (at least 1).
+    pub per_sec: u32,
+    /// Requests at once above the rate (at least 1).
+    pub burst: u32,
+}
+
 impl Config {
+    /// The per-client rate limit of `model`: its own rate and burst, else
+    /// the server's; `None` when the rate in effect is 0 (off).
+    #[must_use]
+    pub fn rate_limit(&self, model: &Model) -> Option<RateLimit> {
+        let (per_sec, burst) = match model.rate_limit_per_sec {
+            Some(rate) => (rate, model.rate_limit_burst.unwrap_or(rate)),
+            None => (
+                self.server.rate_limit_per_sec,
+                model
+                    .rate_limit_burst
+                    .or(self.server.rate_limit_burst)
+                    .unwrap_or(self.server.rate_limit_per_sec),
+            ),
+        };
+        (per_sec > 0).then_some(RateLimit {
+            per_sec,
+            burst: burst.max(1),
+        })
+    }
+
     /// The text of the embedded default configuration (`examples/default.toml`):
     /// what `quiver serve` runs with no `--config`.
     pub const EMBEDDED_DEFAULT_TOML: &'static str = include_str!("../examples/default.toml");
@@ -113,6 +143,26 @@ impl Config {
         errors.into_result(())
     }
 
+    /// Parses a repository model's `model.toml`: the `[[models]]` table of
+    /// model `name` without `name` and `path` (the weights are the version
+    /// directories). Errors are reported under `file`, e.g.
+    /// `mlp/model.toml.max_batch_size`. The model returned has no `path`;
+    /// the gateway sets one per version.
+    ///
+    /// # Errors
+    ///
+    /// A syntax or type error, a `name` or `path` key, and every range and
+    /// spelling error, each with its path.
+    pub fn repository_model(name: &str, file: &str, text: &str) -> Result<Model, ConfigError> {
+        let raw = syntax::parse_raw_model(text).map_err(|mut error| {
+            error.path = format!("{file}.{}", error.path);
+            ConfigError {
+                errors: vec![error],
+            }
+        })?;
+        validate::repository_model(name, file, raw)
+    }
+
     /// The model named `name`, if it is configured.
     #[must_use]
     pub fn model(&self, name: &str) -> Option<&Model> {
@@ -145,11 +195,32 @@ pub struct Server {
     /// for none. TOML `grpc_listen`, a string; `""` or `"off"` disables it.
     /// Default `0.0.0.0:8001` (Triton's port).
     pub grpc_listen: Option<SocketAddr>,
+    /// TCP address of the KServe v2 REST listener over TLS (HTTP/1.1 and
+    /// HTTP/2 by ALPN), with the certificate of `[tls]`, and client
+    /// certificates required when `tls.client_ca` is set. TOML
+    /// `https_listen`; `""` or `"off"` disables it. Default off.
+    pub https_listen: Option<SocketAddr>,
+    /// TCP address of the gRPC listener over TLS (HTTP/2), as
+    /// `https_listen`. TOML `grpcs_listen`. Default off.
+    ///
+    /// With `tls.client_ca` set, only the QUIC listener and these two check
+    /// client certificates: `http_listen` and `grpc_listen` stay plain, for
+    /// loopback and sidecars (bind them to 127.0.0.1, or turn them off).
+    pub grpcs_listen: Option<SocketAddr>,
     /// Bearer tokens accepted on every front end (`Authorization: Bearer
     /// TOKEN` on HTTP, HTTP/3 and gRPC). Empty: no authentication. TOML
     /// `auth_tokens`, an array of strings, each 1 to 4096 visible ASCII
     /// characters without spaces. Default `[]`.
     pub auth_tokens: Vec<String>,
+    /// Binds tokens to client certificates: entry `i` is the identity
+    /// (URI SAN, DNS SAN or `sha256:` fingerprint, as `tls.client_ca`
+    /// derives it) of the only client that may use `auth_tokens[i]`; `""`
+    /// leaves that token unbound. Checked on inference requests; a bound
+    /// token from another (or no) certificate is refused 401 /
+    /// UNAUTHENTICATED. Needs `tls.client_ca`. TOML
+    /// `auth_token_identities`, as long as `auth_tokens` or empty. Default
+    /// `[]`: no token is bound.
+    pub auth_token_identities: Vec<String>,
     /// Whether the health endpoints (`/v2/health/*`, `/v2/models/{m}/ready`
     /// and their gRPC twins) answer without a token, for load balancers and
     /// readiness probes. TOML `auth_exempt_health`. Default `true`.
@@ -186,6 +257,13 @@ pub struct Server {
     /// share an address: size it for them. TOML `max_connections_per_source`.
     /// Default 256, range 1..=1 048 576.
     pub max_connections_per_source: u32,
+    /// New QUIC handshakes per second above which the server makes each
+    /// client whose address is not yet validated prove it with a Retry
+    /// (one round trip more), so a flood of Initial packets from spoofed
+    /// addresses costs the server a stateless reply each, not a handshake.
+    /// TOML `quic_retry_above_per_sec`. Default 256, range 0..=1 048 576;
+    /// 0 asks every new client for a Retry.
+    pub quic_retry_above_per_sec: u32,
     /// A connection with no traffic for this long is closed. TOML
     /// `idle_timeout_ms`, milliseconds. Default 30 000 (30 s), range
     /// 1..=3 600 000 (1 h).
@@ -198,10 +276,47 @@ pub struct Server {
     /// holds nothing for long. TOML `request_read_timeout_ms`, milliseconds.
     /// Default 10 000 (10 s), range 1..=3 600 000 (1 h).
     pub request_read_timeout: Duration,
+    /// Longest an HTTP/1.1 client may take to send a request's headers, from
+    /// the first byte of the request (slowloris: a connection that trickles
+    /// its header a byte at a time is closed when this passes). TOML
+    /// `header_read_timeout_ms`, milliseconds. Default 10 000 (10 s), range
+    /// 1..=3 600 000 (1 h).
+    pub header_read_timeout: Duration,
+    /// The slowest a REST request body (HTTP/1.1, HTTP/2, HTTP/3) may arrive, in
+    /// bytes per second on average since its headers, checked once the
+    /// first [`Server::MIN_BODY_RATE_GRACE`] has passed: a slower body is
+    /// answered 408 and its bytes released before `request_read_timeout`
+    /// would. TOML `min_body_bytes_per_sec`. Default 1024, range
+    /// 0..=1 073 741 824; 0 turns the check off.
+    pub min_body_bytes_per_sec: u32,
     /// On SIGINT or SIGTERM, how long in-flight requests may drain before
     /// the process exits. TOML `shutdown_grace_ms`, milliseconds. Default
     /// 10 000 (10 s), range 0..=600 000 (10 min); 0 exits without draining.
     pub shutdown_grace: Duration,
+    /// Requests per second each client may send to each model, sustained:
+    /// a token bucket (GCRA) per client, keyed by its bearer token when
+    /// tokens are configured, else by its source address. Past it, HTTP 429
+    /// with `Retry-After`, gRPC and native `RESOURCE_EXHAUSTED`, before any
+    /// work, so one greedy client cannot push others past their deadlines.
+    /// A model's own `rate_limit_per_sec` overrides it. TOML
+    /// `rate_limit_per_sec`. Default 0 (off), range 0..=1 048 576.
+    pub rate_limit_per_sec: u32,
+    /// Requests a client may send at once above its rate (the bucket's
+    /// size). TOML `rate_limit_burst`. Default: the rate (one second's
+    /// worth), range 1..=1 048 576.
+    pub rate_limit_burst: Option<u32>,
+    /// A model repository: `DIR/NAME/model.toml` (the `[[models]]` table of
+    /// model NAME, without `name` and `path`) and `DIR/NAME/VERSION/` (its
+    /// weights, integer versions as in Triton), served beside the inline
+    /// `[[models]]`. TOML `model_repository`, a directory. Default none.
+    pub model_repository: Option<PathBuf>,
+    /// When repository models load: see [`ModelControl`]. TOML
+    /// `model_control`. Default `"none"`.
+    pub model_control: ModelControl,
+    /// With `model_control = "poll"`, how often the repository is rescanned.
+    /// TOML `repository_poll_ms`, milliseconds. Default 5000, range
+    /// 100..=3 600 000.
+    pub repository_poll: Duration,
 }
 
 impl Server {
@@ -229,10 +344,22 @@ impl Server {
     pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: u32 = 256;
     /// Default of [`Server::request_read_timeout`]: 10 s.
     pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_millis(10_000);
+    /// Default of [`Server::quic_retry_above_per_sec`].
+    pub const DEFAULT_QUIC_RETRY_ABOVE_PER_SEC: u32 = 256;
+    /// Default of [`Server::header_read_timeout`]: 10 s.
+    pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_millis(10_000);
+    /// Default of [`Server::min_body_bytes_per_sec`]: 1 KiB/s.
+    pub const DEFAULT_MIN_BODY_BYTES_PER_SEC: u32 = 1024;
+    /// How long a body may take before [`Server::min_body_bytes_per_sec`]
+    /// is checked: a slow start (TCP slow start, a client that computes its
+    /// tensors while sending) is not a slow client.
+    pub const MIN_BODY_RATE_GRACE: Duration = Duration::from_secs(2);
     /// Default of [`Server::idle_timeout`]: 30 s.
     pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_millis(30_000);
     /// Default of [`Server::shutdown_grace`]: 10 s.
     pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_millis(10_000);
+    /// Default of [`Server::repository_poll`]: 5 s.
+    pub const DEFAULT_REPOSITORY_POLL: Duration = Duration::from_millis(5000);
 }
 
 impl Default for Server {
@@ -242,16 +369,144 @@ impl Default for Server {
             metrics_listen: Some(Server::DEFAULT_METRICS_LISTEN),
             http_listen: Some(Server::DEFAULT_HTTP_LISTEN),
             grpc_listen: Some(Server::DEFAULT_GRPC_LISTEN),
+            https_listen: None,
+            grpcs_listen: None,
             auth_tokens: Vec::new(),
+            auth_token_identities: Vec::new(),
             auth_exempt_health: true,
             max_frame_bytes: Server::DEFAULT_MAX_FRAME_BYTES,
             max_inflight_bytes: Server::DEFAULT_MAX_INFLIGHT_BYTES,
             max_concurrent_streams: Server::DEFAULT_MAX_CONCURRENT_STREAMS,
             max_connections: Server::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_source: Server::DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            quic_retry_above_per_sec: Server::DEFAULT_QUIC_RETRY_ABOVE_PER_SEC,
             idle_timeout: Server::DEFAULT_IDLE_TIMEOUT,
             request_read_timeout: Server::DEFAULT_REQUEST_READ_TIMEOUT,
+            header_read_timeout: Server::DEFAULT_HEADER_READ_TIMEOUT,
+            min_body_bytes_per_sec: Server::DEFAULT_MIN_BODY_BYTES_PER_SEC,
             shutdown_grace: Server::DEFAULT_SHUTDOWN_GRACE,
+            rate_limit_per_sec: 0,
+            rate_limit_burst: None,
+            model_repository: None,
+            model_control: ModelControl::None,
+            repository_poll: Server::DEFAULT_REPOSITORY_POLL,
+        }
+    }
+}
+
+/// When the models of `server.model_repository` load and unload, as
+/// Triton's `--model-control-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ModelControl {
+    /// Every repository model loads at start-up; later changes only through
+    /// the repository API (`"none"`).
+    #[default]
+    None,
+    /// As `None`, and the repository is rescanned every
+    /// `repository_poll_ms`: new versions load, removed ones unload, a
+    /// changed `model.toml` reloads (`"poll"`).
+    Poll,
+    /// Nothing from the repository loads until asked through the
+    /// repository API (`"explicit"`).
+    Explicit,
+}
+
+impl ModelControl {
+    /// The TOML spelling.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelControl::None => "none",
+            ModelControl::Poll => "poll",
+            ModelControl::Explicit => "explicit",
+        }
+    }
+}
+
+/// How a request picks one of a model's devices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// The device with the earliest predicted completion (`"earliest"`).
+    #[default]
+    Earliest,
+    /// Each device in turn, whatever its queue (`"round-robin"`).
+    RoundRobin,
+}
+
+/// A simulated device's service time (`[models.sim]`): a batch of `rows`
+/// rows and `tokens` padded tokens takes `fixed_us + per_row_us × rows +
+/// per_token_ns × tokens / 1000` µs, times device `sim:N`'s
+/// `slowdown_pct[N] / 100` (100 where not given), with uniform jitter of
+/// ±`jitter_pct` %, spent sleeping (the outputs are the model's, computed on
+/// the CPU first).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimDevice {
+    /// Per batch, µs. TOML `fixed_us`. Default 1000, range 0..=10 000 000.
+    pub fixed_us: u64,
+    /// Per row, µs. TOML `per_row_us`. Default 0, range 0..=10 000 000.
+    pub per_row_us: u64,
+    /// Per padded token, ns. TOML `per_token_ns`. Default 0, range
+    /// 0..=10 000 000.
+    pub per_token_ns: u64,
+    /// Uniform jitter, % of the time. TOML `jitter_pct`. Default 0, range
+    /// 0..=100.
+    pub jitter_pct: u32,
+    /// Seed of the jitter. TOML `seed`. Default 0.
+    pub seed: u64,
+    /// Per simulated ordinal, the time in % of the model's (100: as is, 300:
+    /// three times as slow). TOML `slowdown_pct`, each 1..=100 000. Default
+    /// empty (all 100).
+    pub slowdown_pct: Vec<u32>,
+}
+
+impl Default for SimDevice {
+    fn default() -> Self {
+        SimDevice {
+            fixed_us: 1000,
+            per_row_us: 0,
+            per_token_ns: 0,
+            jitter_pct: 0,
+            seed: 0,
+            slowdown_pct: Vec::new(),
+        }
+    }
+}
+
+/// Which versions of a repository model are served (`version_policy`), as
+/// Triton's version policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VersionPolicy {
+    /// The newest N versions (`{ latest = N }`, N in 1..=64).
+    Latest(u32),
+    /// Every version in the repository (`"all"`).
+    All,
+    /// Exactly these versions (`{ specific = [1, 3] }`).
+    Specific(Vec<u64>),
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        VersionPolicy::Latest(1)
+    }
+}
+
+impl VersionPolicy {
+    /// The versions served out of those `available`, newest last.
+    #[must_use]
+    pub fn select(&self, available: &[u64]) -> Vec<u64> {
+        let mut sorted = available.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        match self {
+            VersionPolicy::Latest(n) => {
+                let keep = (*n as usize).min(sorted.len());
+                sorted.split_off(sorted.len() - keep)
+            }
+            VersionPolicy::All => sorted,
+            VersionPolicy::Specific(wanted) => {
+                sorted.retain(|v| wanted.contains(v));
+                sorted
+            }
         }
     }
 }
@@ -267,6 +522,13 @@ pub struct Tls {
     pub cert: Option<PathBuf>,
     /// PEM file with the private key of `cert`. TOML `key`. Default none.
     pub key: Option<PathBuf>,
+    /// PEM file with the CA certificates that client certificates must
+    /// chain to. When set, every connection to the QUIC listener (native
+    /// and HTTP/3), `https_listen` and `grpcs_listen` must present a valid,
+    /// unexpired client certificate, and its identity (first URI SAN, else
+    /// first DNS SAN, else its SHA-256 fingerprint) keys its rate limit.
+    /// TOML `client_ca`. Default none: no client certificates.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// One served model (`[[models]]`), with its batcher's knobs.
@@ -304,6 +566,14 @@ pub struct Model {
     /// kernels misbehave). No effect on a `cuda` device. TOML
     /// `cpu_kernels`; set on another kind it is an error. Default true.
     pub cpu_kernels: bool,
+    /// `embedding` only: what happens to a text longer than the model's
+    /// `max_seq_length` tokens when its request does not say (a KServe
+    /// `truncate` parameter, `/embed`'s `truncate`). `true`: it is cut to
+    /// the limit (the response counts the inputs cut); `false`: the request
+    /// is refused with 413 naming the token count and the limit. TOML
+    /// `auto_truncate`; set on another kind it is an error. Default true
+    /// (what every route did before it was a choice).
+    pub auto_truncate: bool,
     /// Most requests (rows) in one batch. TOML `max_batch_size`. Default 32,
     /// range 1..=4096.
     pub max_batch_size: u32,
@@ -330,6 +600,21 @@ pub struct Model {
     /// one forms). TOML `max_in_flight`. Default 1, range 1..=8. Worst case
     /// `max_in_flight` batches of activation memory on the device.
     pub max_in_flight: u32,
+    /// Consecutive failed batches (a model error or a panic in `forward`)
+    /// after which the device is marked unhealthy: its traffic then goes to
+    /// the upstreams, or is refused with 503 / UNAVAILABLE when there are
+    /// none, the model's ready endpoint says not ready, and a one-row probe
+    /// batch each second brings it back once it succeeds. TOML
+    /// `unhealthy_after_failures`. Default 3, range 1..=1000.
+    pub unhealthy_after_failures: u32,
+    /// This model's per-client rate, overriding `server.rate_limit_per_sec`
+    /// (0 turns it off for this model). TOML `rate_limit_per_sec`. Default:
+    /// the server's.
+    pub rate_limit_per_sec: Option<u32>,
+    /// This model's per-client burst, overriding `server.rate_limit_burst`.
+    /// TOML `rate_limit_burst`. Default: the server's when the rate is the
+    /// server's, else the model's rate.
+    pub rate_limit_burst: Option<u32>,
     /// Where requests may run: the local device, upstreams, or the local
     /// device first (see [`Routing`]). TOML `routing`. Default
     /// `"local-first"`.
@@ -337,6 +622,26 @@ pub struct Model {
     /// The upstream pool requests overflow to (`[models.upstream]`).
     /// Default none: the model is served locally only.
     pub upstream: Option<Upstream>,
+    /// Several devices for this model (replicas), instead of `device`:
+    /// e.g. `["cuda:0", "cuda:1"]` or `["sim:0", "sim:1"]`. Each has its
+    /// own scheduler, latency model and health; a request goes to the one
+    /// with the earliest predicted completion that meets its deadline. TOML
+    /// `devices`, 1 to 16 distinct devices; excludes `device`. Default
+    /// empty: the one `device`.
+    pub devices: Vec<String>,
+    /// How a request picks one of several `devices`: `"earliest"` (the
+    /// earliest predicted completion that meets its deadline) or
+    /// `"round-robin"` (in turn, for comparison). TOML `placement`.
+    /// Default `"earliest"`.
+    pub placement: Placement,
+    /// The service time of the model's simulated devices (`sim:N`), a
+    /// benchmarking and testing tool (`[models.sim]`). Required with a
+    /// `sim:N` device, refused without one. Default none.
+    pub sim: Option<SimDevice>,
+    /// Which versions of a repository model are served. TOML
+    /// `version_policy`: `"all"`, `{ latest = N }` or `{ specific = [..] }`.
+    /// Default `{ latest = 1 }`. An inline `[[models]]` table is version 1.
+    pub version_policy: VersionPolicy,
 }
 
 impl Model {
@@ -344,6 +649,8 @@ impl Model {
     pub const DEFAULT_DEVICE: &'static str = "cpu";
     /// Default of [`Model::cpu_kernels`].
     pub const DEFAULT_CPU_KERNELS: bool = true;
+    /// Default of [`Model::auto_truncate`].
+    pub const DEFAULT_AUTO_TRUNCATE: bool = true;
     /// Default of [`Model::max_batch_size`].
     pub const DEFAULT_MAX_BATCH_SIZE: u32 = 32;
     /// Default of [`Model::max_batch_tokens`].
@@ -358,6 +665,8 @@ impl Model {
     pub const DEFAULT_DEFAULT_TIMEOUT: Duration = Duration::from_millis(1000);
     /// Default of [`Model::max_in_flight`].
     pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1;
+    /// Default of [`Model::unhealthy_after_failures`].
+    pub const DEFAULT_UNHEALTHY_AFTER_FAILURES: u32 = 3;
 
     /// A model of `kind` named `name` with every other knob on its default
     /// (no `path`, no `demo`).
@@ -370,6 +679,7 @@ impl Model {
             demo: None,
             device: Model::DEFAULT_DEVICE.to_owned(),
             cpu_kernels: Model::DEFAULT_CPU_KERNELS,
+            auto_truncate: Model::DEFAULT_AUTO_TRUNCATE,
             max_batch_size: Model::DEFAULT_MAX_BATCH_SIZE,
             max_batch_tokens: Model::DEFAULT_MAX_BATCH_TOKENS,
             max_queue_delay: Model::DEFAULT_MAX_QUEUE_DELAY,
@@ -377,8 +687,25 @@ impl Model {
             priority_levels: Model::DEFAULT_PRIORITY_LEVELS,
             default_timeout: Model::DEFAULT_DEFAULT_TIMEOUT,
             max_in_flight: Model::DEFAULT_MAX_IN_FLIGHT,
+            unhealthy_after_failures: Model::DEFAULT_UNHEALTHY_AFTER_FAILURES,
+            rate_limit_per_sec: None,
+            rate_limit_burst: None,
             routing: Routing::LocalFirst,
             upstream: None,
+            version_policy: VersionPolicy::default(),
+            devices: Vec::new(),
+            placement: Placement::Earliest,
+            sim: None,
+        }
+    }
+
+    /// The devices the model runs on: `devices`, else the one `device`.
+    #[must_use]
+    pub fn device_list(&self) -> Vec<String> {
+        if self.devices.is_empty() {
+            vec![self.device.clone()]
+        } else {
+            self.devices.clone()
         }
     }
 

@@ -7,10 +7,15 @@
 use toml::de::{DeTable, DeValue};
 
 use crate::FieldError;
-use crate::raw::RawConfig;
+use crate::raw::{RawConfig, RawModel};
 
 pub(crate) fn parse_raw(text: &str) -> Result<RawConfig, FieldError> {
     toml::from_str::<RawConfig>(text).map_err(|error| describe(text, &error))
+}
+
+/// One `[[models]]` table on its own (a repository's `model.toml`).
+pub(crate) fn parse_raw_model(text: &str) -> Result<RawModel, FieldError> {
+    toml::from_str::<RawModel>(text).map_err(|error| describe(text, &error))
 }
 
 /// One error for a TOML syntax or type error: path is the key path where

@@ -209,10 +209,31 @@ pub struct Upstream {
     /// `server.auth_tokens`. TOML `token`, 1 to 4096 visible ASCII
     /// characters. Default none.
     pub token: Option<String>,
+    /// TLS toward the upstreams (`[models.upstream.tls]`): when set, every
+    /// endpoint, `grpc://` and `http://` alike, is dialled over TLS 1.3
+    /// (HTTP/2 by ALPN), trusting `ca` and presenting `cert` (mTLS, for
+    /// workers with `tls.client_ca`). Default none: plain TCP.
+    pub tls: Option<UpstreamTls>,
     /// `local-first`: the local device is chosen only if its predicted
     /// completion leaves this much of the deadline to spare. TOML
     /// `local_margin_us`. Default 2000 (2 ms), range 0..=10 000 000.
     pub local_margin: Duration,
+}
+
+/// TLS toward upstream workers (`[models.upstream.tls]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// PEM CA certificates the workers' certificates must chain to. TOML
+    /// `ca`. Required.
+    pub ca: std::path::PathBuf,
+    /// PEM client certificate chain presented to the workers. TOML `cert`;
+    /// with `key`, or neither. Default none.
+    pub cert: Option<std::path::PathBuf>,
+    /// PEM private key of `cert`. TOML `key`. Default none.
+    pub key: Option<std::path::PathBuf>,
+    /// The name the workers' certificates must carry. TOML `server_name`.
+    /// Default: each endpoint's host.
+    pub server_name: Option<String>,
 }
 
 impl Upstream {
@@ -248,6 +269,7 @@ impl Upstream {
             retry_budget_percent: Upstream::DEFAULT_RETRY_BUDGET_PERCENT,
             connect_timeout: Upstream::DEFAULT_CONNECT_TIMEOUT,
             token: None,
+            tls: None,
             local_margin: Upstream::DEFAULT_LOCAL_MARGIN,
         }
     }
@@ -267,7 +289,17 @@ pub(crate) struct RawUpstream {
     retry_budget_percent: Option<i64>,
     connect_timeout_ms: Option<i64>,
     token: Option<String>,
+    tls: Option<RawUpstreamTls>,
     local_margin_us: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstreamTls {
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    server_name: Option<String>,
 }
 
 const RESOLVE_INTERVAL_MS: Bound = Bound::new(100, 3_600_000);
@@ -314,6 +346,23 @@ pub(crate) fn convert_upstream(raw: RawUpstream, prefix: &str, errors: &mut Erro
     }
     up.model = raw.model;
     up.token = raw.token;
+    if let Some(tls) = raw.tls {
+        let path = |p: Option<String>| p.map(std::path::PathBuf::from);
+        match tls.ca {
+            Some(ca) if !ca.is_empty() => {
+                up.tls = Some(UpstreamTls {
+                    ca: ca.into(),
+                    cert: path(tls.cert),
+                    key: path(tls.key),
+                    server_name: tls.server_name,
+                });
+            }
+            _ => errors.push(
+                at("tls.ca"),
+                "required: the CA the workers' certificates chain to",
+            ),
+        }
+    }
     let millis = |errors: &mut Errors, field: &str, raw, bound| {
         errors
             .int::<u64>(&at(field), raw, bound)
@@ -418,6 +467,16 @@ pub(crate) fn check_routing(
         && name.is_empty()
     {
         errors.push(at("model"), "must not be empty");
+    }
+    if let Some(tls) = &up.tls {
+        match (&tls.cert, &tls.key) {
+            (Some(_), None) => errors.push(at("tls.key"), "required when tls.cert is set"),
+            (None, Some(_)) => errors.push(at("tls.cert"), "required when tls.key is set"),
+            _ => {}
+        }
+        if tls.server_name.as_deref() == Some("") {
+            errors.push(at("tls.server_name"), "must not be empty");
+        }
     }
     if let Some(token) = &up.token
         && (token.is_empty() || token.len() > 4096 || !token.bytes().all(|b| b.is_ascii_graphic()))

@@ -18,9 +18,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::raw::{RawConfig, RawDemo, RawModel, RawServer, RawTls};
+use crate::raw::{RawConfig, RawDemo, RawModel, RawServer, RawSim, RawTls};
 use crate::upstream;
-use crate::{Config, ConfigError, FieldError, MlpDemo, Model, ModelKind, Server, Tls};
+use crate::{
+    Config, ConfigError, FieldError, MlpDemo, Model, ModelControl, ModelKind, Server, SimDevice,
+    Tls, VersionPolicy,
+};
 
 /// An inclusive range of a knob, in the unit of its TOML field.
 #[derive(Clone, Copy, Debug)]
@@ -43,9 +46,19 @@ const MAX_FRAME_BYTES: Bound = Bound::new(1 << 10, 1 << 30);
 const MAX_INFLIGHT_BYTES: Bound = Bound::new(1 << 20, 1 << 40);
 const MAX_CONCURRENT_STREAMS: Bound = Bound::new(1, 65_535);
 const MAX_CONNECTIONS: Bound = Bound::new(1, 1 << 20);
+const QUIC_RETRY_ABOVE_PER_SEC: Bound = Bound::new(0, 1 << 20);
 const IDLE_TIMEOUT_MS: Bound = Bound::new(1, 3_600_000);
 const REQUEST_READ_TIMEOUT_MS: Bound = Bound::new(1, 3_600_000);
+const HEADER_READ_TIMEOUT_MS: Bound = Bound::new(1, 3_600_000);
+const MIN_BODY_BYTES_PER_SEC: Bound = Bound::new(0, 1 << 30);
 const SHUTDOWN_GRACE_MS: Bound = Bound::new(0, 600_000);
+const REPOSITORY_POLL_MS: Bound = Bound::new(100, 3_600_000);
+const LATEST_VERSIONS: Bound = Bound::new(1, 64);
+const VERSION: Bound = Bound::new(1, i64::MAX as u64);
+const SIM_TIME: Bound = Bound::new(0, 10_000_000);
+const SIM_JITTER_PCT: Bound = Bound::new(0, 100);
+const SIM_SLOWDOWN_PCT: Bound = Bound::new(1, 100_000);
+const MAX_DEVICES: usize = 16;
 
 const MAX_BATCH_SIZE: Bound = Bound::new(1, 4096);
 const MAX_BATCH_TOKENS: Bound = Bound::new(1, 1 << 24);
@@ -54,6 +67,9 @@ const QUEUE_CAPACITY: Bound = Bound::new(1, 1 << 20);
 const PRIORITY_LEVELS: Bound = Bound::new(1, 16);
 const DEFAULT_TIMEOUT_MS: Bound = Bound::new(1, 3_600_000);
 const MAX_IN_FLIGHT: Bound = Bound::new(1, 8);
+const UNHEALTHY_AFTER_FAILURES: Bound = Bound::new(1, 1000);
+const RATE_LIMIT_PER_SEC: Bound = Bound::new(0, 1 << 20);
+const RATE_LIMIT_BURST: Bound = Bound::new(1, 1 << 20);
 
 const DEMO_WIDTH: Bound = Bound::new(1, 65_536);
 const DEMO_MAX_HIDDEN_LAYERS: usize = 16;
@@ -127,6 +143,7 @@ pub(crate) fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
 
     let tls = convert_tls(raw.tls.unwrap_or_default());
     check_tls(&tls, &mut errors);
+    check_token_identities(&server, &tls, &mut errors);
 
     let raw_models = raw.models.unwrap_or_default();
     let mut models = Vec::with_capacity(raw_models.len());
@@ -136,7 +153,7 @@ pub(crate) fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
         check_model(&model, &prefix, known, &mut errors);
         models.push(model);
     }
-    check_models(&models, &mut errors);
+    check_models(&models, server.model_repository.is_some(), &mut errors);
 
     errors.into_result(Config {
         server,
@@ -178,12 +195,29 @@ fn convert_server(raw: RawServer, errors: &mut Errors) -> Server {
         "0.0.0.0:8001",
         errors,
     );
+    let https_listen = optional_listen(
+        "server.https_listen",
+        raw.https_listen,
+        defaults.https_listen,
+        "0.0.0.0:8443",
+        errors,
+    );
+    let grpcs_listen = optional_listen(
+        "server.grpcs_listen",
+        raw.grpcs_listen,
+        defaults.grpcs_listen,
+        "0.0.0.0:8444",
+        errors,
+    );
     Server {
         quic_listen,
         metrics_listen,
         http_listen,
         grpc_listen,
+        https_listen,
+        grpcs_listen,
         auth_tokens: raw.auth_tokens.unwrap_or_default(),
+        auth_token_identities: raw.auth_token_identities.unwrap_or_default(),
         auth_exempt_health: raw
             .auth_exempt_health
             .unwrap_or(defaults.auth_exempt_health),
@@ -222,6 +256,13 @@ fn convert_server(raw: RawServer, errors: &mut Errors) -> Server {
                 MAX_CONNECTIONS,
             )
             .unwrap_or(defaults.max_connections_per_source),
+        quic_retry_above_per_sec: errors
+            .int(
+                "server.quic_retry_above_per_sec",
+                raw.quic_retry_above_per_sec,
+                QUIC_RETRY_ABOVE_PER_SEC,
+            )
+            .unwrap_or(defaults.quic_retry_above_per_sec),
         idle_timeout: errors
             .int(
                 "server.idle_timeout_ms",
@@ -236,6 +277,20 @@ fn convert_server(raw: RawServer, errors: &mut Errors) -> Server {
                 REQUEST_READ_TIMEOUT_MS,
             )
             .map_or(defaults.request_read_timeout, Duration::from_millis),
+        header_read_timeout: errors
+            .int(
+                "server.header_read_timeout_ms",
+                raw.header_read_timeout_ms,
+                HEADER_READ_TIMEOUT_MS,
+            )
+            .map_or(defaults.header_read_timeout, Duration::from_millis),
+        min_body_bytes_per_sec: errors
+            .int(
+                "server.min_body_bytes_per_sec",
+                raw.min_body_bytes_per_sec,
+                MIN_BODY_BYTES_PER_SEC,
+            )
+            .unwrap_or(defaults.min_body_bytes_per_sec),
         shutdown_grace: errors
             .int(
                 "server.shutdown_grace_ms",
@@ -243,6 +298,41 @@ fn convert_server(raw: RawServer, errors: &mut Errors) -> Server {
                 SHUTDOWN_GRACE_MS,
             )
             .map_or(defaults.shutdown_grace, Duration::from_millis),
+        rate_limit_per_sec: errors
+            .int(
+                "server.rate_limit_per_sec",
+                raw.rate_limit_per_sec,
+                RATE_LIMIT_PER_SEC,
+            )
+            .unwrap_or(defaults.rate_limit_per_sec),
+        rate_limit_burst: errors.int(
+            "server.rate_limit_burst",
+            raw.rate_limit_burst,
+            RATE_LIMIT_BURST,
+        ),
+        model_repository: raw.model_repository.map(PathBuf::from),
+        model_control: match raw.model_control.as_deref() {
+            None | Some("none") => ModelControl::None,
+            Some("poll") => ModelControl::Poll,
+            Some("explicit") => ModelControl::Explicit,
+            Some(other) => {
+                errors.push(
+                    "server.model_control",
+                    format!(
+                        "must be \"none\", \"poll\" or \"explicit\", got \"{}\"",
+                        other.escape_debug()
+                    ),
+                );
+                ModelControl::None
+            }
+        },
+        repository_poll: errors
+            .int(
+                "server.repository_poll_ms",
+                raw.repository_poll_ms,
+                REPOSITORY_POLL_MS,
+            )
+            .map_or(defaults.repository_poll, Duration::from_millis),
     }
 }
 
@@ -282,6 +372,7 @@ fn convert_tls(raw: RawTls) -> Tls {
     Tls {
         cert: raw.cert.map(PathBuf::from),
         key: raw.key.map(PathBuf::from),
+        client_ca: raw.client_ca.map(PathBuf::from),
     }
 }
 
@@ -332,6 +423,7 @@ fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Kn
     let mut model = Model::new(name, kind);
     model.path = raw.path.map(PathBuf::from);
     model.demo = raw.demo.map(|demo| convert_demo(demo, &at("demo"), errors));
+    let device_given = raw.device.is_some();
     if let Some(device) = raw.device {
         model.device = device;
     }
@@ -342,6 +434,13 @@ fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Kn
             errors.push(at("cpu_kernels"), "only for kind \"embedding\"");
         }
         model.cpu_kernels = cpu_kernels;
+    }
+    if let Some(auto_truncate) = raw.auto_truncate {
+        // Only the embedding model tokenizes; elsewhere it would mean nothing.
+        if known.kind && kind != ModelKind::Embedding {
+            errors.push(at("auto_truncate"), "only for kind \"embedding\"");
+        }
+        model.auto_truncate = auto_truncate;
     }
 
     let max_batch_size = errors.int(&at("max_batch_size"), raw.max_batch_size, MAX_BATCH_SIZE);
@@ -383,11 +482,161 @@ fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Kn
     if let Some(value) = errors.int(&at("max_in_flight"), raw.max_in_flight, MAX_IN_FLIGHT) {
         model.max_in_flight = value;
     }
+    if let Some(value) = errors.int(
+        &at("unhealthy_after_failures"),
+        raw.unhealthy_after_failures,
+        UNHEALTHY_AFTER_FAILURES,
+    ) {
+        model.unhealthy_after_failures = value;
+    }
+    model.rate_limit_per_sec = errors.int(
+        &at("rate_limit_per_sec"),
+        raw.rate_limit_per_sec,
+        RATE_LIMIT_PER_SEC,
+    );
+    model.rate_limit_burst = errors.int(
+        &at("rate_limit_burst"),
+        raw.rate_limit_burst,
+        RATE_LIMIT_BURST,
+    );
     model.routing = upstream::convert_routing(raw.routing, &at("routing"), errors);
     model.upstream = raw
         .upstream
         .map(|up| upstream::convert_upstream(up, &at("upstream"), errors));
+    if let Some(devices) = raw.devices {
+        if device_given {
+            errors.push(at("devices"), "give `device` or `devices`, not both");
+        }
+        if let Some(first) = devices.first() {
+            model.device.clone_from(first);
+        }
+        model.devices = devices;
+    }
+    model.sim = raw.sim.map(|sim| convert_sim(sim, &at("sim"), errors));
+    model.placement = match raw.placement.as_deref() {
+        None | Some("earliest") => crate::Placement::Earliest,
+        Some("round-robin") => crate::Placement::RoundRobin,
+        Some(other) => {
+            errors.push(
+                at("placement"),
+                format!(
+                    "must be \"earliest\" or \"round-robin\", got \"{}\"",
+                    other.escape_debug()
+                ),
+            );
+            crate::Placement::Earliest
+        }
+    };
+    if let Some(policy) = raw.version_policy {
+        model.version_policy = convert_version_policy(&policy, &at("version_policy"), errors);
+    }
     (model, known)
+}
+
+fn convert_sim(raw: RawSim, prefix: &str, errors: &mut Errors) -> SimDevice {
+    let at = |field: &str| format!("{prefix}.{field}");
+    let d = SimDevice::default();
+    SimDevice {
+        fixed_us: errors
+            .int(&at("fixed_us"), raw.fixed_us, SIM_TIME)
+            .unwrap_or(d.fixed_us),
+        per_row_us: errors
+            .int(&at("per_row_us"), raw.per_row_us, SIM_TIME)
+            .unwrap_or(d.per_row_us),
+        per_token_ns: errors
+            .int(&at("per_token_ns"), raw.per_token_ns, SIM_TIME)
+            .unwrap_or(d.per_token_ns),
+        jitter_pct: errors
+            .int(&at("jitter_pct"), raw.jitter_pct, SIM_JITTER_PCT)
+            .unwrap_or(d.jitter_pct),
+        seed: errors.int(&at("seed"), raw.seed, SEED).unwrap_or(d.seed),
+        slowdown_pct: raw
+            .slowdown_pct
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                errors
+                    .int(
+                        &format!("{prefix}.slowdown_pct[{i}]"),
+                        Some(v),
+                        SIM_SLOWDOWN_PCT,
+                    )
+                    .unwrap_or(100)
+            })
+            .collect(),
+    }
+}
+
+/// `"all"`, `{ latest = N }` or `{ specific = [V, ...] }`.
+fn convert_version_policy(value: &toml::Value, path: &str, errors: &mut Errors) -> VersionPolicy {
+    const EXPECTED: &str = "must be \"all\", { latest = N } or { specific = [V, ...] }";
+    match value {
+        toml::Value::String(s) if s == "all" => VersionPolicy::All,
+        toml::Value::Table(t) if t.len() == 1 => match t.iter().next() {
+            Some((key, toml::Value::Integer(n))) if key == "latest" => errors
+                .int(&format!("{path}.latest"), Some(*n), LATEST_VERSIONS)
+                .map_or_else(VersionPolicy::default, VersionPolicy::Latest),
+            Some((key, toml::Value::Array(versions))) if key == "specific" => {
+                let mut out = Vec::with_capacity(versions.len());
+                for (i, v) in versions.iter().enumerate() {
+                    let at = format!("{path}.specific[{i}]");
+                    match v {
+                        toml::Value::Integer(n) => {
+                            if let Some(v) = errors.int::<u64>(&at, Some(*n), VERSION) {
+                                out.push(v);
+                            }
+                        }
+                        other => errors.push(at, format!("must be a version number, got {other}")),
+                    }
+                }
+                if versions.is_empty() {
+                    errors.push(format!("{path}.specific"), "must name at least one version");
+                }
+                VersionPolicy::Specific(out)
+            }
+            _ => {
+                errors.push(path, format!("{EXPECTED}, got {value}"));
+                VersionPolicy::default()
+            }
+        },
+        other => {
+            errors.push(path, format!("{EXPECTED}, got {other}"));
+            VersionPolicy::default()
+        }
+    }
+}
+
+/// A repository's `model.toml` (see [`Config::repository_model`]).
+pub(crate) fn repository_model(
+    name: &str,
+    file: &str,
+    mut raw: RawModel,
+) -> Result<Model, ConfigError> {
+    let mut errors = Errors::default();
+    if raw.name.is_some() {
+        errors.push(
+            format!("{file}.name"),
+            "a repository model is named by its directory: remove `name`",
+        );
+    }
+    if raw.path.is_some() {
+        errors.push(
+            format!("{file}.path"),
+            "a repository model's weights are its version directories (NAME/VERSION/): remove `path`",
+        );
+    }
+    raw.name = Some(name.to_owned());
+    raw.path = None;
+    let (mut model, known) = convert_model(raw, file, &mut errors);
+    // The version directory stands in for `path` in the checks.
+    let needs_path = model.kind != ModelKind::Identity && model.demo.is_none();
+    if needs_path {
+        model.path = Some(PathBuf::from(name));
+    }
+    check_model(&model, file, known, &mut errors);
+    model.path = None;
+    errors.into_result(model)
 }
 
 fn convert_demo(raw: RawDemo, prefix: &str, errors: &mut Errors) -> MlpDemo {
@@ -431,13 +680,34 @@ fn convert_demo(raw: RawDemo, prefix: &str, errors: &mut Errors) -> MlpDemo {
 pub(crate) fn check_config(config: &Config, errors: &mut Errors) {
     check_server(&config.server, errors);
     check_tls(&config.tls, errors);
+    check_token_identities(&config.server, &config.tls, errors);
     for (index, model) in config.models.iter().enumerate() {
         check_model(model, &format!("models[{index}]"), Known::ALL, errors);
     }
-    check_models(&config.models, errors);
+    check_models(
+        &config.models,
+        config.server.model_repository.is_some(),
+        errors,
+    );
 }
 
 fn check_server(server: &Server, errors: &mut Errors) {
+    if server.model_control != ModelControl::None && server.model_repository.is_none() {
+        errors.push(
+            "server.model_control",
+            format!(
+                "\"{}\" needs server.model_repository",
+                server.model_control.as_str()
+            ),
+        );
+    }
+    if server
+        .model_repository
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
+        errors.push("server.model_repository", "must not be empty");
+    }
     errors.bounded(
         "server.max_frame_bytes",
         server.max_frame_bytes.into(),
@@ -482,6 +752,29 @@ fn check_server(server: &Server, errors: &mut Errors) {
         server.request_read_timeout,
         REQUEST_READ_TIMEOUT_MS,
     );
+    errors.bounded(
+        "server.rate_limit_per_sec",
+        server.rate_limit_per_sec.into(),
+        RATE_LIMIT_PER_SEC,
+    );
+    if let Some(burst) = server.rate_limit_burst {
+        errors.bounded("server.rate_limit_burst", burst.into(), RATE_LIMIT_BURST);
+    }
+    errors.bounded(
+        "server.quic_retry_above_per_sec",
+        server.quic_retry_above_per_sec.into(),
+        QUIC_RETRY_ABOVE_PER_SEC,
+    );
+    errors.bounded_millis(
+        "server.header_read_timeout_ms",
+        server.header_read_timeout,
+        HEADER_READ_TIMEOUT_MS,
+    );
+    errors.bounded(
+        "server.min_body_bytes_per_sec",
+        server.min_body_bytes_per_sec.into(),
+        MIN_BODY_BYTES_PER_SEC,
+    );
     errors.bounded_millis(
         "server.shutdown_grace_ms",
         server.shutdown_grace,
@@ -491,6 +784,31 @@ fn check_server(server: &Server, errors: &mut Errors) {
         if let Err(reason) = check_auth_token(token) {
             errors.push(format!("server.auth_tokens[{index}]"), reason);
         }
+    }
+}
+
+/// Token bindings: one per token (or none), and only with client
+/// certificates to bind to.
+fn check_token_identities(server: &Server, tls: &Tls, errors: &mut Errors) {
+    let ids = &server.auth_token_identities;
+    if ids.is_empty() {
+        return;
+    }
+    if ids.len() != server.auth_tokens.len() {
+        errors.push(
+            "server.auth_token_identities",
+            format!(
+                "has {} entries for {} auth_tokens: give one per token (\"\" for unbound) or none",
+                ids.len(),
+                server.auth_tokens.len()
+            ),
+        );
+    }
+    if tls.client_ca.is_none() && ids.iter().any(|id| !id.is_empty()) {
+        errors.push(
+            "server.auth_token_identities",
+            "binds tokens to client certificates, which need tls.client_ca",
+        );
     }
 }
 
@@ -510,6 +828,16 @@ fn check_auth_token(token: &str) -> Result<(), String> {
 }
 
 fn check_tls(tls: &Tls, errors: &mut Errors) {
+    if tls
+        .client_ca
+        .as_ref()
+        .is_some_and(|path| path.as_os_str().is_empty())
+    {
+        errors.push(
+            "tls.client_ca",
+            "must not be empty (leave it out for no client certificates)",
+        );
+    }
     for (field, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
         if path
             .as_ref()
@@ -536,8 +864,36 @@ fn check_model(model: &Model, prefix: &str, known: Known, errors: &mut Errors) {
     {
         errors.push(at("name"), message);
     }
-    if let Err(message) = parse_device(&model.device) {
-        errors.push(at("device"), message);
+    if model.devices.is_empty() {
+        if let Err(message) = parse_device(&model.device) {
+            errors.push(at("device"), message);
+        }
+    } else {
+        if model.devices.len() > MAX_DEVICES {
+            errors.push(
+                at("devices"),
+                format!("at most {MAX_DEVICES} devices, got {}", model.devices.len()),
+            );
+        }
+        for (i, device) in model.devices.iter().enumerate() {
+            if let Err(message) = parse_device(device) {
+                errors.push(format!("{prefix}.devices[{i}]"), message);
+            } else if model.devices[..i].contains(device) {
+                errors.push(
+                    format!("{prefix}.devices[{i}]"),
+                    format!("duplicate device \"{}\"", device.escape_debug()),
+                );
+            }
+        }
+    }
+    let simulated = model.device_list().iter().any(|d| d.starts_with("sim:"));
+    match (simulated, &model.sim) {
+        (true, None) => errors.push(
+            at("sim"),
+            "a sim:N device needs [models.sim] (its service time)",
+        ),
+        (false, Some(_)) => errors.push(at("sim"), "only with a sim:N device"),
+        _ => {}
     }
 
     if model
@@ -620,6 +976,17 @@ fn check_model(model: &Model, prefix: &str, known: Known, errors: &mut Errors) {
         model.max_in_flight.into(),
         MAX_IN_FLIGHT,
     );
+    if let Some(rate) = model.rate_limit_per_sec {
+        errors.bounded(&at("rate_limit_per_sec"), rate.into(), RATE_LIMIT_PER_SEC);
+    }
+    if let Some(burst) = model.rate_limit_burst {
+        errors.bounded(&at("rate_limit_burst"), burst.into(), RATE_LIMIT_BURST);
+    }
+    errors.bounded(
+        &at("unhealthy_after_failures"),
+        model.unhealthy_after_failures.into(),
+        UNHEALTHY_AFTER_FAILURES,
+    );
     upstream::check_routing(model.routing, model.upstream.as_ref(), prefix, errors);
     // Every request is at least one token, so a token budget under the row
     // budget makes `max_batch_size` unreachable.
@@ -655,14 +1022,22 @@ pub(crate) fn parse_device(device: &str) -> Result<Option<u32>, String> {
     let ordinal = match device {
         "cpu" => return Ok(None),
         "cuda" => Some(0),
-        other => other
-            .strip_prefix("cuda:")
-            .filter(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|digits| digits.parse::<u32>().ok()),
+        other => {
+            let digits = |d: &str| {
+                (!d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| d.parse::<u32>().ok())
+                    .flatten()
+            };
+            // A simulated device is not a GPU.
+            if other.strip_prefix("sim:").and_then(digits).is_some() {
+                return Ok(None);
+            }
+            other.strip_prefix("cuda:").and_then(digits)
+        }
     };
     ordinal.map(Some).ok_or_else(|| {
         format!(
-            "must be \"cpu\", \"cuda\" or \"cuda:N\", got \"{}\"",
+            "must be \"cpu\", \"cuda\", \"cuda:N\" or \"sim:N\", got \"{}\"",
             device.escape_debug()
         )
     })
@@ -710,11 +1085,11 @@ fn check_demo(demo: &MlpDemo, prefix: &str, errors: &mut Errors) {
     }
 }
 
-fn check_models(models: &[Model], errors: &mut Errors) {
-    if models.is_empty() {
+fn check_models(models: &[Model], repository: bool, errors: &mut Errors) {
+    if models.is_empty() && !repository {
         errors.push(
             "models",
-            "at least one model is required (a [[models]] table)",
+            "at least one model is required (a [[models]] table, or server.model_repository)",
         );
     }
     let mut first_index: HashMap<&str, usize> = HashMap::new();

@@ -80,7 +80,8 @@ fn defaults_of_every_knob() {
         config.tls,
         Tls {
             cert: None,
-            key: None
+            key: None,
+            client_ca: None,
         }
     );
 
@@ -147,20 +148,29 @@ quic_listen = "127.0.0.1:9000"
 metrics_listen = "[::1]:9100"
 http_listen = "127.0.0.1:9080"
 grpc_listen = "off"
+https_listen = "127.0.0.1:9443"
+grpcs_listen = "[::1]:9444"
 auth_tokens = ["t0k3n", "second"]
+auth_token_identities = ["spiffe://quiver.test/a", ""]
 auth_exempt_health = false
 max_frame_bytes = 2048
 max_inflight_bytes = 2097152
 max_concurrent_streams = 7
 max_connections = 9
 max_connections_per_source = 3
+quic_retry_above_per_sec = 0
+rate_limit_per_sec = 100
+rate_limit_burst = 7
 request_read_timeout_ms = 700
+header_read_timeout_ms = 800
+min_body_bytes_per_sec = 0
 idle_timeout_ms = 1500
 shutdown_grace_ms = 0
 
 [tls]
 cert = "c.pem"
 key = "k.pem"
+client_ca = "ca.pem"
 
 [[models]]
 name = "m-1.v2_x"
@@ -174,6 +184,8 @@ queue_capacity = 16
 priority_levels = 4
 default_timeout_ms = 250
 max_in_flight = 2
+unhealthy_after_failures = 5
+rate_limit_per_sec = 40
 
 [[models]]
 name = "d"
@@ -194,16 +206,27 @@ seed = 7
             metrics_listen: Some(addr("[::1]:9100")),
             http_listen: Some(addr("127.0.0.1:9080")),
             grpc_listen: None,
+            https_listen: Some(addr("127.0.0.1:9443")),
+            grpcs_listen: Some(addr("[::1]:9444")),
             auth_tokens: vec!["t0k3n".to_owned(), "second".to_owned()],
+            auth_token_identities: vec!["spiffe://quiver.test/a".to_owned(), String::new()],
             auth_exempt_health: false,
             max_frame_bytes: 2048,
             max_inflight_bytes: 2 << 20,
             max_concurrent_streams: 7,
             max_connections: 9,
             max_connections_per_source: 3,
+            quic_retry_above_per_sec: 0,
             idle_timeout: Duration::from_millis(1500),
             request_read_timeout: Duration::from_millis(700),
+            header_read_timeout: Duration::from_millis(800),
+            min_body_bytes_per_sec: 0,
             shutdown_grace: Duration::ZERO,
+            rate_limit_per_sec: 100,
+            rate_limit_burst: Some(7),
+            model_repository: None,
+            model_control: quiver_config::ModelControl::None,
+            repository_poll: Server::DEFAULT_REPOSITORY_POLL,
         }
     );
     assert_eq!(
@@ -211,6 +234,7 @@ seed = 7
         Tls {
             cert: Some(PathBuf::from("c.pem")),
             key: Some(PathBuf::from("k.pem")),
+            client_ca: Some(PathBuf::from("ca.pem")),
         }
     );
     assert_eq!(
@@ -222,6 +246,7 @@ seed = 7
             demo: None,
             device: "cuda:3".to_owned(),
             cpu_kernels: true,
+            auto_truncate: true,
             max_batch_size: 8,
             max_batch_tokens: 512,
             max_queue_delay: Duration::ZERO,
@@ -229,8 +254,15 @@ seed = 7
             priority_levels: 4,
             default_timeout: Duration::from_millis(250),
             max_in_flight: 2,
+            unhealthy_after_failures: 5,
+            rate_limit_per_sec: Some(40),
+            rate_limit_burst: None,
             routing: Routing::LocalFirst,
             upstream: None,
+            version_policy: quiver_config::VersionPolicy::Latest(1),
+            devices: Vec::new(),
+            placement: quiver_config::Placement::Earliest,
+            sim: None,
         }
     );
     assert_eq!(config.models[0].cuda_ordinal(), Some(3));
@@ -287,6 +319,16 @@ fn range_errors_name_their_exact_path() {
             with_server("idle_timeout_ms = 0"),
             "server.idle_timeout_ms",
             "must be between 1 and 3600000, got 0",
+        ),
+        (
+            with_server("header_read_timeout_ms = 0"),
+            "server.header_read_timeout_ms",
+            "must be between 1 and 3600000, got 0",
+        ),
+        (
+            with_server("min_body_bytes_per_sec = 1073741825"),
+            "server.min_body_bytes_per_sec",
+            "must be between 0 and 1073741824, got 1073741825",
         ),
         (
             with_server("shutdown_grace_ms = 600001"),
@@ -367,6 +409,11 @@ fn range_errors_name_their_exact_path() {
             with_model("max_in_flight = 0"),
             "models[0].max_in_flight",
             "must be between 1 and 8, got 0",
+        ),
+        (
+            with_model("unhealthy_after_failures = 0"),
+            "models[0].unhealthy_after_failures",
+            "must be between 1 and 1000, got 0",
         ),
         (
             with_model("max_in_flight = 9"),
@@ -619,6 +666,24 @@ fn model_kind_rules() {
 }
 
 #[test]
+fn auto_truncate_is_an_embedding_knob_on_by_default() {
+    let embedding = "[[models]]\nname = \"e\"\nkind = \"embedding\"\npath = \"/m\"\n";
+    assert!(Config::parse(embedding).unwrap().models[0].auto_truncate);
+    let off = Config::parse(&format!("{embedding}auto_truncate = false\n")).unwrap();
+    assert!(!off.models[0].auto_truncate);
+    assert_eq!(
+        errors(&with_model("auto_truncate = false")),
+        vec![error(
+            "models[0].auto_truncate",
+            "only for kind \"embedding\""
+        )]
+    );
+    let typed = errors(&format!("{embedding}auto_truncate = \"no\"\n"));
+    assert_eq!(typed.len(), 1, "{typed:?}");
+    assert_eq!(typed[0].path, "models[0].auto_truncate", "{typed:?}");
+}
+
+#[test]
 fn cpu_kernels_is_an_embedding_knob() {
     let embedding = "[[models]]\nname = \"e\"\nkind = \"embedding\"\npath = \"/m\"\n";
     assert!(Config::parse(embedding).unwrap().models[0].cpu_kernels);
@@ -677,7 +742,7 @@ fn embedding_models_need_a_path_and_no_demo() {
 fn at_least_one_model() {
     let want = vec![error(
         "models",
-        "at least one model is required (a [[models]] table)",
+        "at least one model is required (a [[models]] table, or server.model_repository)",
     )];
     assert_eq!(errors(""), want);
     assert_eq!(errors("[server]\n"), want);
@@ -729,7 +794,7 @@ fn device_strings() {
             errors(&with_model(&format!("device = \"{bad}\""))),
             vec![error(
                 "models[0].device",
-                &format!("must be \"cpu\", \"cuda\" or \"cuda:N\", got \"{bad}\"")
+                &format!("must be \"cpu\", \"cuda\", \"cuda:N\" or \"sim:N\", got \"{bad}\"")
             )],
             "{bad:?}"
         );
@@ -1038,5 +1103,286 @@ fn upstream_only_needs_a_pool_and_a_pool_needs_endpoints() {
     assert_eq!(
         config.validate().unwrap_err().paths(),
         vec!["models[0].routing"]
+    );
+}
+
+#[test]
+fn a_model_rate_limit_overrides_the_servers() {
+    use quiver_config::RateLimit;
+    let text = r#"
+[server]
+rate_limit_per_sec = 100
+rate_limit_burst = 10
+
+[[models]]
+name = "inherits"
+kind = "identity"
+
+[[models]]
+name = "own_rate"
+kind = "identity"
+rate_limit_per_sec = 5
+
+[[models]]
+name = "own_burst"
+kind = "identity"
+rate_limit_burst = 3
+
+[[models]]
+name = "off"
+kind = "identity"
+rate_limit_per_sec = 0
+"#;
+    let config = Config::parse(text).unwrap();
+    let limit = |i: usize| config.rate_limit(&config.models[i]);
+    assert_eq!(
+        limit(0),
+        Some(RateLimit {
+            per_sec: 100,
+            burst: 10
+        })
+    );
+    assert_eq!(
+        limit(1),
+        Some(RateLimit {
+            per_sec: 5,
+            burst: 5
+        })
+    );
+    assert_eq!(
+        limit(2),
+        Some(RateLimit {
+            per_sec: 100,
+            burst: 3
+        })
+    );
+    assert_eq!(limit(3), None);
+    let default = Config::parse("[[models]]\nname = \"m\"\nkind = \"identity\"\n").unwrap();
+    assert_eq!(
+        default.rate_limit(&default.models[0]),
+        None,
+        "off by default"
+    );
+    let err = Config::parse(&with_server("rate_limit_burst = 0")).unwrap_err();
+    assert_eq!(err.paths(), vec!["server.rate_limit_burst"]);
+}
+
+#[test]
+fn token_identities_need_one_per_token_and_a_client_ca() {
+    let text = |ids: &str, ca: bool| {
+        format!(
+            "[server]\nauth_tokens = [\"a-token\", \"b-token\"]\nauth_token_identities = {ids}\n{}\
+             [[models]]\nname = \"m\"\nkind = \"identity\"\n",
+            if ca {
+                "[tls]\nclient_ca = \"ca.pem\"\n"
+            } else {
+                ""
+            }
+        )
+    };
+    let ok = Config::parse(&text(r#"["spiffe://a", ""]"#, true)).unwrap();
+    assert_eq!(ok.server.auth_token_identities, vec!["spiffe://a", ""]);
+    let short = Config::parse(&text(r#"["spiffe://a"]"#, true)).unwrap_err();
+    assert_eq!(short.paths(), vec!["server.auth_token_identities"]);
+    let no_ca = Config::parse(&text(r#"["spiffe://a", ""]"#, false)).unwrap_err();
+    assert_eq!(no_ca.paths(), vec!["server.auth_token_identities"]);
+}
+
+#[test]
+fn a_repository_stands_in_for_inline_models_and_its_knobs_are_checked() {
+    let config = Config::parse(
+        "[server]\nmodel_repository = \"/models\"\nmodel_control = \"poll\"\nrepository_poll_ms = 250\n",
+    )
+    .unwrap();
+    assert!(config.models.is_empty());
+    assert_eq!(
+        config.server.model_repository.as_deref(),
+        Some(Path::new("/models"))
+    );
+    assert_eq!(
+        config.server.model_control,
+        quiver_config::ModelControl::Poll
+    );
+    assert_eq!(config.server.repository_poll, Duration::from_millis(250));
+
+    assert_eq!(
+        errors("[server]\nmodel_control = \"sometimes\"\nrepository_poll_ms = 5\n"),
+        vec![
+            error(
+                "server.model_control",
+                "must be \"none\", \"poll\" or \"explicit\", got \"sometimes\""
+            ),
+            error(
+                "server.repository_poll_ms",
+                "must be between 100 and 3600000, got 5"
+            ),
+            error(
+                "models",
+                "at least one model is required (a [[models]] table, or server.model_repository)"
+            ),
+        ]
+    );
+    assert_eq!(
+        errors(&with_server("model_control = \"explicit\"")),
+        vec![error(
+            "server.model_control",
+            "\"explicit\" needs server.model_repository"
+        )]
+    );
+}
+
+#[test]
+fn version_policies_parse_select_and_report_their_path() {
+    use quiver_config::VersionPolicy;
+    let policy = |line: &str| {
+        Config::parse(&with_model(line)).unwrap().models[0]
+            .version_policy
+            .clone()
+    };
+    assert_eq!(policy(""), VersionPolicy::Latest(1));
+    assert_eq!(policy("version_policy = \"all\""), VersionPolicy::All);
+    assert_eq!(
+        policy("version_policy = { latest = 2 }"),
+        VersionPolicy::Latest(2)
+    );
+    assert_eq!(
+        policy("version_policy = { specific = [3, 1] }"),
+        VersionPolicy::Specific(vec![3, 1])
+    );
+    assert_eq!(VersionPolicy::Latest(2).select(&[1, 7, 3]), vec![3, 7]);
+    assert_eq!(VersionPolicy::Latest(5).select(&[2, 1]), vec![1, 2]);
+    assert_eq!(VersionPolicy::All.select(&[2, 1, 2]), vec![1, 2]);
+    assert_eq!(
+        VersionPolicy::Specific(vec![3, 9]).select(&[1, 3, 4]),
+        vec![3]
+    );
+
+    assert_eq!(
+        errors(&with_model("version_policy = { latest = 0 }")),
+        vec![error(
+            "models[0].version_policy.latest",
+            "must be between 1 and 64, got 0"
+        )]
+    );
+    assert_eq!(
+        errors(&with_model("version_policy = { specific = [1, -2] }")),
+        vec![error(
+            "models[0].version_policy.specific[1]",
+            "must be between 1 and 9223372036854775807, got -2"
+        )]
+    );
+    assert_eq!(
+        errors(&with_model("version_policy = \"newest\"")).len(),
+        1,
+        "a misspelt policy is one error"
+    );
+}
+
+#[test]
+fn a_repository_model_toml_is_a_models_table_without_name_or_path() {
+    let model = Config::repository_model(
+        "mlp",
+        "mlp/model.toml",
+        "kind = \"mlp\"\nmax_batch_size = 8\nversion_policy = \"all\"\n",
+    )
+    .unwrap();
+    assert_eq!(model.name, "mlp");
+    assert_eq!(model.path, None, "the gateway sets a path per version");
+    assert_eq!(model.max_batch_size, 8);
+    assert_eq!(model.version_policy, quiver_config::VersionPolicy::All);
+
+    let err = Config::repository_model(
+        "mlp",
+        "mlp/model.toml",
+        "name = \"other\"\npath = \"/w\"\nkind = \"mlp\"\nmax_batch_size = 0\n",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.paths(),
+        vec![
+            "mlp/model.toml.name",
+            "mlp/model.toml.path",
+            "mlp/model.toml.max_batch_size"
+        ]
+    );
+    let err = Config::repository_model("mlp", "mlp/model.toml", "kind = \"mlp\"\nbatch = 3\n")
+        .unwrap_err();
+    assert!(err.paths()[0].starts_with("mlp/model.toml"), "{err}");
+}
+
+#[test]
+fn several_devices_and_simulated_ones_are_checked() {
+    let config = Config::parse(&with_model(
+        "devices = [\"sim:0\", \"sim:1\"]\n[models.sim]\nfixed_us = 2000\nper_row_us = 50\njitter_pct = 5\nslowdown_pct = [100, 300]\n",
+    ))
+    .unwrap();
+    let m = &config.models[0];
+    assert_eq!(m.device_list(), vec!["sim:0", "sim:1"]);
+    assert_eq!(m.device, "sim:0");
+    assert_eq!(m.cuda_ordinal(), None, "a simulated device is not a GPU");
+    let sim = m.sim.as_ref().unwrap();
+    assert_eq!(
+        (sim.fixed_us, sim.per_row_us, sim.per_token_ns),
+        (2000, 50, 0)
+    );
+    assert_eq!(sim.jitter_pct, 5);
+    assert_eq!(sim.slowdown_pct, vec![100, 300]);
+    assert_eq!(
+        Config::parse(&with_model("device = \"cuda:1\""))
+            .unwrap()
+            .models[0]
+            .device_list(),
+        vec!["cuda:1"]
+    );
+
+    assert_eq!(
+        errors(&with_model(
+            "device = \"cpu\"\ndevices = [\"cpu\", \"gpu\", \"cpu\"]"
+        )),
+        vec![
+            error("models[0].devices", "give `device` or `devices`, not both"),
+            error(
+                "models[0].devices[1]",
+                "must be \"cpu\", \"cuda\", \"cuda:N\" or \"sim:N\", got \"gpu\""
+            ),
+            error("models[0].devices[2]", "duplicate device \"cpu\""),
+        ]
+    );
+    assert_eq!(
+        Config::parse(&with_model("placement = \"round-robin\""))
+            .unwrap()
+            .models[0]
+            .placement,
+        quiver_config::Placement::RoundRobin
+    );
+    assert_eq!(
+        errors(&with_model("placement = \"random\"")),
+        vec![error(
+            "models[0].placement",
+            "must be \"earliest\" or \"round-robin\", got \"random\""
+        )]
+    );
+    assert_eq!(
+        errors(&with_model("device = \"sim:0\"")),
+        vec![error(
+            "models[0].sim",
+            "a sim:N device needs [models.sim] (its service time)"
+        )]
+    );
+    assert_eq!(
+        errors(&with_model(
+            "[models.sim]\njitter_pct = 101\nslowdown_pct = [0]"
+        )),
+        vec![
+            error(
+                "models[0].sim.jitter_pct",
+                "must be between 0 and 100, got 101"
+            ),
+            error(
+                "models[0].sim.slowdown_pct[0]",
+                "must be between 1 and 100000, got 0"
+            ),
+            error("models[0].sim", "only with a sim:N device"),
+        ]
     );
 }

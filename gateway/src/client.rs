@@ -12,14 +12,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use prost::Message;
 
 use crate::error::Code;
 use crate::framing::{self, FrameError};
-use crate::proto::native::{Reply, reply};
+use crate::proto::native::Reply;
 use crate::proto::{ModelInferRequest, ModelInferResponse};
 use crate::tls::{self, Trust};
+use quiver_protocol::frame::ReplyError;
 
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,9 @@ pub struct ClientOptions {
     /// The bearer token sent with every [`Client::infer`], for a server
     /// with `server.auth_tokens`; default none.
     pub token: Option<String>,
+    /// The client certificate presented to a server with `tls.client_ca`
+    /// (mTLS); default none.
+    pub certificate: Option<Arc<tls::Identity>>,
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -77,6 +81,10 @@ impl std::fmt::Debug for ClientOptions {
             .field("max_reply_bytes", &self.max_reply_bytes)
             .field("idle_timeout", &self.idle_timeout)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "certificate",
+                &self.certificate.as_ref().map(|c| c.fingerprint()),
+            )
             .finish()
     }
 }
@@ -89,6 +97,7 @@ impl ClientOptions {
             max_reply_bytes: 64 << 20,
             idle_timeout: Duration::from_secs(30),
             token: None,
+            certificate: None,
         }
     }
 }
@@ -117,7 +126,11 @@ impl std::fmt::Debug for TokenFields {
 impl Client {
     /// Connects to `addr`.
     pub async fn connect(addr: SocketAddr, options: ClientOptions) -> Result<Client, ClientError> {
-        let rustls = tls::client_config(&options.trust, &[crate::NATIVE_ALPN])?;
+        let rustls = tls::client_config_with(
+            &options.trust,
+            &[crate::NATIVE_ALPN],
+            options.certificate.as_deref(),
+        )?;
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(rustls)
             .map_err(|e| ClientError::Connect(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
@@ -164,14 +177,10 @@ impl Client {
         send.write_all(&bytes).await?;
         let _ = send.finish();
         let reply: Reply = framing::read_frame(&mut recv, self.max_reply_bytes).await?;
-        match reply.result {
-            Some(reply::Result::Response(r)) => Ok(r),
-            Some(reply::Result::Status(s)) => Err(ClientError::Status {
-                code: Code::from_i32(s.code),
-                message: s.message,
-            }),
-            None => Err(ClientError::EmptyReply),
-        }
+        framing::open_reply(reply).map_err(|e| match e {
+            ReplyError::Status { code, message } => ClientError::Status { code, message },
+            _ => ClientError::EmptyReply,
+        })
     }
 
     /// The underlying QUIC connection, for callers that drive streams
@@ -201,19 +210,7 @@ fn token_fields(token: &str) -> TokenFields {
 /// read earlier, so the server decodes `req` with the token parameter set,
 /// without the request (and its tensors) being copied to add it.
 fn encode_request(req: &ModelInferRequest, token_fields: Option<&[u8]>) -> Bytes {
-    let Some(extra) = token_fields else {
-        return framing::encode(req);
-    };
-    let len = req.encoded_len() + extra.len();
-    let mut buf = BytesMut::with_capacity(framing::HEADER_LEN + len);
-    // Over 4 GiB the server refuses the frame as too large, as it does
-    // every frame over its limit.
-    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-    // `encode_raw` writes what `encode` would, without the capacity check
-    // that a growing BytesMut never fails.
-    req.encode_raw(&mut buf);
-    buf.put_slice(extra);
-    buf.freeze()
+    framing::encode_with(req, token_fields.unwrap_or_default())
 }
 
 /// Decodes a reply frame's body; exposed for tools that read raw streams.

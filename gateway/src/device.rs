@@ -18,7 +18,7 @@ use quiver_kernels::{DataType, HostTensor, Model, Prepared, TensorData};
 use tokio::sync::oneshot;
 
 use crate::error::GatewayError;
-use crate::metrics::{BatchLabels, Metrics, ModelLabels};
+use crate::metrics::{BatchLabels, DeviceLabels, Metrics, ModelLabels};
 use crate::request::LocalBatch;
 
 /// What the device thread sends back for one request: exactly one per
@@ -69,26 +69,34 @@ pub struct DeviceWorker {
 impl DeviceWorker {
     /// Starts the device thread for `model`.
     pub fn spawn(
-        name: String,
+        labels: DeviceLabels,
         model: Arc<dyn Model>,
         scheduler: Scheduler<Pending>,
         metrics: Arc<Metrics>,
+        unhealthy_after_failures: u32,
     ) -> std::io::Result<Self> {
         let admission = scheduler.admission();
+        let max_in_flight = scheduler.config().max_in_flight;
         let stop = Arc::new(AtomicBool::new(false));
         let healthy = Arc::new(AtomicBool::new(true));
-        metrics
-            .device_healthy
-            .get_or_create(&ModelLabels {
-                model: name.clone(),
-            })
-            .set(1);
+        metrics.device_healthy.get_or_create(&labels).set(1);
+        let name = labels.model.clone();
         let thread = std::thread::Builder::new()
             .name(format!("quiver-device-{name}"))
             .spawn({
                 let stop = stop.clone();
                 let healthy = healthy.clone();
-                move || DeviceLoop::new(name, model, scheduler, metrics, healthy).run(&stop)
+                move || {
+                    DeviceLoop::new(
+                        labels,
+                        model,
+                        scheduler,
+                        metrics,
+                        healthy,
+                        unhealthy_after_failures,
+                    )
+                    .run(&stop, max_in_flight)
+                }
             })?;
         Ok(DeviceWorker {
             admission,
@@ -98,8 +106,9 @@ impl DeviceWorker {
         })
     }
 
-    /// False after a batch failed on the device (a model error), until a
-    /// batch or a probe batch succeeds; the router then sends the model's
+    /// False after `unhealthy_after_failures` batches in a row failed on the
+    /// device (a model error or a panic), until a batch or a probe batch
+    /// succeeds; the router then sends the model's
     /// traffic to its upstreams, if it has any.
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
@@ -136,33 +145,124 @@ impl Drop for DeviceWorker {
 
 struct DeviceLoop {
     name: String,
+    /// The model version's labels (its latency histograms, summed over
+    /// devices).
     labels: ModelLabels,
+    /// This device's labels.
+    device: DeviceLabels,
     model: Arc<dyn Model>,
     scheduler: Scheduler<Pending>,
     metrics: Arc<Metrics>,
     healthy: Arc<AtomicBool>,
     last_probe: Option<Instant>,
+    /// Failed batches in a row, and how many mark the device unhealthy.
+    failures: u32,
+    unhealthy_after: u32,
+    /// With `max_in_flight` ≥ 2, the thread that runs `forward`: this
+    /// thread forms, hands over and answers batches while it computes.
+    executor: Option<Executor>,
+}
+
+/// A batch handed to the executor thread.
+struct Job {
+    id: quiver_batching::BatchId,
+    reason: quiver_batching::DispatchReason,
+    rows: u32,
+    formed_at: Instant,
+    prepared: Vec<Prepared>,
+    waiting: Vec<(Instant, oneshot::Sender<Reply>)>,
+}
+
+/// A batch the executor is done with.
+struct Done {
+    job: Job,
+    compute_time: std::time::Duration,
+    result: std::thread::Result<Result<Vec<Vec<HostTensor>>, quiver_kernels::ModelError>>,
+}
+
+/// The executor thread and its two channels (bounded by `max_in_flight`).
+struct Executor {
+    jobs: Option<crossbeam_channel::Sender<Job>>,
+    done: crossbeam_channel::Receiver<Done>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Executor {
+    fn spawn(
+        name: &str,
+        model: Arc<dyn Model>,
+        admission: Arc<Admission<Pending>>,
+        slots: usize,
+    ) -> std::io::Result<Self> {
+        let (jobs, jobs_rx) = crossbeam_channel::bounded::<Job>(slots);
+        let (done_tx, done) = crossbeam_channel::bounded::<Done>(slots);
+        let thread = std::thread::Builder::new()
+            .name(format!("quiver-exec-{name}"))
+            .spawn(move || {
+                for job in jobs_rx {
+                    let started = Instant::now();
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        model.forward(&job.prepared)
+                    }));
+                    let compute_time = started.elapsed();
+                    if done_tx
+                        .send(Done {
+                            job,
+                            compute_time,
+                            result,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                    // Wakes the scheduler's thread to answer and refill.
+                    admission.doorbell().ring();
+                }
+            })?;
+        Ok(Executor {
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("a device executor thread panicked");
+        }
+    }
 }
 
 impl DeviceLoop {
     fn new(
-        name: String,
+        device: DeviceLabels,
         model: Arc<dyn Model>,
         scheduler: Scheduler<Pending>,
         metrics: Arc<Metrics>,
         healthy: Arc<AtomicBool>,
+        unhealthy_after: u32,
     ) -> Self {
         let labels = ModelLabels {
-            model: name.clone(),
+            model: device.model.clone(),
+            version: device.version.clone(),
         };
         DeviceLoop {
-            name,
+            name: device.model.clone(),
             labels,
+            device,
             model,
             scheduler,
             metrics,
             healthy,
             last_probe: None,
+            failures: 0,
+            unhealthy_after: unhealthy_after.max(1),
+            executor: None,
         }
     }
 
@@ -175,7 +275,7 @@ impl DeviceLoop {
             }
             self.metrics
                 .device_healthy
-                .get_or_create(&self.labels)
+                .get_or_create(&self.device)
                 .set(i64::from(healthy));
         }
     }
@@ -184,7 +284,8 @@ impl DeviceLoop {
     /// [`PROBE_INTERVAL`]; success marks the device healthy again.
     /// Returns how long to wait until the next probe, if one is due later.
     fn maybe_probe(&mut self, now: Instant) -> Option<std::time::Duration> {
-        if self.healthy.load(Ordering::Acquire) {
+        // Never beside a batch still on the executor.
+        if self.healthy.load(Ordering::Acquire) || self.scheduler.in_flight() > 0 {
             return None;
         }
         if let Some(at) = self.last_probe {
@@ -206,10 +307,12 @@ impl DeviceLoop {
             .device_probes
             .get_or_create(&crate::metrics::ProbeLabels {
                 model: self.name.clone(),
+                device: self.device.device.clone(),
                 result: if ok { "ok" } else { "failed" },
             })
             .inc();
         if ok {
+            self.failures = 0;
             self.set_healthy(true);
             None
         } else {
@@ -217,9 +320,32 @@ impl DeviceLoop {
         }
     }
 
-    fn run(mut self, stop: &AtomicBool) {
+    fn run(mut self, stop: &AtomicBool, max_in_flight: u32) {
+        if max_in_flight >= 2 {
+            match Executor::spawn(
+                &self.name,
+                self.model.clone(),
+                self.scheduler.admission().clone(),
+                max_in_flight as usize,
+            ) {
+                Ok(e) => self.executor = Some(e),
+                Err(e) => tracing::warn!(
+                    model = %self.name,
+                    error = %e,
+                    "no executor thread: batches run one at a time"
+                ),
+            }
+        }
         loop {
+            self.collect_done(None);
             if stop.load(Ordering::Acquire) {
+                // Batches on the device finish and are answered first.
+                while self.scheduler.in_flight() > 0 && self.executor.is_some() {
+                    if !self.collect_done(Some(std::time::Duration::from_secs(60))) {
+                        break;
+                    }
+                }
+                self.executor = None;
                 for req in self.scheduler.shutdown() {
                     let _ = req
                         .payload
@@ -234,7 +360,7 @@ impl DeviceLoop {
             self.answer_ended();
             self.metrics
                 .queue_depth
-                .get_or_create(&self.labels)
+                .get_or_create(&self.device)
                 .set(i64::try_from(self.scheduler.stats().queued).unwrap_or(i64::MAX));
             let probe_in = match poll {
                 Poll::Dispatch(_) => None,
@@ -258,7 +384,7 @@ impl DeviceLoop {
                 Ended::Cancelled(req) => {
                     self.metrics
                         .cancelled_in_queue
-                        .get_or_create(&self.labels)
+                        .get_or_create(&self.device)
                         .inc();
                     // Its client is gone, so this send normally finds nobody.
                     let _ = req
@@ -278,6 +404,26 @@ impl DeviceLoop {
         }
     }
 
+    /// Answers the batches the executor finished; with `wait`, waits up
+    /// to that long for one. False when none came.
+    fn collect_done(&mut self, wait: Option<std::time::Duration>) -> bool {
+        let mut got = false;
+        loop {
+            let Some(executor) = &self.executor else {
+                return got;
+            };
+            let next = match (wait, got) {
+                (Some(w), false) => executor.done.recv_timeout(w).ok(),
+                _ => executor.done.try_recv().ok(),
+            };
+            let Some(done) = next else {
+                return got;
+            };
+            got = true;
+            self.finish(done);
+        }
+    }
+
     fn execute(&mut self, batch: Batch<Pending>) {
         let Batch {
             id,
@@ -287,7 +433,6 @@ impl DeviceLoop {
             formed_at,
             ..
         } = batch;
-        let size = u32::try_from(requests.len()).unwrap_or(u32::MAX);
         let mut prepared = Vec::with_capacity(requests.len());
         let mut waiting = Vec::with_capacity(requests.len());
         for req in requests {
@@ -296,30 +441,82 @@ impl DeviceLoop {
         }
         // `prepared` is kept until the batch's outcome is known: a failed
         // batch hands each request back with its inputs.
-        let in_flight = self
-            .metrics
+        let job = Job {
+            id,
+            reason,
+            rows,
+            formed_at,
+            prepared,
+            waiting,
+        };
+        self.metrics
             .batches_in_flight
-            .get_or_create(&self.labels)
-            .clone();
-        in_flight.inc();
+            .get_or_create(&self.device)
+            .inc();
+        if let Some(jobs) = self.executor.as_ref().and_then(|e| e.jobs.as_ref()) {
+            // The scheduler dispatches at most `max_in_flight` batches, the
+            // channel's bound: this never waits.
+            match jobs.send(job) {
+                Ok(()) => return,
+                Err(crossbeam_channel::SendError(job)) => {
+                    // The executor is gone: run it here.
+                    self.executor = None;
+                    self.run_here(job);
+                    return;
+                }
+            }
+        }
+        self.run_here(job);
+    }
+
+    /// Runs a batch on this thread (`max_in_flight = 1`: no hand-off).
+    fn run_here(&mut self, job: Job) {
         let started = Instant::now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.model.forward(&prepared)
+            self.model.forward(&job.prepared)
         }));
         let compute_time = started.elapsed();
-        in_flight.dec();
+        self.finish(Done {
+            job,
+            compute_time,
+            result,
+        });
+    }
+
+    /// Records a finished batch and answers its requests.
+    fn finish(&mut self, done: Done) {
+        let Done {
+            job,
+            compute_time,
+            result,
+        } = done;
+        let Job {
+            id,
+            reason,
+            rows,
+            formed_at,
+            prepared,
+            waiting,
+        } = job;
+        let size = u32::try_from(waiting.len()).unwrap_or(u32::MAX);
+        self.metrics
+            .batches_in_flight
+            .get_or_create(&self.device)
+            .dec();
         self.scheduler.complete(Instant::now(), id, compute_time);
 
         self.metrics
             .batches
             .get_or_create(&BatchLabels {
                 model: self.name.clone(),
+                version: self.device.version.clone(),
+                device: self.device.device.clone(),
                 reason: reason.as_str(),
             })
             .inc();
         self.metrics
             .batch_size
-            .get_or_create(&self.labels)
+            .get_or_create(&self.device)
             .observe(f64::from(size));
         self.metrics
             .compute_seconds
@@ -327,7 +524,7 @@ impl DeviceLoop {
             .observe(compute_time.as_secs_f64());
         self.metrics
             .computed
-            .get_or_create(&self.labels)
+            .get_or_create(&self.device)
             .inc_by(u64::from(size));
 
         let outputs = match result {
@@ -343,6 +540,7 @@ impl DeviceLoop {
             Ok(Err(e)) => return self.fail_all(waiting, prepared, e.to_string()),
             Err(_) => return self.fail_all(waiting, prepared, "the model panicked".into()),
         };
+        self.failures = 0;
         self.set_healthy(true);
         for ((arrival, reply), outputs) in waiting.into_iter().zip(outputs) {
             let queue_time = formed_at.saturating_duration_since(arrival);
@@ -367,8 +565,11 @@ impl DeviceLoop {
         prepared: Vec<Prepared>,
         message: String,
     ) {
-        tracing::error!(model = %self.name, %message, "batch failed");
-        self.set_healthy(false);
+        self.failures = self.failures.saturating_add(1);
+        tracing::error!(model = %self.name, %message, failures = self.failures, "batch failed");
+        if self.failures >= self.unhealthy_after {
+            self.set_healthy(false);
+        }
         // The next probe waits a full interval: the batch just failed.
         self.last_probe = Some(Instant::now());
         for ((_, reply), prepared) in waiting.into_iter().zip(prepared) {

@@ -1,70 +1,16 @@
-//! The gateway's one error type, and the status codes it maps to.
+//! The gateway's one error type.
 //!
-//! Each front end has exactly one function that maps a [`GatewayError`] to
-//! its wire status (DESIGN.md, "Wire protocols"); this module only says
-//! whose fault an error is and whether a retry can help.
+//! [`GatewayError::kind`] says which [`ErrorKind`] each error is; the maps
+//! from a kind to the wire status of each protocol live in
+//! `quiver_protocol::status` (DESIGN.md, "Wire protocols"). This module also
+//! says whose fault an error is and whether a retry can help.
 
 use std::time::Duration;
 
 use quiver_batching::RejectReason;
 use quiver_kernels::InputError;
-
-/// gRPC status codes, which the QUIC native protocol uses too.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(i32)]
-#[non_exhaustive]
-pub enum Code {
-    Ok = 0,
-    Cancelled = 1,
-    Unknown = 2,
-    InvalidArgument = 3,
-    DeadlineExceeded = 4,
-    NotFound = 5,
-    ResourceExhausted = 8,
-    Internal = 13,
-    Unavailable = 14,
-    Unauthenticated = 16,
-}
-
-impl Code {
-    /// The code of a wire number; unknown numbers become [`Code::Unknown`].
-    pub fn from_i32(n: i32) -> Code {
-        match n {
-            0 => Code::Ok,
-            1 => Code::Cancelled,
-            3 => Code::InvalidArgument,
-            4 => Code::DeadlineExceeded,
-            5 => Code::NotFound,
-            8 => Code::ResourceExhausted,
-            13 => Code::Internal,
-            14 => Code::Unavailable,
-            16 => Code::Unauthenticated,
-            _ => Code::Unknown,
-        }
-    }
-
-    /// The name as gRPC spells it, e.g. `INVALID_ARGUMENT`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Code::Ok => "OK",
-            Code::Cancelled => "CANCELLED",
-            Code::Unknown => "UNKNOWN",
-            Code::InvalidArgument => "INVALID_ARGUMENT",
-            Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-            Code::NotFound => "NOT_FOUND",
-            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-            Code::Internal => "INTERNAL",
-            Code::Unavailable => "UNAVAILABLE",
-            Code::Unauthenticated => "UNAUTHENTICATED",
-        }
-    }
-}
-
-impl std::fmt::Display for Code {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use quiver_protocol::DecodeError;
+pub use quiver_protocol::status::{Code, ErrorKind, HttpStatus};
 
 /// Why a request got no result.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +25,18 @@ pub enum GatewayError {
     /// No model of that name is served here.
     #[error("unknown model '{0}'")]
     UnknownModel(String),
+    /// A repository or configuration request (load, unload, reload) that
+    /// failed; what was serving still serves.
+    #[error("{0}")]
+    Repository(String),
+    /// The model serves, but not that version.
+    #[error("model '{model}' has no version '{version}' serving (serving: {serving})")]
+    UnknownVersion {
+        model: String,
+        version: String,
+        /// The versions that serve, e.g. `1, 2`.
+        serving: String,
+    },
     /// The request is larger than the configured limit; it was not read whole.
     #[error("request of {got} bytes exceeds the limit of {limit} bytes")]
     TooLarge { limit: u64, got: u64 },
@@ -87,6 +45,16 @@ pub enum GatewayError {
     /// then a stall): its bytes are released.
     #[error("the request was not received within {0:?} (server.request_read_timeout_ms)")]
     RequestTimeout(Duration),
+    /// A REST body arrived slower than `server.min_body_bytes_per_sec`
+    /// allows (a slowloris body): its bytes are released.
+    #[error(
+        "the request body arrived too slowly: {received} bytes in {elapsed:?}, under server.min_body_bytes_per_sec {min_rate}"
+    )]
+    BodyTooSlow {
+        received: u64,
+        elapsed: Duration,
+        min_rate: u32,
+    },
     /// The request's bytes do not fit the request-memory budget
     /// (`server.max_inflight_bytes`) beside the requests held now; refused
     /// before its body is read where its length is announced.
@@ -94,6 +62,17 @@ pub enum GatewayError {
         "the gateway holds {held} bytes of requests; {need} more would pass server.max_inflight_bytes {limit}"
     )]
     MemoryBudget { need: u64, held: u64, limit: u64 },
+    /// The client sent more than its rate limit allows
+    /// (`rate_limit_per_sec`): refused before any work.
+    #[error(
+        "{client} is over its rate limit of {per_sec} requests/s for model '{model}'; retry in {retry_after:?}"
+    )]
+    RateLimited {
+        model: String,
+        client: String,
+        per_sec: u32,
+        retry_after: Duration,
+    },
     /// The model's admission lane is full.
     #[error("model '{model}' is overloaded: {reason}")]
     Overloaded { model: String, reason: RejectReason },
@@ -109,6 +88,13 @@ pub enum GatewayError {
     /// The model or its device failed.
     #[error("model '{model}' failed: {message}")]
     Model { model: String, message: String },
+    /// The model's device failed `unhealthy_after_failures` batches in a
+    /// row and no upstream can take the request: refused before any work
+    /// until a probe batch succeeds.
+    #[error(
+        "model '{model}': its device is unhealthy (failed batches in a row) and no upstream can take the request"
+    )]
+    DeviceUnhealthy { model: String },
     /// The gateway is shutting down and takes no more work.
     #[error("the gateway is shutting down")]
     ShuttingDown,
@@ -145,24 +131,71 @@ pub enum Fault {
     Gateway,
 }
 
+impl From<DecodeError> for GatewayError {
+    fn from(e: DecodeError) -> Self {
+        match e {
+            DecodeError::Input(e) => GatewayError::Input(e),
+            other => GatewayError::InvalidArgument(other.to_string()),
+        }
+    }
+}
+
 impl GatewayError {
+    /// What kind of failure this is on the wire: each front end answers
+    /// with that kind's status (`ErrorKind::http`, `grpc`, `native`).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            // A text over the model's token limit with truncation off: too large, as
+            // text-embeddings-inference answers it (413).
+            GatewayError::Input(InputError::TooLong { .. }) => ErrorKind::TooLarge,
+            GatewayError::InvalidArgument(_)
+            | GatewayError::Input(_)
+            | GatewayError::Repository(_) => ErrorKind::InvalidArgument,
+            GatewayError::Unauthenticated(_) => ErrorKind::Unauthenticated,
+            GatewayError::UnknownModel(_) | GatewayError::UnknownVersion { .. } => {
+                ErrorKind::NotFound
+            }
+            GatewayError::TooLarge { .. } => ErrorKind::TooLarge,
+            GatewayError::Overloaded { .. } | GatewayError::RateLimited { .. } => {
+                ErrorKind::Overloaded
+            }
+            GatewayError::DeadlineUnreachable { .. }
+            | GatewayError::MemoryBudget { .. }
+            | GatewayError::ShuttingDown
+            | GatewayError::DeviceUnhealthy { .. }
+            | GatewayError::UpstreamUnavailable { .. } => ErrorKind::Unavailable,
+            GatewayError::Upstream { .. } => ErrorKind::BadGateway,
+            GatewayError::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+            GatewayError::RequestTimeout(_) | GatewayError::BodyTooSlow { .. } => {
+                ErrorKind::RequestTimeout
+            }
+            GatewayError::Model { .. } => ErrorKind::Internal,
+            GatewayError::Cancelled => ErrorKind::Cancelled,
+        }
+    }
+
     /// Whose fault this is.
     pub fn fault(&self) -> Fault {
         match self {
             GatewayError::InvalidArgument(_)
             | GatewayError::Input(_)
             | GatewayError::UnknownModel(_)
+            | GatewayError::UnknownVersion { .. }
+            | GatewayError::Repository(_)
             | GatewayError::TooLarge { .. }
-            | GatewayError::RequestTimeout(_) => Fault::Client,
+            | GatewayError::RequestTimeout(_)
+            | GatewayError::BodyTooSlow { .. } => Fault::Client,
             GatewayError::Overloaded { .. }
             | GatewayError::MemoryBudget { .. }
             | GatewayError::DeadlineUnreachable { .. }
             | GatewayError::DeadlineExceeded => Fault::Capacity,
-            GatewayError::Model { .. } => Fault::Device,
+            GatewayError::Model { .. } | GatewayError::DeviceUnhealthy { .. } => Fault::Device,
             GatewayError::UpstreamUnavailable { .. } => Fault::Capacity,
             GatewayError::Upstream { .. } => Fault::Upstream,
             GatewayError::ShuttingDown => Fault::Gateway,
-            GatewayError::Cancelled | GatewayError::Unauthenticated(_) => Fault::Client,
+            GatewayError::Cancelled
+            | GatewayError::Unauthenticated(_)
+            | GatewayError::RateLimited { .. } => Fault::Client,
         }
     }
 
@@ -171,9 +204,11 @@ impl GatewayError {
         matches!(
             self,
             GatewayError::Overloaded { .. }
+                | GatewayError::RateLimited { .. }
                 | GatewayError::MemoryBudget { .. }
                 | GatewayError::DeadlineUnreachable { .. }
                 | GatewayError::ShuttingDown
+                | GatewayError::DeviceUnhealthy { .. }
                 | GatewayError::UpstreamUnavailable { .. }
         )
     }
@@ -182,15 +217,19 @@ impl GatewayError {
     pub fn outcome(&self) -> &'static str {
         match self {
             GatewayError::InvalidArgument(_) | GatewayError::Input(_) => "invalid_argument",
-            GatewayError::UnknownModel(_) => "unknown_model",
+            GatewayError::UnknownModel(_) | GatewayError::UnknownVersion { .. } => "unknown_model",
+            GatewayError::Repository(_) => "repository_error",
             GatewayError::TooLarge { .. } => "too_large",
             GatewayError::RequestTimeout(_) => "request_timeout",
+            GatewayError::BodyTooSlow { .. } => "body_too_slow",
             GatewayError::MemoryBudget { .. } => "memory_budget",
             GatewayError::Overloaded { .. } => "overloaded",
+            GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::DeadlineUnreachable { .. } => "deadline_unreachable",
             GatewayError::DeadlineExceeded => "deadline_exceeded",
             GatewayError::Model { .. } => "model_error",
             GatewayError::ShuttingDown => "shutting_down",
+            GatewayError::DeviceUnhealthy { .. } => "device_unhealthy",
             GatewayError::Cancelled => "cancelled",
             GatewayError::Unauthenticated(_) => "unauthenticated",
             GatewayError::UpstreamUnavailable { .. } => "upstream_unavailable",

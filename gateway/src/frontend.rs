@@ -4,8 +4,11 @@
 
 pub mod auth;
 pub mod catalog;
+pub mod embed;
 pub mod grpc;
 pub mod h3;
 pub mod http;
+pub mod inflight;
+pub mod openapi;
 pub mod quic;
 pub mod sources;

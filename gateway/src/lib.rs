@@ -30,9 +30,13 @@ pub mod device;
 pub mod error;
 pub mod framing;
 pub mod frontend;
-pub mod json;
+pub mod lifecycle;
+/// KServe v2 JSON, from `quiver-protocol`.
+pub use quiver_protocol::json;
 pub mod metrics;
 pub mod proto;
+pub mod ratelimit;
+pub mod registry;
 pub mod request;
 pub mod router;
 pub mod serve;
@@ -40,5 +44,4 @@ pub mod tensor;
 pub mod tls;
 pub mod upstream;
 
-/// The ALPN protocol name of Quiver's QUIC native protocol.
-pub const NATIVE_ALPN: &[u8] = b"quiver/1";
+pub use quiver_protocol::NATIVE_ALPN;

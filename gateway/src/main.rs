@@ -142,6 +142,13 @@ struct InferArgs {
     /// The name the server certificate must carry.
     #[arg(long, default_value = "localhost")]
     server_name: String,
+    /// A client certificate chain (PEM) to present, for a server with
+    /// `tls.client_ca` (mTLS); needs --key.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
     /// Read the request body from this file instead of stdin.
     #[arg(long, short = 'i', value_name = "FILE")]
     input: Option<PathBuf>,
@@ -186,7 +193,30 @@ fn main() -> ExitCode {
                     config.models.len(),
                     if config.models.len() == 1 { "" } else { "s" }
                 );
-                ExitCode::SUCCESS
+                let Some(dir) = &config.server.model_repository else {
+                    return ExitCode::SUCCESS;
+                };
+                match quiver_gateway::lifecycle::check_repository(dir) {
+                    Ok(lines) => {
+                        println!(
+                            "{}: valid model repository ({} model{})",
+                            dir.display(),
+                            lines.len(),
+                            if lines.len() == 1 { "" } else { "s" }
+                        );
+                        for line in lines {
+                            println!("  {line}");
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(errors) => {
+                        eprintln!("{}: invalid model repository", dir.display());
+                        for e in errors {
+                            eprintln!("{e}");
+                        }
+                        ExitCode::from(2)
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("{}: invalid configuration\n{e}", file.display());
@@ -263,6 +293,7 @@ fn serve_cmd(args: ServeArgs) -> ExitCode {
         grpc_listen,
         cert_out: args.cert_out,
         worker: false,
+        config_path: args.config.clone(),
     };
     run_until_signal(config, overrides, "quiver")
 }
@@ -329,6 +360,7 @@ fn worker_cmd(args: WorkerArgs) -> ExitCode {
         grpc_listen: port(config.server.grpc_listen, args.grpc_port),
         cert_out: None,
         worker: true,
+        config_path: args.config.clone(),
     };
     run_until_signal(config, overrides, "quiver worker")
 }
@@ -426,6 +458,11 @@ fn infer(args: InferArgs) -> anyhow::Result<ExitCode> {
     let mut options = ClientOptions::new(trust);
     options.server_name = args.server_name;
     options.token = args.token;
+    if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+        options.certificate = Some(std::sync::Arc::new(
+            quiver_gateway::tls::Identity::from_pem_files(cert, key)?,
+        ));
+    }
     let rt = runtime()?;
     rt.block_on(async move {
         let client = Client::connect(args.addr, options).await?;

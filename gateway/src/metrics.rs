@@ -33,12 +33,55 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct ModelLabels {
     pub model: String,
+    /// The model version (`1` for an inline `[[models]]` table).
+    pub version: String,
+}
+
+impl ModelLabels {
+    /// The labels of model `model` at `version`.
+    pub fn new(model: &str, version: u64) -> Self {
+        ModelLabels {
+            model: model.to_owned(),
+            version: version.to_string(),
+        }
+    }
+}
+
+/// A model by name alone: what belongs to the model whatever its versions
+/// (its loads and unloads, its upstream pool's retries).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabels {
+    pub model: String,
+}
+
+/// A model's load attempts, by outcome (`ok`, `failed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoadLabels {
+    pub model: String,
+    pub outcome: &'static str,
+}
+
+/// Configuration reloads, by outcome (`ok`, `invalid`, `failed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BatchLabels {
     pub model: String,
+    pub version: String,
+    pub device: String,
     pub reason: &'static str,
+}
+
+/// One device of a model version.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    pub model: String,
+    pub version: String,
+    /// `cpu`, `cuda:N`, `sim:N`.
+    pub device: String,
 }
 
 /// A request refused before any compute, by model (empty when the model is
@@ -50,10 +93,18 @@ pub struct RejectionLabels {
     pub reason: &'static str,
 }
 
+/// A front end's protocol.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: &'static str,
+}
+
 /// One term of a model's latency model (`fixed`, `per_row`, `per_token`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TermLabels {
     pub model: String,
+    pub version: String,
+    pub device: String,
     pub term: &'static str,
 }
 
@@ -61,6 +112,7 @@ pub struct TermLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabels {
     pub model: String,
+    pub device: String,
     pub result: &'static str,
 }
 
@@ -79,6 +131,7 @@ pub struct OverflowLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabels {
     pub model: String,
+    pub version: String,
     pub path: &'static str,
     pub outcome: &'static str,
 }
@@ -334,22 +387,29 @@ pub struct Metrics {
     /// Requests refused before any compute, by model, protocol and reason
     /// (the error outcome, or `unauthenticated`, `too_many_connections`).
     pub rejections: Family<RejectionLabels, Counter>,
+    /// QUIC handshakes answered with a Retry (address validation).
+    pub quic_retries: Counter,
+    /// Inference requests taken in, by protocol (QUIC native: once its
+    /// frame is read; REST, HTTP/3 and gRPC: once their handler runs); each
+    /// then ends in exactly one `quiver_requests_total` outcome, so once
+    /// traffic stops the two balance.
+    pub received: Family<ProtocolLabels, Counter>,
     /// Batches dispatched, by model and dispatch reason.
     pub batches: Family<BatchLabels, Counter>,
     /// Requests per dispatched batch, by model.
-    pub batch_size: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    pub batch_size: Family<DeviceLabels, Histogram, fn() -> Histogram>,
     /// Requests computed on a device, by model.
-    pub computed: Family<ModelLabels, Counter>,
+    pub computed: Family<DeviceLabels, Counter>,
     /// Requests that ended in the scheduler without compute because their
     /// client cancelled them.
-    pub cancelled_in_queue: Family<ModelLabels, Counter>,
+    pub cancelled_in_queue: Family<DeviceLabels, Counter>,
     /// Requests queued and not yet dispatched, by model.
-    pub queue_depth: Family<ModelLabels, Gauge>,
+    pub queue_depth: Family<DeviceLabels, Gauge>,
     /// Batches on the device now, by model.
-    pub batches_in_flight: Family<ModelLabels, Gauge>,
+    pub batches_in_flight: Family<DeviceLabels, Gauge>,
     /// 1 while the model's local device is healthy, 0 after a failed batch
     /// until a batch or probe batch succeeds.
-    pub device_healthy: Family<ModelLabels, Gauge>,
+    pub device_healthy: Family<DeviceLabels, Gauge>,
     /// Probe batches of unhealthy devices, by model and result.
     pub device_probes: Family<ProbeLabels, Counter>,
     /// The latency model's fitted terms at start-up calibration, in
@@ -360,14 +420,27 @@ pub struct Metrics {
     /// Bytes of requests held now, over every front end and model (the
     /// request-memory budget, `server.max_inflight_bytes`).
     pub inflight_bytes: Gauge,
-    /// Requests answered, by model, path and outcome.
+    /// Requests answered, by model, path and outcome (`cancelled` when the
+    /// client went away before the end).
     pub routed: Family<PathLabels, Counter>,
+    /// Requests that entered routing, by model: once traffic stops, the sum
+    /// of `routed` over paths and outcomes equals it.
+    pub admitted: Family<ModelLabels, Counter>,
     /// Time of each try to an upstream that got an answer, by endpoint.
     pub upstream_seconds: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     /// Failed tries to upstreams, by endpoint and kind.
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     /// Retries of tries that started no work upstream.
-    pub upstream_retries: Family<ModelLabels, Counter>,
+    pub upstream_retries: Family<NameLabels, Counter>,
+    /// 1 while a model version serves, 0 once it is unloaded (or replaced).
+    pub model_ready: Family<ModelLabels, Gauge>,
+    /// Load attempts (start-up, API, poll, reload), by model and outcome.
+    pub model_loads: Family<LoadLabels, Counter>,
+    /// Model versions unloaded (drained and freed), by model and version.
+    pub model_unloads: Family<ModelLabels, Counter>,
+    /// Configuration reloads (SIGHUP, `POST /v2/repository/reload`), by
+    /// outcome.
+    pub config_reloads: Family<OutcomeLabels, Counter>,
     /// Ejections of upstream endpoints (consecutive failures, failed
     /// probation or probes).
     pub upstream_ejections: Family<EndpointLabels, Counter>,
@@ -410,13 +483,25 @@ impl Metrics {
             "Requests refused before any compute, by model, protocol and reason",
             rejections.clone(),
         );
+        let received = Family::<ProtocolLabels, Counter>::default();
+        registry.register(
+            "requests_received",
+            "Inference requests taken in (QUIC native: its frame read; REST, HTTP/3, gRPC: its handler run), by protocol; each ends in one quiver_requests_total outcome",
+            received.clone(),
+        );
+        let quic_retries = Counter::default();
+        registry.register(
+            "quic_retries",
+            "QUIC handshakes answered with a Retry: server.quic_retry_above_per_sec passed",
+            quic_retries.clone(),
+        );
         let batches = Family::<BatchLabels, Counter>::default();
         registry.register(
             "batches",
             "Batches dispatched, by model and dispatch reason",
             batches.clone(),
         );
-        let batch_size = Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+        let batch_size = Family::<DeviceLabels, Histogram, fn() -> Histogram>::new_with_constructor(
             batch_size_histogram,
         );
         registry.register(
@@ -424,31 +509,31 @@ impl Metrics {
             "Requests per dispatched batch",
             batch_size.clone(),
         );
-        let computed = Family::<ModelLabels, Counter>::default();
+        let computed = Family::<DeviceLabels, Counter>::default();
         registry.register(
             "computed_requests",
             "Requests computed on a device",
             computed.clone(),
         );
-        let cancelled_in_queue = Family::<ModelLabels, Counter>::default();
+        let cancelled_in_queue = Family::<DeviceLabels, Counter>::default();
         registry.register(
             "cancelled_in_queue",
             "Requests cancelled by their client and skipped before compute",
             cancelled_in_queue.clone(),
         );
-        let queue_depth = Family::<ModelLabels, Gauge>::default();
+        let queue_depth = Family::<DeviceLabels, Gauge>::default();
         registry.register(
             "queue_depth",
             "Requests queued and not yet dispatched",
             queue_depth.clone(),
         );
-        let batches_in_flight = Family::<ModelLabels, Gauge>::default();
+        let batches_in_flight = Family::<DeviceLabels, Gauge>::default();
         registry.register(
             "batches_in_flight",
             "Batches on the device now",
             batches_in_flight.clone(),
         );
-        let device_healthy = Family::<ModelLabels, Gauge>::default();
+        let device_healthy = Family::<DeviceLabels, Gauge>::default();
         registry.register(
             "device_healthy",
             "1 while the model's local device is healthy, 0 after a failed batch until a batch or probe succeeds",
@@ -473,6 +558,12 @@ impl Metrics {
             "Requests sent to an upstream instead of the local device, by reason",
             overflow.clone(),
         );
+        let admitted = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "admitted_requests",
+            "Requests that entered routing, by model; each ends in one quiver_routed_requests_total",
+            admitted.clone(),
+        );
         let routed = Family::<PathLabels, Counter>::default();
         registry.register(
             "routed_requests",
@@ -494,7 +585,31 @@ impl Metrics {
             "Failed tries to upstream endpoints, by kind (refused, failed, timeout, status)",
             upstream_errors.clone(),
         );
-        let upstream_retries = Family::<ModelLabels, Counter>::default();
+        let model_ready = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "model_ready",
+            "1 while a model version serves, 0 once it is unloaded or replaced",
+            model_ready.clone(),
+        );
+        let model_loads = Family::<LoadLabels, Counter>::default();
+        registry.register(
+            "model_loads",
+            "Model load attempts, by outcome (ok, failed)",
+            model_loads.clone(),
+        );
+        let model_unloads = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "model_unloads",
+            "Model versions unloaded after draining",
+            model_unloads.clone(),
+        );
+        let config_reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by outcome (ok, invalid, failed)",
+            config_reloads.clone(),
+        );
+        let upstream_retries = Family::<NameLabels, Counter>::default();
         registry.register(
             "upstream_retries",
             "Retries of upstream tries that started no work",
@@ -531,9 +646,14 @@ impl Metrics {
             device_probes,
             overflow,
             routed,
+            admitted,
             upstream_seconds,
             upstream_errors,
             upstream_retries,
+            model_ready,
+            model_loads,
+            model_unloads,
+            config_reloads,
             upstream_ejections,
             upstream_in_flight,
             upstream_available,
@@ -543,6 +663,8 @@ impl Metrics {
             queue_seconds,
             compute_seconds,
             rejections,
+            quic_retries,
+            received,
             batches,
             batch_size,
             computed,
@@ -556,6 +678,7 @@ impl Metrics {
     pub fn record_request(
         &self,
         model: &str,
+        version: &str,
         protocol: &'static str,
         outcome: &'static str,
         elapsed: Duration,
@@ -571,10 +694,29 @@ impl Metrics {
             self.request_seconds
                 .get_or_create(&ModelLabels {
                     model: model.into(),
+                    version: version.into(),
                 })
                 .record(elapsed);
         } else if is_rejection(outcome) {
             self.record_rejection(model, protocol, outcome);
+        }
+    }
+
+    /// Counts a request taken in by `protocol` (in
+    /// `quiver_requests_received_total`); the guard records its one
+    /// `quiver_requests_total` outcome: [`RequestGuard::finish`]'s, or
+    /// `cancelled` if the handler is dropped first (its client went away).
+    pub fn start_request(self: &Arc<Self>, protocol: &'static str) -> RequestGuard {
+        self.received
+            .get_or_create(&ProtocolLabels { protocol })
+            .inc();
+        RequestGuard {
+            metrics: self.clone(),
+            protocol,
+            model: String::new(),
+            version: String::new(),
+            started: std::time::Instant::now(),
+            done: false,
         }
     }
 
@@ -608,11 +750,61 @@ fn is_rejection(outcome: &str) -> bool {
             | "unknown_model"
             | "too_large"
             | "overloaded"
+            | "rate_limited"
             | "deadline_unreachable"
             | "unauthenticated"
             | "shutting_down"
             | "upstream_unavailable"
     )
+}
+
+/// One request between [`Metrics::start_request`] and its outcome.
+#[derive(Debug)]
+pub struct RequestGuard {
+    metrics: Arc<Metrics>,
+    protocol: &'static str,
+    model: String,
+    version: String,
+    started: std::time::Instant,
+    done: bool,
+}
+
+impl RequestGuard {
+    /// The model label (a configured name, or `""`), once known.
+    pub fn set_model(&mut self, model: String) {
+        self.model = model;
+    }
+
+    /// The version that answered, once known.
+    pub fn set_version(&mut self, version: u64) {
+        self.version = version.to_string();
+    }
+
+    /// Records the request's outcome (`ok` or an error's).
+    pub fn finish(mut self, outcome: &'static str) {
+        self.done = true;
+        self.metrics.record_request(
+            &self.model,
+            &self.version,
+            self.protocol,
+            outcome,
+            self.started.elapsed(),
+        );
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.record_request(
+                &self.model,
+                &self.version,
+                self.protocol,
+                "cancelled",
+                self.started.elapsed(),
+            );
+        }
+    }
 }
 
 /// Serves `/metrics` on `listener` until `shutdown` resolves.

@@ -1,23 +1,15 @@
-//! Generated protobuf types: the Open Inference Protocol (KServe v2) schema
-//! (`inference`) and Quiver's native reply envelope (`native`).
+//! The protobuf types: the messages from `quiver-protocol`, and the
+//! Open Inference Protocol's tonic service (`GRPCInferenceService`), which
+//! only the gateway (with its runtime) needs.
 #![allow(missing_docs, clippy::all, missing_debug_implementations)]
 
-/// The Open Inference Protocol's gRPC messages.
+/// The Open Inference Protocol's gRPC messages and service.
 pub mod inference {
+    pub use quiver_protocol::proto::inference::*;
     include!(concat!(env!("OUT_DIR"), "/inference.rs"));
 }
 
-/// Quiver's own packages; nested as the protobuf package names are, so the
-/// generated cross-package paths resolve.
-pub mod quiver {
-    pub mod native {
-        pub mod v1 {
-            include!(concat!(env!("OUT_DIR"), "/quiver.native.v1.rs"));
-        }
-    }
-}
-
-/// Quiver's QUIC native reply envelope (`quiver.native.v1`).
-pub use self::quiver::native::v1 as native;
-
-pub use inference::{InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse};
+pub use quiver_protocol::proto::native;
+pub use quiver_protocol::proto::{
+    InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse,
+};

@@ -11,6 +11,8 @@ use quiver_kernels::HostTensor;
 pub struct InferRequest {
     /// The model's name.
     pub model: String,
+    /// The version asked for; empty: the newest one serving.
+    pub version: String,
     /// The client's request id, echoed in the answer (may be empty).
     pub id: String,
     /// The input tensors, in the client's order.
@@ -23,6 +25,25 @@ pub struct InferRequest {
     /// Triton's schedule-policy `timeout`: the relative deadline. `None` means
     /// the model's `default_timeout`.
     pub timeout: Option<Duration>,
+    /// The connection's smoothed round-trip time, where the front end knows
+    /// it (QUIC native and HTTP/3): the deadline covers the whole round
+    /// trip, so this much of it is set aside for the network.
+    pub rtt: Option<Duration>,
+    /// Text models: cut a text past the model's token limit (`Some(true)`), refuse it
+    /// (`Some(false)`, 413), or do what the model's `auto_truncate` says (`None`).
+    pub truncate: Option<bool>,
+    /// Which end a truncation cuts.
+    pub truncation_side: quiver_kernels::TruncationSide,
+}
+
+/// What a text model's tokenizer made of a request (the usage that the OpenAI and TEI
+/// routes report).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TextUsage {
+    /// Tokens over every row, special tokens included, after truncation.
+    pub tokens: u64,
+    /// Rows cut to the model's token limit.
+    pub truncated: u32,
 }
 
 /// Where and how a request was computed; sent back as response parameters.
@@ -110,34 +131,20 @@ impl OverflowReason {
 #[derive(Clone, Debug)]
 pub struct InferResponse {
     pub model: String,
+    /// The version that answered.
+    pub version: u64,
+    /// The part of the deadline set aside for the round trip.
+    pub rtt_reserved: Duration,
+    /// The local device that computed it (none when an upstream did).
+    pub device: Option<String>,
     pub id: String,
     pub outputs: Vec<HostTensor>,
     pub served: Served,
+    /// Text models, when the request was tokenized here: its tokens and truncations.
+    /// `None` when it went to an upstream untokenized (upstream-only routing, or an
+    /// unhealthy device).
+    pub usage: Option<TextUsage>,
 }
 
-/// Response parameter names Quiver sets on every result.
-pub mod params {
-    /// Requests in the batch (int64).
-    pub const BATCH_SIZE: &str = "quiver_batch_size";
-    /// Rows in the batch (int64).
-    pub const BATCH_ROWS: &str = "quiver_batch_rows";
-    /// Microseconds from admission to dispatch (int64).
-    pub const QUEUE_TIME_US: &str = "quiver_queue_time_us";
-    /// Microseconds the batch spent on the device (int64).
-    pub const COMPUTE_TIME_US: &str = "quiver_compute_time_us";
-    /// Why the batch was dispatched (string).
-    pub const DISPATCH_REASON: &str = "quiver_dispatch_reason";
-    /// Which path served it: `local` or `upstream` (string).
-    pub const PATH: &str = "quiver_path";
-    /// The upstream endpoint that served it, when `quiver_path` is
-    /// `upstream` (string).
-    pub const UPSTREAM: &str = "quiver_upstream";
-    /// Why it left the local device, when `quiver_path` is `upstream`
-    /// (string: policy, deadline, overloaded, early_drop, device_unhealthy,
-    /// device_failed).
-    pub const OVERFLOW_REASON: &str = "quiver_overflow_reason";
-    /// Request parameter: relative deadline in microseconds (int64).
-    pub const TIMEOUT: &str = "timeout";
-    /// Request parameter: priority level, 1 = most urgent (int64).
-    pub const PRIORITY: &str = "priority";
-}
+/// Parameter names on the wire.
+pub use quiver_protocol::params;

@@ -18,53 +18,87 @@
 //! batch succeeds. `local-only` never overflows; `upstream-only` never runs
 //! locally.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use quiver_batching::{CancelToken, Cost, RejectReason, Request};
 use quiver_config::Routing;
-use quiver_kernels::{HostTensor, Model};
+use quiver_kernels::HostTensor;
 use tokio::sync::oneshot;
 
-use crate::device::{DeviceWorker, Pending, Reply};
+use crate::device::{Pending, Reply};
 use crate::error::GatewayError;
 use crate::metrics::{Metrics, OverflowLabels, PathLabels};
+use crate::registry::Registry;
 use crate::request::{InferRequest, InferResponse, OverflowReason, Served, UpstreamServed};
 use crate::upstream::Upstream;
 
-/// One served model: its loaded model, its device thread, its policy.
-#[derive(Debug)]
-pub struct ModelEntry {
-    pub name: String,
-    pub model: Arc<dyn Model>,
-    pub worker: DeviceWorker,
-    /// The deadline of a request that sends no `timeout`.
-    pub default_timeout: Duration,
-    /// Priority lanes of the scheduler.
-    pub priority_levels: u8,
-    /// The model's configuration as loaded: its batching knobs, which the
-    /// metadata endpoints report (Triton's model configuration extension).
-    pub config: quiver_config::Model,
-    /// Where requests may run.
-    pub routing: Routing,
-    /// The upstream pool requests overflow to, if any.
-    pub upstream: Option<Arc<Upstream>>,
-}
+pub use crate::registry::ModelEntry;
 
 /// Routes requests to the models served here.
 #[derive(Debug, Default)]
 pub struct Router {
-    models: BTreeMap<String, ModelEntry>,
+    registry: Arc<Registry>,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
+    rate_limits: ArcSwap<crate::ratelimit::RateLimits>,
+}
+
+/// Counts a request that is dropped before its routing ends as
+/// `cancelled` on the path it had reached.
+struct RouteRecord<'a> {
+    metrics: &'a Metrics,
+    model: &'a str,
+    version: u64,
+    path: PathCell,
+    done: bool,
+}
+
+/// The path a request has reached (`none`, `local`, `upstream`), readable
+/// when its routing future is dropped.
+#[derive(Debug, Default)]
+struct PathCell(std::sync::atomic::AtomicU8);
+
+impl PathCell {
+    const PATHS: [&'static str; 3] = ["none", "local", "upstream"];
+
+    fn set(&self, path: &'static str) {
+        let i = Self::PATHS.iter().position(|p| *p == path).unwrap_or(0);
+        self.0.store(
+            u8::try_from(i).unwrap_or(0),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn get(&self) -> &'static str {
+        let i = usize::from(self.0.load(std::sync::atomic::Ordering::Relaxed));
+        Self::PATHS.get(i).copied().unwrap_or("none")
+    }
+}
+
+impl Drop for RouteRecord<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics
+                .routed
+                .get_or_create(&PathLabels {
+                    model: self.model.to_owned(),
+                    version: self.version.to_string(),
+                    path: self.path.get(),
+                    outcome: "cancelled",
+                })
+                .inc();
+        }
+    }
 }
 
 /// What a request carries into routing once its model is known.
 struct Routed {
     id: String,
     inputs: Vec<HostTensor>,
+    options: quiver_kernels::PrepareOptions,
     priority: u32,
     lane: u8,
     deadline: Instant,
@@ -84,26 +118,72 @@ impl Router {
         }
     }
 
-    /// Adds a model; a second one with the same name replaces the first.
-    pub fn insert(&mut self, entry: ModelEntry) {
-        self.models.insert(entry.name.clone(), entry);
+    /// The metrics it counts in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
-    /// The model called `name`.
-    pub fn model(&self, name: &str) -> Option<&ModelEntry> {
-        self.models.get(name)
+    /// Sets the per-client rate limits of the models (a reload replaces
+    /// them whole).
+    pub fn set_rate_limits(&self, limits: crate::ratelimit::RateLimits) {
+        self.rate_limits.store(Arc::new(limits));
     }
 
-    /// Every model, by name.
-    pub fn models(&self) -> impl Iterator<Item = &ModelEntry> {
-        self.models.values()
+    /// The per-client rate limits, for the periodic forgetting of idle
+    /// clients.
+    pub fn rate_limits(&self) -> Arc<crate::ratelimit::RateLimits> {
+        self.rate_limits.load_full()
+    }
+
+    /// Whether `client` may send one more request to `model` now
+    /// ([`GatewayError::RateLimited`] if not). A front end calls it after
+    /// authentication and before reading or admitting the request.
+    pub fn check_rate(
+        &self,
+        model: &str,
+        client: crate::ratelimit::ClientKey,
+    ) -> Result<(), GatewayError> {
+        self.rate_limits.load().check(model, client)
+    }
+
+    /// The live registry of models this router serves.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Adds a model version; one with the same name and version replaces
+    /// it (the replaced instance is stopped at once: for tests and tools
+    /// that build a router by hand; the gateway swaps through
+    /// [`crate::lifecycle`], which drains).
+    pub fn insert(&self, entry: ModelEntry) {
+        let mut versions = self
+            .registry
+            .snapshot()
+            .versions(&entry.name)
+            .cloned()
+            .unwrap_or_default();
+        let name = entry.name.clone();
+        versions.insert(entry.version, Arc::new(entry));
+        for old in self.registry.replace(&name, versions) {
+            old.stop();
+        }
+    }
+
+    /// The newest version of the model called `name`.
+    pub fn model(&self, name: &str) -> Option<Arc<ModelEntry>> {
+        self.registry.newest(name)
+    }
+
+    /// Every model version that serves now, by name then version.
+    pub fn models(&self) -> Vec<Arc<ModelEntry>> {
+        self.registry.snapshot().all().cloned().collect()
     }
 
     /// Stops every device thread; queued requests are answered with
     /// [`GatewayError::ShuttingDown`].
     pub fn stop(&self) {
-        for entry in self.models.values() {
-            entry.worker.stop();
+        for entry in self.registry.snapshot().all() {
+            entry.stop();
         }
     }
 
@@ -115,20 +195,33 @@ impl Router {
         req: InferRequest,
         cancel: CancelToken,
     ) -> Result<InferResponse, GatewayError> {
-        let entry = self
-            .models
-            .get(&req.model)
-            .ok_or_else(|| GatewayError::UnknownModel(req.model.clone()))?;
-        let mut path = "none";
-        let result = self.route(entry, req, cancel, &mut path).await;
+        // The instance is held until the answer: a swap or unload meanwhile
+        // drains it instead of pulling it away.
+        let entry = self.registry.get(&req.model, &req.version)?;
+        let entry = entry.as_ref();
+        self.metrics.admitted.get_or_create(&entry.labels()).inc();
+        // Each admitted request is counted once in `routed`: with its
+        // outcome, or as cancelled when its front end drops it (the client
+        // went away) before it ends.
+        let mut record = RouteRecord {
+            metrics: &self.metrics,
+            model: &entry.name,
+            version: entry.version,
+            path: PathCell::default(),
+            done: false,
+        };
+        let result = self.route(entry, req, cancel, &record.path).await;
+        let path = match &result {
+            Ok(resp) => resp.served.path(),
+            Err(_) => record.path.get(),
+        };
+        record.done = true;
         self.metrics
             .routed
             .get_or_create(&PathLabels {
                 model: entry.name.clone(),
-                path: match &result {
-                    Ok(resp) => resp.served.path(),
-                    Err(_) => path,
-                },
+                version: entry.version_str(),
+                path,
                 outcome: match &result {
                     Ok(_) => "ok",
                     Err(e) => e.outcome(),
@@ -143,7 +236,7 @@ impl Router {
         entry: &ModelEntry,
         req: InferRequest,
         cancel: CancelToken,
-        path: &mut &'static str,
+        path: &PathCell,
     ) -> Result<InferResponse, GatewayError> {
         let signature = entry.model.signature();
         for name in &req.outputs {
@@ -157,24 +250,41 @@ impl Router {
         let lane = lane(req.priority, entry.priority_levels)?;
         let now = Instant::now();
         let timeout = req.timeout.unwrap_or(entry.default_timeout);
+        // The client's timeout covers the whole round trip: the request's
+        // way here and the answer's way back take about one RTT together,
+        // so that much is set aside before any decision.
+        let rtt_reserved = req.rtt.unwrap_or_default();
+        if rtt_reserved >= timeout {
+            return Err(GatewayError::DeadlineUnreachable {
+                timeout,
+                predicted: rtt_reserved,
+            });
+        }
         let request_id = req.id.clone();
         let routed = Routed {
             id: req.id,
             inputs: req.inputs,
+            options: quiver_kernels::PrepareOptions {
+                truncate: req.truncate.unwrap_or(entry.config.auto_truncate),
+                side: req.truncation_side,
+            },
             priority: req.priority,
             lane,
-            deadline: now + timeout,
+            deadline: now + (timeout - rtt_reserved),
             timeout,
         };
         let upstream = match entry.routing {
             Routing::LocalOnly => None,
             _ => entry.upstream.as_deref(),
         };
+        let mut usage = None;
         let outputs = match (entry.routing, upstream) {
             (Routing::UpstreamOnly, Some(up)) => {
-                *path = "upstream";
-                self.overflow(entry, up, routed, OverflowReason::Policy)
-                    .await?
+                path.set("upstream");
+                let (outputs, served) = self
+                    .overflow(entry, up, routed, OverflowReason::Policy)
+                    .await?;
+                (outputs, served, None)
             }
             (Routing::UpstreamOnly, None) => {
                 // Validation refuses this configuration; say so if built
@@ -185,43 +295,67 @@ impl Router {
                 });
             }
             (_, upstream) => {
-                self.local_first(entry, upstream, routed, cancel, path)
+                self.local_first(entry, upstream, routed, cancel, path, &mut usage)
                     .await?
             }
         };
-        let (mut outputs, served) = outputs;
+        let (mut outputs, served, device) = outputs;
         if !req.outputs.is_empty() {
             outputs.retain(|o| req.outputs.contains(&o.name));
         }
         Ok(InferResponse {
             model: entry.name.clone(),
+            version: entry.version,
+            rtt_reserved,
+            device,
             id: request_id,
             outputs,
             served,
+            usage,
         })
     }
 
-    /// The local device, with `upstream` (if any) for what it cannot do in
-    /// time.
+    /// The local devices, with `upstream` (if any) for what they cannot do
+    /// in time. The request is placed on the healthy device with the
+    /// earliest predicted completion; a device whose lane is full passes it
+    /// to the next, and a device whose batch fails hands it to another
+    /// healthy device that can still make the deadline. `usage` gets a text
+    /// model's token counts once it is tokenized.
     async fn local_first(
         &self,
         entry: &ModelEntry,
         upstream: Option<&Upstream>,
         mut routed: Routed,
         cancel: CancelToken,
-        path: &mut &'static str,
-    ) -> Result<(Vec<HostTensor>, Served), GatewayError> {
+        path: &PathCell,
+        usage: &mut Option<crate::request::TextUsage>,
+    ) -> Result<Local, GatewayError> {
         let now = Instant::now();
-        if let Some(up) = upstream
-            && !entry.worker.healthy()
-            && up.fits(now, routed.deadline)
-        {
-            *path = "upstream";
-            return self
-                .overflow(entry, up, routed, OverflowReason::DeviceUnhealthy)
-                .await;
+        if !entry.healthy() {
+            if let Some(up) = upstream
+                && up.fits(now, routed.deadline)
+            {
+                path.set("upstream");
+                return self
+                    .overflow(entry, up, routed, OverflowReason::DeviceUnhealthy)
+                    .await
+                    .map(no_device);
+            }
+            // Nowhere else to go: refused at once rather than failed on a
+            // device known to fail; the probes run while it is idle.
+            return Err(GatewayError::DeviceUnhealthy {
+                model: entry.name.clone(),
+            });
         }
-        let prepared = entry.model.prepare(std::mem::take(&mut routed.inputs))?;
+        let prepared = entry
+            .model
+            .prepare_with(std::mem::take(&mut routed.inputs), &routed.options)?;
+        if entry.model.as_text_embedding().is_some() {
+            *usage = Some(crate::request::TextUsage {
+                tokens: prepared.token_ids.iter().map(|ids| ids.len() as u64).sum(),
+                truncated: prepared.truncated,
+            });
+        }
         let cost = Cost {
             rows: prepared.rows,
             tokens: prepared.tokens,
@@ -229,92 +363,151 @@ impl Router {
         // Size first: a request no batch can hold gets the numbers, not a
         // deadline prediction made for a batch that can never form.
         check_budget(&entry.name, &entry.config, cost)?;
-        let admission = entry.worker.admission();
-        let predicted = admission.predict_completion_at(now, usize::from(routed.lane), cost);
         let margin = upstream.map_or(Duration::ZERO, Upstream::local_margin);
-        if predicted + margin > routed.deadline {
-            if let Some(up) = upstream
-                && up.fits(now, routed.deadline)
-            {
+        let mut failed: Vec<usize> = Vec::new();
+        let mut prepared = prepared;
+        let mut last_failure: Option<GatewayError> = None;
+        loop {
+            let now = Instant::now();
+            let candidates = place(entry, usize::from(routed.lane), cost, now, &failed);
+            let Some(&(_, predicted)) = candidates.first() else {
+                // Every device failed this request's batch (or went
+                // unhealthy meanwhile).
                 routed.inputs = prepared.inputs;
-                *path = "upstream";
-                return self
-                    .overflow(entry, up, routed, OverflowReason::Deadline)
-                    .await;
-            }
-            if predicted > routed.deadline {
-                return Err(GatewayError::DeadlineUnreachable {
-                    timeout: routed.timeout,
-                    predicted: predicted.saturating_duration_since(now),
-                });
-            }
-            // Within the deadline but not the margin, and no upstream can
-            // do better: the local device still tries.
-        }
-
-        *path = "local";
-        let (tx, rx) = oneshot::channel();
-        let request = Request {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            priority: routed.lane,
-            arrival: now,
-            deadline: routed.deadline,
-            cost,
-            cancel,
-            payload: Pending {
-                prepared,
-                reply: tx,
-            },
-        };
-        if let Err(rejected) = admission.admit(request) {
-            return match rejected.reason {
-                RejectReason::Overloaded => {
-                    if let Some(up) = upstream
-                        && up.fits(Instant::now(), routed.deadline)
-                    {
-                        routed.inputs = rejected.request.payload.prepared.inputs;
-                        *path = "upstream";
-                        self.overflow(entry, up, routed, OverflowReason::Overloaded)
+                return match (upstream, last_failure) {
+                    (Some(up), _) if up.fits(Instant::now(), routed.deadline) => {
+                        path.set("upstream");
+                        self.overflow(entry, up, routed, OverflowReason::DeviceFailed)
                             .await
-                    } else {
-                        Err(GatewayError::Overloaded {
-                            model: entry.name.clone(),
-                            reason: rejected.reason,
-                        })
+                            .map(no_device)
                     }
-                }
-                RejectReason::Closed => Err(GatewayError::ShuttingDown),
-                other => Err(GatewayError::InvalidArgument(format!(
-                    "model '{}' cannot take this request: {other}",
-                    entry.name
-                ))),
+                    (_, Some(e)) => Err(e),
+                    (_, None) => Err(GatewayError::DeviceUnhealthy {
+                        model: entry.name.clone(),
+                    }),
+                };
             };
-        }
-        let reply = rx.await.map_err(|_| GatewayError::Model {
-            model: entry.name.clone(),
-            message: "the device thread stopped without answering".into(),
-        })?;
-        match reply {
-            Reply::Computed(computed) => Ok((computed.outputs, Served::Local(computed.served))),
-            Reply::Failed(e) => Err(e),
-            Reply::Returned(prepared) => match upstream {
-                Some(up) if up.fits(Instant::now(), routed.deadline) => {
+            if predicted + margin > routed.deadline {
+                if let Some(up) = upstream
+                    && up.fits(now, routed.deadline)
+                {
                     routed.inputs = prepared.inputs;
-                    *path = "upstream";
-                    self.overflow(entry, up, routed, OverflowReason::EarlyDrop)
+                    path.set("upstream");
+                    let reason = if failed.is_empty() {
+                        OverflowReason::Deadline
+                    } else {
+                        OverflowReason::DeviceFailed
+                    };
+                    return self
+                        .overflow(entry, up, routed, reason)
                         .await
+                        .map(no_device);
                 }
-                _ => Err(GatewayError::DeadlineExceeded),
-            },
-            Reply::DeviceFailed(prepared, e) => match upstream {
-                Some(up) if up.fits(Instant::now(), routed.deadline) => {
-                    routed.inputs = prepared.inputs;
-                    *path = "upstream";
-                    self.overflow(entry, up, routed, OverflowReason::DeviceFailed)
+                if predicted > routed.deadline {
+                    if let Some(e) = last_failure {
+                        return Err(e);
+                    }
+                    return Err(GatewayError::DeadlineUnreachable {
+                        timeout: routed.timeout,
+                        predicted: predicted.saturating_duration_since(now),
+                    });
+                }
+                // Within the deadline but not the margin, and no upstream
+                // can do better: the local device still tries.
+            }
+
+            path.set("local");
+            let (tx, rx) = oneshot::channel();
+            let mut pending = Some(Request {
+                id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                priority: routed.lane,
+                arrival: now,
+                deadline: routed.deadline,
+                cost,
+                cancel: cancel.clone(),
+                payload: Pending {
+                    prepared,
+                    reply: tx,
+                },
+            });
+            // The best device first; a full lane passes the request to the
+            // next one that can still make the deadline.
+            let mut placed = None;
+            let mut full = None;
+            for &(i, predicted) in &candidates {
+                // Past the first full lane, only a device that can still
+                // make the deadline.
+                if placed.is_some() || (full.is_some() && predicted > routed.deadline) {
+                    break;
+                }
+                let (Some(replica), Some(request)) = (entry.replicas.get(i), pending.take()) else {
+                    continue;
+                };
+                match replica.worker.admission().admit(request) {
+                    Ok(()) => placed = Some(i),
+                    Err(rejected) => match rejected.reason {
+                        RejectReason::Overloaded => {
+                            full = Some(rejected.reason);
+                            pending = Some(rejected.request);
+                        }
+                        RejectReason::Closed => return Err(GatewayError::ShuttingDown),
+                        other => {
+                            return Err(GatewayError::InvalidArgument(format!(
+                                "model '{}' cannot take this request: {other}",
+                                entry.name
+                            )));
+                        }
+                    },
+                }
+            }
+            let Some(placed) = placed else {
+                // Every lane was full.
+                let reason = full.unwrap_or(RejectReason::Overloaded);
+                if let Some(up) = upstream
+                    && up.fits(Instant::now(), routed.deadline)
+                    && let Some(request) = pending
+                {
+                    routed.inputs = request.payload.prepared.inputs;
+                    path.set("upstream");
+                    return self
+                        .overflow(entry, up, routed, OverflowReason::Overloaded)
                         .await
+                        .map(no_device);
                 }
-                _ => Err(e),
-            },
+                return Err(GatewayError::Overloaded {
+                    model: entry.name.clone(),
+                    reason,
+                });
+            };
+            let device = entry.replicas.get(placed).map(|r| r.device.clone());
+            let reply = rx.await.map_err(|_| GatewayError::Model {
+                model: entry.name.clone(),
+                message: "the device thread stopped without answering".into(),
+            })?;
+            match reply {
+                Reply::Computed(computed) => {
+                    return Ok((computed.outputs, Served::Local(computed.served), device));
+                }
+                Reply::Failed(e) => return Err(e),
+                Reply::Returned(prepared) => {
+                    return match upstream {
+                        Some(up) if up.fits(Instant::now(), routed.deadline) => {
+                            routed.inputs = prepared.inputs;
+                            path.set("upstream");
+                            self.overflow(entry, up, routed, OverflowReason::EarlyDrop)
+                                .await
+                                .map(no_device)
+                        }
+                        _ => Err(GatewayError::DeadlineExceeded),
+                    };
+                }
+                Reply::DeviceFailed(back, e) => {
+                    // Another healthy device may still make the deadline.
+                    failed.push(placed);
+                    prepared = back;
+                    last_failure = Some(e);
+                }
+            }
         }
     }
 
@@ -333,7 +526,15 @@ impl Router {
             })
             .inc();
         let served = up
-            .infer(&routed.id, &routed.inputs, routed.priority, routed.deadline)
+            .infer(
+                &routed.id,
+                &routed.inputs,
+                crate::upstream::client::Policy {
+                    priority: routed.priority,
+                    truncate: entry.model.as_text_embedding().map(|_| routed.options),
+                },
+                routed.deadline,
+            )
             .await?;
         Ok((
             served.answer.outputs,
@@ -345,6 +546,50 @@ impl Router {
             }),
         ))
     }
+}
+
+/// What the local path answers: the outputs, how they were served, and the
+/// device that computed them (none when an upstream did).
+type Local = (Vec<HostTensor>, Served, Option<String>);
+
+fn no_device((outputs, served): (Vec<HostTensor>, Served)) -> Local {
+    (outputs, served, None)
+}
+
+/// The healthy devices of `entry` not in `exclude`, with their predicted
+/// completion of a request of `cost` in `lane` admitted `now`, earliest
+/// first.
+fn place(
+    entry: &ModelEntry,
+    lane: usize,
+    cost: Cost,
+    now: Instant,
+    exclude: &[usize],
+) -> Vec<(usize, Instant)> {
+    let mut candidates: Vec<(usize, Instant)> = entry
+        .replicas
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| !exclude.contains(i) && r.worker.healthy())
+        .map(|(i, r)| {
+            (
+                i,
+                r.worker.admission().predict_completion_at(now, lane, cost),
+            )
+        })
+        .collect();
+    match entry.config.placement {
+        quiver_config::Placement::Earliest => candidates.sort_by_key(|&(i, at)| (at, i)),
+        quiver_config::Placement::RoundRobin if !candidates.is_empty() => {
+            let turn = entry
+                .next_replica
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                % candidates.len();
+            candidates.rotate_left(turn);
+        }
+        quiver_config::Placement::RoundRobin => {}
+    }
+    candidates
 }
 
 /// Refuses a request larger than one batch of the model may be: more rows

@@ -14,17 +14,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use quiver_batching::{LatencyModel, Scheduler, SchedulerConfig};
-use quiver_config::{Config, ModelKind};
-use quiver_kernels::{Activation, Device, ModelSpec};
+use quiver_config::Config;
 
-use crate::device::{self, DeviceWorker};
 use crate::frontend::auth::Auth;
 use crate::frontend::h3::{self, H3Service};
-use crate::frontend::quic::{self, InFlight, QuicLimits};
+use crate::frontend::inflight::InFlight;
+use crate::frontend::quic::{self, QuicLimits};
 use crate::frontend::{grpc, http};
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::router::{ModelEntry, Router};
+use crate::router::Router;
 use crate::tls::Identity;
 
 /// Prints a start-up or shutdown line on stdout, ignoring a closed stdout:
@@ -54,25 +53,28 @@ pub struct Overrides {
     /// `quiver worker`: serve on the CPU only, over REST and gRPC, without
     /// the QUIC listener and without overflow (see [`worker_config`]).
     pub worker: bool,
+    /// The configuration file, re-read on SIGHUP and
+    /// `POST /v2/repository/reload`; none for the embedded default.
+    pub config_path: Option<PathBuf>,
 }
 
 /// The configuration a `quiver worker` serves: every model on the CPU,
 /// `local-only`, without upstreams. A worker is the upstream; it never
 /// overflows further, and a CPU build serves a config written for a GPU box.
 pub fn worker_config(mut config: Config) -> Config {
-    for m in &mut config.models {
-        if m.device != "cpu" {
-            tracing::info!(model = %m.name, device = %m.device, "worker: serving on the CPU instead");
-        }
-        m.device = "cpu".into();
-        m.routing = quiver_config::Routing::LocalOnly;
-        m.upstream = None;
-    }
+    config.models = config
+        .models
+        .into_iter()
+        .map(crate::lifecycle::worker_model)
+        .collect();
     config
 }
 
 /// Runs the gateway until a shutdown signal.
 pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()> {
+    // What the file says, before the flags: a reload compares the file
+    // with this, so a flag is not mistaken for a change.
+    let file_config = config.clone();
     if let Some(addr) = overrides.quic_listen {
         config.server.quic_listen = addr;
     }
@@ -85,15 +87,21 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
     if let Some(a) = overrides.grpc_listen {
         config.server.grpc_listen = a;
     }
+    let options = StartOptions {
+        cert_out: overrides.cert_out.clone(),
+        config_path: overrides.config_path.clone(),
+        worker: overrides.worker,
+        file_config: Some(file_config),
+    };
     let gateway = if overrides.worker {
-        let config = worker_config(config.clone());
-        Gateway::start_worker(&config).await?
+        Gateway::start_with(&worker_config(config.clone()), options).await?
     } else {
-        Gateway::start(&config, overrides.cert_out.as_deref()).await?
+        Gateway::start_with(&config, options).await?
     };
     // The handlers are registered before `ready` is printed: a signal sent
     // as soon as it is seen drains the gateway instead of killing it.
     let signal = shutdown_signal();
+    reload_on_sighup(gateway.lifecycle().clone());
     say!("quiver: ready");
     signal.await;
     let grace = config.server.shutdown_grace;
@@ -123,6 +131,7 @@ pub struct Gateway {
     pub grpc_addr: Option<SocketAddr>,
     endpoint: Option<quinn::Endpoint>,
     router: Arc<Router>,
+    lifecycle: Arc<Lifecycle>,
     in_flight: Arc<InFlight>,
     stop_metrics: Option<tokio::sync::oneshot::Sender<()>>,
     tcp: TcpListeners,
@@ -135,26 +144,44 @@ impl Gateway {
         &self.router
     }
 
+    /// The model lifecycle manager (load, unload, reload).
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
+    }
+
     /// Loads the models, binds the listeners and starts serving. Prints
     /// where it listens.
     pub async fn start(
         config: &Config,
         cert_out: Option<&std::path::Path>,
     ) -> anyhow::Result<Self> {
-        Self::start_inner(config, cert_out, true).await
+        Self::start_with(
+            config,
+            StartOptions {
+                cert_out: cert_out.map(std::path::Path::to_owned),
+                ..StartOptions::default()
+            },
+        )
+        .await
     }
 
     /// As [`Gateway::start`] for `quiver worker`: REST and gRPC only, no
     /// QUIC listener. Pass the configuration through [`worker_config`].
     pub async fn start_worker(config: &Config) -> anyhow::Result<Self> {
-        Self::start_inner(config, None, false).await
+        Self::start_with(
+            config,
+            StartOptions {
+                worker: true,
+                ..StartOptions::default()
+            },
+        )
+        .await
     }
 
-    async fn start_inner(
-        config: &Config,
-        cert_out: Option<&std::path::Path>,
-        quic_on: bool,
-    ) -> anyhow::Result<Self> {
+    /// Starts a gateway (or, with `options.worker`, a worker).
+    pub async fn start_with(config: &Config, options: StartOptions) -> anyhow::Result<Self> {
+        let cert_out = options.cert_out.as_deref();
+        let quic_on = !options.worker;
         let identity = match (&config.tls.cert, &config.tls.key) {
             (Some(cert), Some(key)) => Identity::from_pem_files(cert, key)?,
             _ => Identity::self_signed(&[])?,
@@ -177,18 +204,49 @@ impl Gateway {
         }
 
         let metrics = Arc::new(Metrics::new());
-        let mut router = Router::with_metrics(metrics.clone());
-        for m in &config.models {
-            let entry =
-                load_model(m, metrics.clone()).with_context(|| format!("model '{}'", m.name))?;
-            router.insert(entry);
+        let router = Arc::new(Router::with_metrics(metrics.clone()));
+        let auth = Auth::new(&config.server.auth_tokens, config.server.auth_exempt_health)
+            .with_identities(&config.server.auth_token_identities);
+        // Models load (weights, calibration) before any listener binds.
+        let lifecycle = Lifecycle::new(
+            router.clone(),
+            auth.clone(),
+            config.clone(),
+            options.config_path.clone(),
+            options.file_config.clone(),
+            options.worker,
+        );
+        lifecycle.load_startup().await?;
+        {
+            // Forget clients whose bucket is full again, so their count
+            // stays bounded by those active in the last seconds.
+            let router = Arc::downgrade(&router);
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(10));
+                loop {
+                    every.tick().await;
+                    let Some(router) = router.upgrade() else {
+                        break;
+                    };
+                    router.rate_limits().retain_recent();
+                }
+            });
         }
-        for m in router.models() {
-            if let Some(up) = &m.upstream {
-                up.resolve_now().await;
-            }
+        if config.server.model_control == quiver_config::ModelControl::Poll {
+            let lifecycle = Arc::downgrade(&lifecycle);
+            let period = config.server.repository_poll;
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(period);
+                every.tick().await;
+                loop {
+                    every.tick().await;
+                    let Some(lifecycle) = lifecycle.upgrade() else {
+                        break;
+                    };
+                    lifecycle.poll_once().await;
+                }
+            });
         }
-        let router = Arc::new(router);
         // One request-memory budget for every front end (and, through the
         // requests it counts, the queues and the upstream calls).
         let budget = crate::budget::MemoryBudget::new(
@@ -196,18 +254,26 @@ impl Gateway {
             metrics.inflight_bytes.clone(),
         );
 
+        // mTLS: the CAs client certificates must chain to.
+        let client_roots = match &config.tls.client_ca {
+            Some(path) => Some(Arc::new(
+                crate::tls::load_roots(path).context("tls.client_ca")?,
+            )),
+            None => None,
+        };
         let limits = QuicLimits {
             max_frame_bytes: config.server.max_frame_bytes,
             max_concurrent_streams: config.server.max_concurrent_streams,
             max_connections: config.server.max_connections,
             max_connections_per_source: config.server.max_connections_per_source,
+            retry_above_per_sec: config.server.quic_retry_above_per_sec,
+            client_roots: client_roots.clone(),
             request_read_timeout: config.server.request_read_timeout,
             memory: budget.clone(),
             idle_timeout: config.server.idle_timeout,
         };
         let in_flight = Arc::new(InFlight::default());
         let ready = Arc::new(AtomicBool::new(true));
-        let auth = Auth::new(&config.server.auth_tokens, config.server.auth_exempt_health);
         let max_body_bytes = config.server.max_frame_bytes as usize;
         let api = |protocol| http::Api {
             router: router.clone(),
@@ -215,8 +281,13 @@ impl Gateway {
             auth: auth.clone(),
             max_body_bytes,
             request_read_timeout: config.server.request_read_timeout,
+            min_body_rate: http::BodyRate::new(
+                config.server.min_body_bytes_per_sec,
+                quiver_config::Server::MIN_BODY_RATE_GRACE,
+            ),
             budget: budget.clone(),
             ready: ready.clone(),
+            lifecycle: lifecycle.clone(),
             protocol,
         };
         let h3_service = H3Service {
@@ -225,6 +296,10 @@ impl Gateway {
             metrics: metrics.clone(),
             max_body_bytes,
             request_read_timeout: config.server.request_read_timeout,
+            min_body_rate: http::BodyRate::new(
+                config.server.min_body_bytes_per_sec,
+                quiver_config::Server::MIN_BODY_RATE_GRACE,
+            ),
             budget: budget.clone(),
             in_flight: in_flight.clone(),
         };
@@ -256,7 +331,18 @@ impl Gateway {
             max_connections: config.server.max_connections,
             max_connections_per_source: config.server.max_connections_per_source,
             max_concurrent_streams: config.server.max_concurrent_streams,
-            header_timeout: config.server.idle_timeout,
+            header_timeout: config.server.header_read_timeout,
+            tls: None,
+        };
+        // The TLS listeners: the same certificate as QUIC, client
+        // certificates required with tls.client_ca.
+        let tls_limits = |alpn: &[&[u8]]| -> anyhow::Result<http::TcpLimits> {
+            let mut tls = crate::tls::server_config(&identity, alpn, client_roots.as_ref())?;
+            tls.max_early_data_size = 0;
+            Ok(http::TcpLimits {
+                tls: Some(Arc::new(tls)),
+                ..tcp_limits.clone()
+            })
         };
         let grace = config.server.shutdown_grace;
         let http_addr = match config.server.http_listen {
@@ -279,19 +365,29 @@ impl Gateway {
             }
             None => None,
         };
+        let grpc_app = || {
+            let service = grpc::InferenceService {
+                router: router.clone(),
+                metrics: metrics.clone(),
+                auth: auth.clone(),
+                ready: ready.clone(),
+                budget: budget.clone(),
+                lifecycle: lifecycle.clone(),
+            };
+            tonic::service::Routes::new(service.into_server(max_body_bytes)).into_axum_router()
+        };
         let grpc_addr = match config.server.grpc_listen {
             Some(addr) => {
-                let service = grpc::InferenceService {
-                    router: router.clone(),
-                    metrics: metrics.clone(),
-                    auth: auth.clone(),
-                    ready: ready.clone(),
-                    budget: budget.clone(),
-                };
-                let app = tonic::service::Routes::new(service.into_server(max_body_bytes))
-                    .into_axum_router();
                 let bound = tcp
-                    .spawn(addr, app, tcp_limits, true, &metrics, grpc::PROTOCOL, grace)
+                    .spawn(
+                        addr,
+                        grpc_app(),
+                        tcp_limits.clone(),
+                        true,
+                        &metrics,
+                        grpc::PROTOCOL,
+                        grace,
+                    )
                     .await
                     .with_context(|| format!("binding the gRPC listener on tcp {addr}"))?;
                 say!("quiver: gRPC listening on tcp {bound}");
@@ -299,6 +395,49 @@ impl Gateway {
             }
             None => None,
         };
+        if let Some(addr) = config.server.https_listen {
+            let bound = tcp
+                .spawn(
+                    addr,
+                    http::app(api(http::PROTOCOL)),
+                    tls_limits(&[b"h2", b"http/1.1"])?,
+                    false,
+                    &metrics,
+                    http::PROTOCOL,
+                    grace,
+                )
+                .await
+                .with_context(|| format!("binding the REST TLS listener on tcp {addr}"))?;
+            say!("quiver: REST over TLS (HTTP/1.1, HTTP/2) listening on https://{bound}");
+        }
+        if let Some(addr) = config.server.grpcs_listen {
+            let bound = tcp
+                .spawn(
+                    addr,
+                    grpc_app(),
+                    tls_limits(&[b"h2"])?,
+                    true,
+                    &metrics,
+                    grpc::PROTOCOL,
+                    grace,
+                )
+                .await
+                .with_context(|| format!("binding the gRPC TLS listener on tcp {addr}"))?;
+            say!("quiver: gRPC over TLS listening on tcp {bound}");
+        }
+        if client_roots.is_some() {
+            for (name, addr) in [
+                ("http_listen", config.server.http_listen),
+                ("grpc_listen", config.server.grpc_listen),
+            ] {
+                if let Some(addr) = addr.filter(|a| !a.ip().is_loopback()) {
+                    tracing::warn!(
+                        "server.{name} ({addr}) is plain TCP and takes no client certificate: \
+                         with tls.client_ca set, bind it to loopback or turn it off"
+                    );
+                }
+            }
+        }
 
         let (metrics_addr, stop_metrics) = match config.server.metrics_listen {
             Some(addr) => {
@@ -323,8 +462,9 @@ impl Gateway {
         };
         for m in router.models() {
             say!(
-                "quiver: serving model '{}' ({}) on {}",
+                "quiver: serving model '{}' version {} ({}) on {}",
                 m.name,
+                m.version,
                 m.model.kind(),
                 m.model.device()
             );
@@ -342,6 +482,7 @@ impl Gateway {
             metrics_addr,
             endpoint,
             router,
+            lifecycle,
             in_flight,
             stop_metrics,
             http_addr,
@@ -439,92 +580,50 @@ impl TcpListeners {
     }
 }
 
-fn load_model(m: &quiver_config::Model, metrics: Arc<Metrics>) -> anyhow::Result<ModelEntry> {
-    let device = Device::parse(&m.device)?;
-    let spec = match (m.kind, &m.path, &m.demo) {
-        (ModelKind::Identity, _, _) => ModelSpec::Identity,
-        (ModelKind::Mlp, Some(dir), _) => ModelSpec::Mlp { dir: dir.clone() },
-        (ModelKind::Mlp, None, Some(demo)) => ModelSpec::MlpDemo {
-            inputs: demo.inputs as usize,
-            hidden: demo.hidden.iter().map(|&h| h as usize).collect(),
-            outputs: demo.outputs as usize,
-            activation: activation(&demo.activation)?,
-            seed: demo.seed,
-        },
-        (ModelKind::Mlp, None, None) => anyhow::bail!("an mlp model needs a path or a demo"),
-        (ModelKind::Embedding, Some(dir), _) => ModelSpec::TextEmbedding {
-            dir: dir.clone(),
-            cpu_kernels: m.cpu_kernels,
-        },
-        (ModelKind::Embedding, None, _) => anyhow::bail!("an embedding model needs a path"),
-    };
-    let model = quiver_kernels::load(&spec, &device)?;
-    let scheduler_config = SchedulerConfig {
-        max_batch_size: m.max_batch_size,
-        max_batch_tokens: m.max_batch_tokens,
-        max_queue_delay: m.max_queue_delay,
-        queue_capacity: m.queue_capacity as usize,
-        priority_levels: m.priority_levels,
-        max_in_flight: m.max_in_flight,
-    };
-    let mut latency = LatencyModel::new();
-    let samples = device::calibrate(model.as_ref(), m.max_batch_size, 3)
-        .map_err(|e| anyhow::anyhow!("calibration failed: {e}"))?;
-    latency.calibrate(&samples);
-    let c = latency.coefficients();
-    tracing::info!(
-        model = %m.name,
-        samples = samples.len(),
-        fixed_us = c.fixed_s * 1e6,
-        per_row_us = c.per_row_s * 1e6,
-        per_token_us = c.per_token_s * 1e6,
-        "latency model calibrated"
-    );
-    for (term, seconds) in [
-        ("fixed", c.fixed_s),
-        ("per_row", c.per_row_s),
-        ("per_token", c.per_token_s),
-    ] {
-        metrics
-            .latency_model
-            .get_or_create(&crate::metrics::TermLabels {
-                model: m.name.clone(),
-                term,
-            })
-            .set(seconds);
-    }
-    let scheduler = Scheduler::new(scheduler_config, latency);
-    let upstream = match (&m.upstream, m.routing) {
-        (Some(config), routing) if routing != quiver_config::Routing::LocalOnly => {
-            let up = crate::upstream::Upstream::new(&m.name, config, metrics.clone())
-                .map_err(|e| anyhow::anyhow!("upstream: {e}"))?;
-            up.spawn_tasks();
-            Some(up)
-        }
-        _ => None,
-    };
-    let worker = DeviceWorker::spawn(m.name.clone(), model.clone(), scheduler, metrics)?;
-    Ok(ModelEntry {
-        routing: m.routing,
-        upstream,
-        name: m.name.clone(),
-        model,
-        worker,
-        default_timeout: m.default_timeout,
-        priority_levels: m.priority_levels,
-        config: m.clone(),
-    })
+/// How to start a gateway beyond its configuration.
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    /// Where to write the self-signed certificate as PEM.
+    pub cert_out: Option<PathBuf>,
+    /// The configuration file a reload re-reads.
+    pub config_path: Option<PathBuf>,
+    /// A `quiver worker`: no QUIC listener, every model on the CPU.
+    pub worker: bool,
+    /// The configuration as the file says it, before command-line flags:
+    /// what a reload compares the re-read file with. Default: the
+    /// configuration started with.
+    pub file_config: Option<Config>,
 }
 
-fn activation(name: &str) -> anyhow::Result<Activation> {
-    Ok(match name {
-        "relu" => Activation::Relu,
-        "gelu" => Activation::Gelu,
-        "tanh" => Activation::Tanh,
-        "sigmoid" => Activation::Sigmoid,
-        "none" => Activation::None,
-        other => anyhow::bail!("unknown activation '{other}'"),
-    })
+/// Re-reads the configuration on each SIGHUP (logged; an invalid file
+/// changes nothing).
+fn reload_on_sighup(lifecycle: Arc<Lifecycle>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                let lifecycle = Arc::downgrade(&lifecycle);
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        let Some(lifecycle) = lifecycle.upgrade() else {
+                            break;
+                        };
+                        say!("quiver: SIGHUP: re-reading the configuration");
+                        match lifecycle.reload().await {
+                            Ok(report) => {
+                                say!("quiver: configuration reloaded: {}", report.to_json())
+                            }
+                            Err(e) => say!("quiver: configuration not reloaded: {e}"),
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "no SIGHUP handler: reload through the API only"),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = lifecycle;
 }
 
 /// Registers the SIGINT and SIGTERM handlers now; the future resolves on

@@ -29,6 +29,8 @@ pub enum TlsError {
     BadFingerprint(String),
     #[error("QUIC needs TLS 1.3 with an AEAD suite QUIC supports: {0}")]
     Quic(String),
+    #[error("tls.client_ca: {0}")]
+    ClientCa(String),
 }
 
 /// The server's certificate chain and key.
@@ -136,15 +138,51 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A rustls server configuration for QUIC: TLS 1.3, the given ALPN names.
+/// Loads the CA certificates of a PEM file.
+pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.map_err(|source| TlsError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        roots.add(cert)?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(roots)
+}
+
+/// A rustls server configuration: TLS 1.3, the given ALPN names, and with
+/// `client_roots` client certificates required and verified against them
+/// (chain, validity period, client-auth usage).
 pub fn server_config(
     identity: &Identity,
     alpn: &[&[u8]],
+    client_roots: Option<&Arc<rustls::RootCertStore>>,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match client_roots {
+        None => builder.with_no_client_auth(),
+        Some(roots) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                roots.clone(),
+                provider(),
+            )
+            .build()
+            .map_err(|e| TlsError::ClientCa(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
     config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     // 0-RTT stays off (DESIGN.md, "Security and limits").
     config.max_early_data_size = 0;
@@ -165,45 +203,52 @@ pub enum Trust {
     Insecure,
 }
 
+/// The identity of a verified peer certificate chain: the leaf's first URI
+/// subject alternative name (a SPIFFE ID, say), else its first DNS name,
+/// else `sha256:` and its fingerprint.
+pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<String> {
+    let leaf = chain.first()?;
+    let named = webpki::EndEntityCert::try_from(leaf).ok().and_then(|cert| {
+        cert.valid_uri_names()
+            .next()
+            .or_else(|| cert.valid_dns_names().next())
+            .map(str::to_owned)
+    });
+    Some(named.unwrap_or_else(|| format!("sha256:{}", fingerprint(leaf))))
+}
+
 /// A rustls client configuration for QUIC with the given trust and ALPN.
 pub fn client_config(trust: &Trust, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_with(trust, alpn, None)
+}
+
+/// As [`client_config`], presenting `certificate` (chain and key) to a
+/// server that asks for one (mTLS).
+pub fn client_config_with(
+    trust: &Trust,
+    alpn: &[&[u8]],
+    certificate: Option<&Identity>,
+) -> Result<rustls::ClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let mut config = match trust {
-        Trust::CaFile(path) => {
-            let pem = std::fs::read(path).map_err(|source| TlsError::Read {
-                path: path.display().to_string(),
-                source,
-            })?;
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|source| TlsError::Read {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                roots.add(cert)?;
-            }
-            if roots.is_empty() {
-                return Err(TlsError::NoCertificate {
-                    path: path.display().to_string(),
-                });
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
+    let builder = match trust {
+        Trust::CaFile(path) => builder.with_root_certificates(load_roots(path)?),
         Trust::Pinned(fp) => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(Verifier {
                 pinned: Some(parse_fingerprint(fp)?),
                 provider: provider(),
-            }))
-            .with_no_client_auth(),
+            })),
         Trust::Insecure => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(Verifier {
                 pinned: None,
                 provider: provider(),
-            }))
-            .with_no_client_auth(),
+            })),
+    };
+    let mut config = match certificate {
+        None => builder.with_no_client_auth(),
+        Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.key.clone_key())?,
     };
     config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     Ok(config)

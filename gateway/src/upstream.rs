@@ -19,8 +19,8 @@ use quiver_config::Endpoint;
 use quiver_kernels::HostTensor;
 
 use crate::error::{Code, GatewayError};
-use crate::metrics::{EndpointLabels, Metrics, ModelLabels, UpstreamErrorLabels};
-use client::{Answer, EndpointClient, TryError};
+use crate::metrics::{EndpointLabels, Metrics, NameLabels, UpstreamErrorLabels};
+use client::{Answer, EndpointClient, TlsDial, TryError};
 use pool::{EndpointId, Health, Outcome, Pool, PoolConfig, Ticket};
 
 /// An answer from an upstream, with who gave it and how long it took.
@@ -39,6 +39,8 @@ pub struct Upstream {
     /// The model's name on the upstreams.
     remote_model: String,
     config: quiver_config::Upstream,
+    /// TLS toward the endpoints (`[models.upstream.tls]`), loaded once.
+    tls: Option<TlsDial>,
     metrics: Arc<Metrics>,
     inner: Mutex<Inner>,
 }
@@ -65,11 +67,17 @@ impl Upstream {
             ..PoolConfig::default()
         };
         let names: Vec<String> = config.endpoints.iter().map(ToString::to_string).collect();
+        let tls = config.tls.as_ref().map(TlsDial::load).transpose()?;
         let mut clients = HashMap::new();
         for e in &config.endpoints {
             clients.insert(
                 e.to_string(),
-                EndpointClient::new(e, config.connect_timeout, config.token.as_deref())?,
+                EndpointClient::new(
+                    e,
+                    config.connect_timeout,
+                    config.token.as_deref(),
+                    tls.as_ref(),
+                )?,
             );
         }
         // The seed only spreads choices between gateways; any value works.
@@ -80,6 +88,7 @@ impl Upstream {
             model: model.to_owned(),
             remote_model: config.model.clone().unwrap_or_else(|| model.to_owned()),
             config: config.clone(),
+            tls,
             metrics,
             inner: Mutex::new(Inner {
                 pool: Pool::new(pool_config, names.clone(), seed),
@@ -167,7 +176,7 @@ impl Upstream {
         &self,
         id: &str,
         inputs: &[HostTensor],
-        priority: u32,
+        policy: client::Policy,
         deadline: Instant,
     ) -> Result<Served, GatewayError> {
         let started = Instant::now();
@@ -217,7 +226,7 @@ impl Upstream {
             };
             let t0 = Instant::now();
             let result = client
-                .infer(&self.remote_model, id, inputs, priority, left)
+                .infer(&self.remote_model, id, inputs, policy, left)
                 .await;
             let latency = t0.elapsed();
             in_flight.dec();
@@ -258,7 +267,7 @@ impl Upstream {
                             }
                             self.metrics
                                 .upstream_retries
-                                .get_or_create(&ModelLabels {
+                                .get_or_create(&NameLabels {
                                     model: self.model.clone(),
                                 })
                                 .inc();
@@ -373,6 +382,7 @@ impl Upstream {
                     e,
                     self.config.connect_timeout,
                     self.config.token.as_deref(),
+                    self.tls.as_ref(),
                 ) {
                     Ok(c) => c,
                     Err(why) => {

@@ -18,10 +18,13 @@ pub enum Device {
     Cpu,
     /// The CUDA GPU with this ordinal.
     Cuda(usize),
+    /// A simulated device ([`crate::sim`]): its batches compute on the CPU
+    /// and take a modelled service time.
+    Sim(usize),
 }
 
 impl Device {
-    /// Parses `cpu`, `cuda` (= `cuda:0`) or `cuda:N` with `N` in decimal digits. ASCII case
+    /// Parses `cpu`, `cuda` (= `cuda:0`), `cuda:N` or `sim:N` with `N` in decimal digits. ASCII case
     /// is ignored and surrounding whitespace trimmed; anything else is
     /// [`DeviceError::Parse`].
     pub fn parse(s: &str) -> Result<Self, DeviceError> {
@@ -33,13 +36,26 @@ impl Device {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
             other => {
-                let ordinal = other.strip_prefix("cuda:").ok_or_else(parse_error)?;
+                let (ordinal, kind): (&str, fn(usize) -> Device) =
+                    match (other.strip_prefix("cuda:"), other.strip_prefix("sim:")) {
+                        (Some(n), _) => (n, Device::Cuda),
+                        (_, Some(n)) => (n, Device::Sim),
+                        _ => return Err(parse_error()),
+                    };
                 // `usize::from_str` takes a leading `+`; a device name should not.
                 if ordinal.is_empty() || !ordinal.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(parse_error());
                 }
-                ordinal.parse().map(Device::Cuda).map_err(|_| parse_error())
+                ordinal.parse().map(kind).map_err(|_| parse_error())
             }
+        }
+    }
+
+    /// The CUDA ordinal, for a GPU.
+    pub fn cuda_ordinal(&self) -> Option<usize> {
+        match self {
+            Device::Cuda(n) => Some(*n),
+            Device::Cpu | Device::Sim(_) => None,
         }
     }
 
@@ -50,7 +66,7 @@ impl Device {
     /// driver cannot be opened.
     pub fn to_candle(&self) -> Result<candle_core::Device, DeviceError> {
         match self {
-            Device::Cpu => Ok(candle_core::Device::Cpu),
+            Device::Cpu | Device::Sim(_) => Ok(candle_core::Device::Cpu),
             Device::Cuda(ordinal) => self.open_cuda(*ordinal),
         }
     }
@@ -77,6 +93,7 @@ impl std::fmt::Display for Device {
         match self {
             Device::Cpu => f.write_str("cpu"),
             Device::Cuda(n) => write!(f, "cuda:{n}"),
+            Device::Sim(n) => write!(f, "sim:{n}"),
         }
     }
 }

@@ -55,6 +55,7 @@ impl Model for Identity {
             rows,
             tokens: 1,
             token_ids: Vec::new(),
+            truncated: 0,
         })
     }
 

@@ -6,10 +6,13 @@
 //! a request and learn its cost ([`Prepared::rows`], [`Prepared::tokens`]) for the scheduler,
 //! and the device thread calls [`Model::forward`] on a whole batch.
 //!
-//! The crate is a leaf: it knows nothing of queues, protocols or the batcher, so each model
-//! can be tested and benchmarked on its own.
+//! The crate knows nothing of queues, sockets, wire formats or the batcher, so each model
+//! can be tested and benchmarked on its own. Its one workspace dependency is
+//! `quiver-protocol`, for the host tensor types alone: the type a request's inputs have
+//! from the decoder to the model is one type, not two with a copy between them.
 //!
-//! - [`tensor`]: datatypes, host tensors and the KServe v2 raw binary codec.
+//! - [`tensor`]: datatypes, host tensors and their raw layout (re-exported from
+//!   `quiver_protocol::tensor`).
 //! - [`cpu`]: vectorised, multi-threaded CPU kernels (GELU, softmax, layer norm, attention).
 //! - [`device`]: `cpu` / `cuda:N` and the mapping onto candle devices.
 //! - [`model`]: the [`Model`] trait, signatures, input validation and [`load`].
@@ -29,13 +32,17 @@ pub mod identity;
 pub mod mlp;
 pub mod model;
 pub mod pool;
-pub mod tensor;
+pub mod sim;
+/// Host tensors live in `quiver-protocol`, where the wire codecs decode them.
+pub use quiver_protocol::tensor;
 pub mod text;
 
 pub use device::Device;
 pub use error::{DeviceError, InputError, LoadError, ModelError};
 pub use identity::Identity;
 pub use mlp::{Activation, Mlp, MlpConfig, write_mlp};
-pub use model::{Model, ModelSpec, Prepared, Signature, TensorSpec, load};
+pub use model::{
+    Model, ModelSpec, PrepareOptions, Prepared, Signature, TensorSpec, TruncationSide, load,
+};
 pub use tensor::{DataType, HostTensor, TensorData};
-pub use text::{Engine, Pooling, TextEmbedding};
+pub use text::{Engine, Pooling, TextEmbedding, TextToken};

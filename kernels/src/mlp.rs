@@ -442,6 +442,7 @@ impl Model for Mlp {
             rows,
             tokens: 1,
             token_ids: Vec::new(),
+            truncated: 0,
         })
     }
 

@@ -188,6 +188,40 @@ pub struct Prepared {
     /// end (see [`crate::text`]); `forward` pads the batch from them. Empty for models without
     /// a tokenizer.
     pub token_ids: Vec<Vec<u32>>,
+    /// Text models: how many rows were cut to the model's token limit (see
+    /// [`PrepareOptions::truncate`]). 0 for other models.
+    pub truncated: u32,
+}
+
+/// Which end of a text truncation cuts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TruncationSide {
+    /// Keep the start of the text (sentence-transformers' behaviour).
+    #[default]
+    Right,
+    /// Keep the end of the text.
+    Left,
+}
+
+/// What a request asks of [`Model::prepare_with`] beyond its tensors. Only text models read
+/// it; the others ignore it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrepareOptions {
+    /// Cut a text longer than the model's limit (`true`), or refuse the request with
+    /// [`InputError::TooLong`] (`false`).
+    pub truncate: bool,
+    /// Which end a truncation cuts.
+    pub side: TruncationSide,
+}
+
+impl Default for PrepareOptions {
+    /// Truncate on the right, what [`Model::prepare`] does.
+    fn default() -> Self {
+        PrepareOptions {
+            truncate: true,
+            side: TruncationSide::Right,
+        }
+    }
 }
 
 /// A loaded model, shared between the front ends (`prepare`) and its device thread
@@ -207,6 +241,24 @@ pub trait Model: Send + Sync + std::fmt::Debug {
     /// them with their cost. Cheap and device-free: it runs on the front end. Every
     /// [`Prepared`] it returns is one that [`Model::forward`] accepts.
     fn prepare(&self, inputs: Vec<HostTensor>) -> Result<Prepared, InputError>;
+
+    /// [`Model::prepare`] with the request's options (truncation, for text models). Models
+    /// without a tokenizer ignore them: the default calls `prepare`.
+    fn prepare_with(
+        &self,
+        inputs: Vec<HostTensor>,
+        options: &PrepareOptions,
+    ) -> Result<Prepared, InputError> {
+        let _ = options;
+        self.prepare(inputs)
+    }
+
+    /// The text-embedding model behind this one, for the routes that need its tokenizer
+    /// and limits (`/tokenize`, `/info`, the OpenAI and TEI embedding routes). `None` for
+    /// every other family.
+    fn as_text_embedding(&self) -> Option<&crate::text::TextEmbedding> {
+        None
+    }
 
     /// Computes a batch of prepared requests; returns one output set per request, in order
     /// (named as the signature's outputs, each with shape `[rows_i, ...]`). Requests are

@@ -11,7 +11,9 @@
 //! The work is split as the data path wants it:
 //!
 //! - [`Model::prepare`], on the front end, tokenizes every row (the `tokenizers` crate, from
-//!   `tokenizer.json`), truncating at `max_seq_length` and without padding, and returns the
+//!   `tokenizer.json`) without padding; a row longer than `max_seq_length` is cut to it, or
+//!   refused when the request turned truncation off ([`Model::prepare_with`],
+//!   [`PrepareOptions`]); it returns the
 //!   ids in [`Prepared::token_ids`] with `tokens` = the request's longest row, so the
 //!   scheduler's token budget and length grouping see the request's real cost before it is
 //!   queued;
@@ -50,7 +52,9 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 
 use crate::device::Device;
 use crate::error::{InputError, LoadError, ModelError};
-use crate::model::{Model, Prepared, Signature, TensorSpec, batch_rows};
+use crate::model::{
+    Model, PrepareOptions, Prepared, Signature, TensorSpec, TruncationSide, batch_rows,
+};
 use crate::tensor::{DataType, HostTensor, TensorData};
 
 /// The input's name.
@@ -138,7 +142,13 @@ pub struct TextEmbedding {
     signature: Signature,
     device: Device,
     candle: candle_core::Device,
+    /// Without truncation: the real length of every text, and `/tokenize`.
     tokenizer: Tokenizer,
+    /// Truncating at `max_seq_length`, keeping the start / the end of a text. A text is
+    /// encoded again by one of these only when it is too long, so a cut is exactly what the
+    /// tokenizer's own truncation makes (special tokens kept).
+    keep_start: Tokenizer,
+    keep_end: Tokenizer,
     encoder: Encoder,
     pooling: Pooling,
     normalize: bool,
@@ -201,20 +211,32 @@ impl TextEmbedding {
                 path: tokenizer_path.clone(),
                 message: e.to_string(),
             })?;
-        // `prepare` must not pad (forward pads the batch) and truncates at max_seq_length,
-        // special tokens included, as sentence-transformers does.
+        // `prepare` must not pad (forward pads the batch); it measures every text whole,
+        // then cuts one that is too long at max_seq_length, special tokens included, as
+        // sentence-transformers does, when its request allows it.
         tokenizer.with_padding(None);
         tokenizer
-            .with_truncation(Some(TruncationParams {
-                direction: TruncationDirection::Right,
+            .with_truncation(None)
+            .map_err(|e| LoadError::Config {
+                path: tokenizer_path.clone(),
+                message: e.to_string(),
+            })?;
+        let truncating = |direction| {
+            let mut t = tokenizer.clone();
+            t.with_truncation(Some(TruncationParams {
+                direction,
                 max_length: max_seq_length,
                 strategy: TruncationStrategy::LongestFirst,
                 stride: 0,
             }))
             .map_err(|e| LoadError::Config {
-                path: tokenizer_path,
+                path: tokenizer_path.clone(),
                 message: e.to_string(),
             })?;
+            Ok::<_, LoadError>(t)
+        };
+        let keep_start = truncating(TruncationDirection::Right)?;
+        let keep_end = truncating(TruncationDirection::Left)?;
 
         let weights_path = dir.join(WEIGHTS_FILE);
         let bytes = std::fs::read(&weights_path).map_err(|source| LoadError::Io {
@@ -254,6 +276,8 @@ impl TextEmbedding {
             device,
             candle,
             tokenizer,
+            keep_start,
+            keep_end,
             encoder,
             pooling,
             normalize,
@@ -291,25 +315,102 @@ impl TextEmbedding {
         self.normalize
     }
 
-    /// Tokenizes `texts` as `prepare` does: one id sequence per text, truncated at
-    /// [`TextEmbedding::max_seq_length`], unpadded. `[CLS]` and `[SEP]` count as tokens.
+    /// Tokenizes `texts` as `prepare` does: one id sequence per text, unpadded, truncated at
+    /// [`TextEmbedding::max_seq_length`] on the right. `[CLS]` and `[SEP]` count as tokens.
     pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, InputError> {
+        Ok(self.tokenize_with(texts, &PrepareOptions::default())?.0)
+    }
+
+    /// Tokenizes `texts` under `options`: one id sequence per text, unpadded, and how many
+    /// were cut. A text longer than [`TextEmbedding::max_seq_length`] is cut at the side
+    /// `options` names, or refused with [`InputError::TooLong`] when `options.truncate` is
+    /// off.
+    pub fn tokenize_with(
+        &self,
+        texts: &[&str],
+        options: &PrepareOptions,
+    ) -> Result<(Vec<Vec<u32>>, u32), InputError> {
         // One text after the other: this runs on a front-end thread, and the rayon pool
         // that a parallel batch encode would use is the one candle computes on.
-        texts
+        let mut truncated = 0u32;
+        let bad = |index, e: tokenizers::Error| InputError::BadText {
+            name: INPUT.to_owned(),
+            index,
+            reason: e.to_string(),
+        };
+        let ids = texts
             .iter()
             .enumerate()
             .map(|(index, text)| {
-                self.tokenizer
+                let whole = self
+                    .tokenizer
                     .encode_fast(*text, true)
-                    .map(|e| e.get_ids().to_vec())
-                    .map_err(|e| InputError::BadText {
+                    .map_err(|e| bad(index, e))?;
+                let tokens = whole.get_ids().len();
+                if tokens <= self.max_seq_length {
+                    return Ok(whole.get_ids().to_vec());
+                }
+                if !options.truncate {
+                    return Err(InputError::TooLong {
                         name: INPUT.to_owned(),
                         index,
-                        reason: e.to_string(),
-                    })
+                        tokens,
+                        limit: self.max_seq_length,
+                    });
+                }
+                truncated = truncated.saturating_add(1);
+                let cutter = match options.side {
+                    TruncationSide::Right => &self.keep_start,
+                    TruncationSide::Left => &self.keep_end,
+                };
+                cutter
+                    .encode_fast(*text, true)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(|e| bad(index, e))
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((ids, truncated))
+    }
+
+    /// The tokens of `text`, whole (never truncated), with their text and byte offsets:
+    /// what text-embeddings-inference's `/tokenize` answers. A special token has no
+    /// offsets; its text is the token itself.
+    pub fn tokens_of(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<TextToken>, InputError> {
+        let e = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| InputError::BadText {
+                name: INPUT.to_owned(),
+                index: 0,
+                reason: e.to_string(),
+            })?;
+        Ok(e.get_ids()
+            .iter()
+            .zip(e.get_tokens())
+            .zip(e.get_special_tokens_mask())
+            .zip(e.get_offsets())
+            .map(|(((&id, token), &special), &(start, stop))| {
+                let special = special == 1;
+                match text.get(start..stop) {
+                    Some(piece) if !special => TextToken {
+                        id,
+                        text: piece.to_owned(),
+                        special,
+                        offsets: Some((start, stop)),
+                    },
+                    _ => TextToken {
+                        id,
+                        text: token.clone(),
+                        special,
+                        offsets: None,
+                    },
+                }
+            })
+            .collect())
     }
 
     /// Runs BERT on padded ids `[rows, len]` and pools: `[rows, dim]`.
@@ -333,6 +434,19 @@ impl TextEmbedding {
         };
         pool(&hidden, &mask, self.pooling, self.normalize)
     }
+}
+
+/// One token of [`TextEmbedding::tokens_of`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TextToken {
+    /// Its id in the vocabulary.
+    pub id: u32,
+    /// The text it covers (a special token: the token itself).
+    pub text: String,
+    /// Whether it is a special token (`[CLS]`, `[SEP]`).
+    pub special: bool,
+    /// Its byte range in the text; `None` for a special token.
+    pub offsets: Option<(usize, usize)>,
 }
 
 /// Pools BERT's last hidden state `hidden` `[rows, len, dim]` under `mask` `[rows, len]`
@@ -378,6 +492,18 @@ impl Model for TextEmbedding {
     }
 
     fn prepare(&self, inputs: Vec<HostTensor>) -> Result<Prepared, InputError> {
+        self.prepare_with(inputs, &PrepareOptions::default())
+    }
+
+    fn as_text_embedding(&self) -> Option<&TextEmbedding> {
+        Some(self)
+    }
+
+    fn prepare_with(
+        &self,
+        inputs: Vec<HostTensor>,
+        options: &PrepareOptions,
+    ) -> Result<Prepared, InputError> {
         let inputs = self.signature.match_inputs(inputs)?;
         // `[n]` as the signature says, or `[n, 1]` as many clients send a column of texts.
         for t in &inputs {
@@ -411,7 +537,7 @@ impl Model for TextEmbedding {
                 })
             })
             .collect::<Result<Vec<&str>, _>>()?;
-        let token_ids = self.tokenize(&texts)?;
+        let (token_ids, truncated) = self.tokenize_with(&texts, options)?;
         let longest = token_ids.iter().map(Vec::len).max().unwrap_or(1).max(1);
         let tokens = u32::try_from(longest).unwrap_or(u32::MAX);
         Ok(Prepared {
@@ -419,6 +545,7 @@ impl Model for TextEmbedding {
             rows,
             tokens,
             token_ids,
+            truncated,
         })
     }
 

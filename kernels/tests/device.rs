@@ -11,6 +11,8 @@ fn parse_accepts_cpu_cuda_and_cuda_n() {
     assert_eq!(Device::parse("cuda:0").unwrap(), Device::Cuda(0));
     assert_eq!(Device::parse("cuda:7").unwrap(), Device::Cuda(7));
     assert_eq!("cuda:12".parse::<Device>().unwrap(), Device::Cuda(12));
+    assert_eq!(Device::parse("sim:0").unwrap(), Device::Sim(0));
+    assert_eq!(Device::parse("SIM:3").unwrap(), Device::Sim(3));
 }
 
 #[test]
@@ -25,6 +27,9 @@ fn parse_rejects_everything_else() {
         "cuda:1:2",
         "cuda0",
         "cpu:0",
+        "sim",
+        "sim:",
+        "sim:+1",
         "cuda:99999999999999999999999",
     ] {
         assert_eq!(
@@ -37,7 +42,12 @@ fn parse_rejects_everything_else() {
 
 #[test]
 fn display_reads_back() {
-    for d in [Device::Cpu, Device::Cuda(0), Device::Cuda(3)] {
+    for d in [
+        Device::Cpu,
+        Device::Cuda(0),
+        Device::Cuda(3),
+        Device::Sim(2),
+    ] {
         assert_eq!(Device::parse(&d.to_string()).unwrap(), d);
     }
     assert_eq!(Device::Cpu.to_string(), "cpu");
@@ -47,6 +57,8 @@ fn display_reads_back() {
 #[test]
 fn cpu_opens() {
     assert!(Device::Cpu.to_candle().unwrap().is_cpu());
+    // A simulated device computes on the CPU.
+    assert!(Device::Sim(1).to_candle().unwrap().is_cpu());
 }
 
 #[cfg(not(feature = "cuda"))]

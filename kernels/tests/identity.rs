@@ -132,6 +132,7 @@ fn forward_reports_a_foreign_prepared_instead_of_panicking() {
         rows: 1,
         tokens: 1,
         token_ids: Vec::new(),
+        truncated: 0,
     };
     assert!(m.forward(&[bogus]).is_err());
 }

@@ -338,6 +338,64 @@ fn prepare_counts_tokens_and_truncates_at_max_seq_length() {
 }
 
 #[test]
+fn truncation_is_the_requests_choice_and_is_counted() {
+    use quiver_kernels::{InputError, PrepareOptions, TruncationSide};
+    let m = model();
+    let long = long_text(1000);
+    let whole = m
+        .as_text_embedding()
+        .unwrap()
+        .tokens_of(&long, true)
+        .unwrap()
+        .len();
+    assert!(whole > 256, "{whole} tokens");
+    // The default cuts, and counts the rows it cut.
+    let p = m.prepare(vec![texts(&["hello", &long])]).unwrap();
+    assert_eq!(p.truncated, 1);
+    // Off: refused with the numbers, naming the row.
+    let off = PrepareOptions {
+        truncate: false,
+        side: TruncationSide::Right,
+    };
+    let err = m
+        .prepare_with(vec![texts(&["hello", &long])], &off)
+        .unwrap_err();
+    assert_eq!(
+        err,
+        InputError::TooLong {
+            name: text::INPUT.to_owned(),
+            index: 1,
+            tokens: whole,
+            limit: 256,
+        }
+    );
+    // A text within the limit passes either way, uncounted.
+    let p = m.prepare_with(vec![texts(&["hello"])], &off).unwrap();
+    assert_eq!(p.truncated, 0);
+    // Left keeps the end: [CLS], then the last 254 tokens, then [SEP].
+    let left = PrepareOptions {
+        truncate: true,
+        side: TruncationSide::Left,
+    };
+    let l = m.prepare_with(vec![texts(&[&long])], &left).unwrap();
+    let r = m.prepare(vec![texts(&[&long])]).unwrap();
+    let all = m
+        .as_text_embedding()
+        .unwrap()
+        .tokens_of(&long, true)
+        .unwrap();
+    assert_eq!(l.token_ids[0].len(), 256);
+    assert_eq!(l.token_ids[0].first(), r.token_ids[0].first(), "[CLS]");
+    assert_eq!(l.token_ids[0].last(), r.token_ids[0].last(), "[SEP]");
+    let tail: Vec<u32> = all[all.len() - 255..all.len() - 1]
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(&l.token_ids[0][1..255], tail.as_slice());
+    assert_ne!(l.token_ids[0], r.token_ids[0]);
+}
+
+#[test]
 fn empty_text_is_embedded() {
     let m = model();
     let p = m.prepare(vec![texts(&[""])]).unwrap();

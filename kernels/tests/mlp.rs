@@ -406,6 +406,7 @@ fn forward_rejects_a_prepared_of_the_wrong_width_instead_of_panicking() {
         rows: 2,
         tokens: 1,
         token_ids: Vec::new(),
+        truncated: 0,
     };
     assert!(model.forward(&[bogus]).is_err());
     assert!(model.forward(&[]).unwrap().is_empty());

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use quiver_gateway::client::{Client, ClientOptions};
 use quiver_gateway::tls::Trust;
 
+pub mod h3;
+
 /// A running `quiver serve` child process; killed when dropped.
 pub struct Server {
     child: Child,
@@ -20,6 +22,9 @@ pub struct Server {
     pub http: SocketAddr,
     /// The gRPC listener.
     pub grpc: SocketAddr,
+    /// The REST and gRPC listeners over TLS, when configured.
+    pub https: Option<SocketAddr>,
+    pub grpcs: Option<SocketAddr>,
     pub fingerprint: String,
     pub lines: Vec<String>,
     _dir: tempfile::TempDir,
@@ -67,7 +72,7 @@ impl Server {
             .expect("the quiver binary starts");
         let lines = wait_ready(&mut child);
         let (mut quic, mut metrics, mut fingerprint) = (None, None, None);
-        let (mut http, mut grpc) = (None, None);
+        let (mut http, mut grpc, mut https, mut grpcs) = (None, None, None, None);
         for line in &lines {
             if let Some(rest) =
                 line.strip_prefix("quiver: QUIC native (quiver/1) listening on udp ")
@@ -79,6 +84,13 @@ impl Server {
                 http = Some(rest.trim().parse().unwrap());
             } else if let Some(rest) = line.strip_prefix("quiver: gRPC listening on tcp ") {
                 grpc = Some(rest.trim().parse().unwrap());
+            } else if let Some(rest) =
+                line.strip_prefix("quiver: REST over TLS (HTTP/1.1, HTTP/2) listening on https://")
+            {
+                https = Some(rest.trim().parse().unwrap());
+            } else if let Some(rest) = line.strip_prefix("quiver: gRPC over TLS listening on tcp ")
+            {
+                grpcs = Some(rest.trim().parse().unwrap());
             } else if let Some(rest) = line.strip_prefix("quiver: metrics on http://") {
                 metrics = Some(rest.trim_end_matches("/metrics").parse().unwrap());
             } else if let Some(i) = line.find("sha256 fingerprint ") {
@@ -91,6 +103,8 @@ impl Server {
             metrics: metrics.expect("metrics address printed"),
             http: http.expect("REST address printed"),
             grpc: grpc.expect("gRPC address printed"),
+            https,
+            grpcs,
             fingerprint: fingerprint.expect("fingerprint printed"),
             lines,
             _dir: dir,
@@ -207,6 +221,17 @@ pub fn wait_ready(child: &mut Child) -> Vec<String> {
 
 /// The base URL of the REST listener, e.g. `http://127.0.0.1:PORT`.
 impl Server {
+    /// The process id (to send it signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The configuration file [`Server::start`] wrote (rewrite it, then
+    /// reload).
+    pub fn config_file(&self) -> std::path::PathBuf {
+        self._dir.path().join("quiver.toml")
+    }
+
     pub fn http_url(&self) -> String {
         format!("http://{}", self.http)
     }
@@ -392,4 +417,75 @@ pub fn assert_reads_as_triton_config(metadata: &serde_json::Value, config: &serd
             );
         }
     }
+}
+
+/// A model slow enough that one request filling its whole batch budget
+/// keeps the device busy for a while (see [`occupy_device`]).
+pub const BIG_MODEL: &str = r#"
+[[models]]
+name = "big"
+kind = "mlp"
+max_batch_size = 2048
+max_batch_tokens = 2048
+default_timeout_ms = 60000
+[models.demo]
+inputs = 1024
+hidden = [2048, 2048]
+outputs = 8
+"#;
+
+/// Sends one request that fills the whole batch budget of [`BIG_MODEL`]
+/// and waits (bounded) until its batch is on the device, so a request sent
+/// next waits in the queue; the handle answers with the big response.
+pub async fn occupy_device(
+    server: &Server,
+) -> tokio::task::JoinHandle<
+    Result<quiver_gateway::proto::ModelInferResponse, quiver_gateway::client::ClientError>,
+> {
+    let client = server.client().await;
+    let big = quiver_kernels::HostTensor::new(
+        "INPUT0",
+        vec![2048, 1024],
+        quiver_kernels::TensorData::F32(vec![0.01; 2048 * 1024]),
+    )
+    .unwrap();
+    let big_req =
+        quiver_gateway::tensor::request_to_proto("big", "big", &[big], Default::default());
+    let busy = tokio::spawn(async move { client.infer(&big_req).await });
+    server
+        .wait_for_metrics("the big batch on the device", |t| {
+            metric(t, "quiver_batches_in_flight", &[("model", "big")]) >= 1.0
+        })
+        .await;
+    busy
+}
+
+/// The workspace's root directory.
+pub fn workspace() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The MiniLM test model: `$QUIVER_MODELS_DIR/all-MiniLM-L6-v2` (or
+/// `$QUIVER_MODELS_DIR` itself), else `<workspace>/models/all-MiniLM-L6-v2`
+/// (`scripts/fetch-models` puts it there).
+pub fn minilm_dir() -> std::path::PathBuf {
+    const MODEL: &str = "all-MiniLM-L6-v2";
+    let dir = match std::env::var_os("QUIVER_MODELS_DIR") {
+        Some(root) => {
+            let root = std::path::PathBuf::from(root);
+            let nested = root.join(MODEL);
+            if nested.join("config.json").is_file() {
+                nested
+            } else {
+                root
+            }
+        }
+        None => workspace().join("models").join(MODEL),
+    };
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "{MODEL} is not in {}: run scripts/fetch-models (or set QUIVER_MODELS_DIR)",
+        dir.display()
+    );
+    std::fs::canonicalize(dir).unwrap()
 }

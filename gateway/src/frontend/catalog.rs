@@ -5,11 +5,13 @@
 //! gRPC front end sends them as they are, and the REST front ends (HTTP and
 //! HTTP/3) write them as the JSON of KServe v2 and Triton's HTTP extensions.
 
+use std::sync::Arc;
+
 use quiver_kernels::DataType;
 use serde_json::{Value, json};
 
 use crate::error::GatewayError;
-use crate::metrics::{Metrics, ModelLabels};
+use crate::metrics::Metrics;
 use crate::proto::inference::{
     DataType as ConfigDataType, InferStatistics, ModelConfig, ModelDynamicBatching, ModelInput,
     ModelInstanceGroup, ModelMetadataResponse, ModelOutput, ModelQueuePolicy, ModelStatistics,
@@ -21,39 +23,26 @@ use crate::router::{ModelEntry, Router};
 /// The server's name in server metadata.
 pub const SERVER_NAME: &str = "quiver";
 
-/// The only version of each model.
-pub const MODEL_VERSION: &str = "1";
-
 /// The protocol extensions really implemented, as Triton names them:
 /// binary tensors over HTTP, `GET /v2/models/{m}/config` and gRPC
-/// `ModelConfig`, the `priority` and `timeout` request parameters, and model
+/// `ModelConfig`, the model repository (index, load, unload), the `priority` and `timeout` request parameters, and model
 /// statistics (`GET /v2/models/{m}/stats`, gRPC `ModelStatistics`).
-pub const EXTENSIONS: [&str; 4] = [
+pub const EXTENSIONS: [&str; 5] = [
     "binary_tensor_data",
     "model_configuration",
+    "model_repository",
     "schedule_policy",
     "statistics",
 ];
 
-/// The model called `name` at `version` (empty or `"1"`).
-pub fn find<'a>(
-    router: &'a Router,
-    name: &str,
-    version: &str,
-) -> Result<&'a ModelEntry, GatewayError> {
-    let entry = router
-        .model(name)
-        .ok_or_else(|| GatewayError::UnknownModel(name.to_owned()))?;
-    if !version.is_empty() && version != MODEL_VERSION {
-        return Err(GatewayError::UnknownModel(format!(
-            "{name}' version '{version}"
-        )));
-    }
-    Ok(entry)
+/// The model called `name` at `version` (empty: the newest serving).
+pub fn find(router: &Router, name: &str, version: &str) -> Result<Arc<ModelEntry>, GatewayError> {
+    router.registry().get(name, version)
 }
 
 /// KServe v2 model metadata: shapes with the batch dimension (`-1`).
-pub fn metadata(entry: &ModelEntry) -> ModelMetadataResponse {
+/// `versions` lists the versions of the model serving now.
+pub fn metadata(router: &Router, entry: &ModelEntry) -> ModelMetadataResponse {
     let sig = entry.model.signature();
     let tensor = |s: &quiver_kernels::TensorSpec| TensorMetadata {
         name: s.name.clone(),
@@ -62,7 +51,12 @@ pub fn metadata(entry: &ModelEntry) -> ModelMetadataResponse {
     };
     ModelMetadataResponse {
         name: entry.name.clone(),
-        versions: vec![MODEL_VERSION.into()],
+        versions: router
+            .registry()
+            .snapshot()
+            .versions(&entry.name)
+            .map(|v| v.keys().map(u64::to_string).collect())
+            .unwrap_or_else(|| vec![entry.version_str()]),
         platform: platform(entry),
         inputs: sig.inputs.iter().map(tensor).collect(),
         outputs: sig.outputs.iter().map(tensor).collect(),
@@ -81,7 +75,6 @@ pub fn model_config(entry: &ModelEntry) -> ModelConfig {
     let sig = entry.model.signature();
     let dims = |shape: &[i64]| shape.iter().skip(1).copied().collect::<Vec<i64>>();
     let c = &entry.config;
-    let gpu = c.cuda_ordinal();
     ModelConfig {
         name: entry.name.clone(),
         platform: platform(entry),
@@ -107,14 +100,23 @@ pub fn model_config(entry: &ModelEntry) -> ModelConfig {
                 ..Default::default()
             })
             .collect(),
-        instance_group: vec![ModelInstanceGroup {
-            name: format!("{}_0", entry.name),
-            count: 1,
-            gpus: gpu
-                .map(|g| vec![i32::try_from(g).unwrap_or(i32::MAX)])
-                .unwrap_or_default(),
-            kind: if gpu.is_some() { Kind::Gpu } else { Kind::Cpu } as i32,
-        }],
+        // One group per device, as Triton lists one per GPU.
+        instance_group: entry
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let gpu = r.model.device().cuda_ordinal();
+                ModelInstanceGroup {
+                    name: format!("{}_{i}", entry.name),
+                    count: 1,
+                    gpus: gpu
+                        .map(|g| vec![i32::try_from(g).unwrap_or(i32::MAX)])
+                        .unwrap_or_default(),
+                    kind: if gpu.is_some() { Kind::Gpu } else { Kind::Cpu } as i32,
+                }
+            })
+            .collect(),
         scheduling_choice: Some(SchedulingChoice::DynamicBatching(ModelDynamicBatching {
             preferred_batch_size: Vec::new(),
             max_queue_delay_microseconds: u64::try_from(c.max_queue_delay.as_micros())
@@ -160,9 +162,7 @@ pub fn config_datatype(d: DataType) -> ConfigDataType {
 /// batch), `compute_input` and `compute_output` the same count with no time
 /// of their own.
 pub fn statistics(entry: &ModelEntry, metrics: &Metrics) -> ModelStatistics {
-    let labels = ModelLabels {
-        model: entry.name.clone(),
-    };
+    let labels = entry.labels();
     let duration = |snap: crate::metrics::LatencySnapshot| StatisticDuration {
         count: snap.count,
         ns: (snap.sum * 1e9) as u64,
@@ -173,9 +173,22 @@ pub fn statistics(entry: &ModelEntry, metrics: &Metrics) -> ModelStatistics {
     let executions = compute.count;
     ModelStatistics {
         name: entry.name.clone(),
-        version: MODEL_VERSION.into(),
+        version: entry.version_str(),
         last_inference: 0,
-        inference_count: metrics.computed.get_or_create(&labels).get(),
+        inference_count: entry
+            .replicas
+            .iter()
+            .map(|r| {
+                metrics
+                    .computed
+                    .get_or_create(&crate::metrics::DeviceLabels {
+                        model: labels.model.clone(),
+                        version: labels.version.clone(),
+                        device: r.device.clone(),
+                    })
+                    .get()
+            })
+            .sum(),
         execution_count: executions,
         inference_stats: Some(InferStatistics {
             success: Some(duration(success)),

@@ -11,7 +11,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use quiver_batching::CancelToken;
 use tonic::{Request, Response, Status};
@@ -24,41 +23,31 @@ use crate::metrics::Metrics;
 use crate::proto::inference::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
+use crate::proto::inference::repository_index_response::ModelIndex;
 use crate::proto::inference::{
     ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
     ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
     ModelStatisticsRequest, ModelStatisticsResponse, ServerLiveRequest, ServerLiveResponse,
     ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
+use crate::proto::inference::{
+    RepositoryIndexRequest, RepositoryIndexResponse, RepositoryModelLoadRequest,
+    RepositoryModelLoadResponse, RepositoryModelUnloadRequest, RepositoryModelUnloadResponse,
+    model_repository_parameter::ParameterChoice,
+};
+use crate::ratelimit::{ClientAddr, PeerIdentity};
 use crate::router::Router;
 use crate::tensor;
 
 /// The protocol label of this front end in metrics.
 pub const PROTOCOL: &str = "grpc";
 
-/// The one mapping of gateway errors to gRPC status (DESIGN.md table).
+/// The gRPC status of an error (the map is `ErrorKind::grpc`).
 pub fn grpc_status(err: &GatewayError) -> Status {
-    let message = err.to_string();
-    match err {
-        GatewayError::InvalidArgument(_) | GatewayError::Input(_) => {
-            Status::invalid_argument(message)
-        }
-        GatewayError::Unauthenticated(_) => Status::unauthenticated(message),
-        GatewayError::UnknownModel(_) => Status::not_found(message),
-        GatewayError::TooLarge { .. } | GatewayError::Overloaded { .. } => {
-            Status::resource_exhausted(message)
-        }
-        GatewayError::DeadlineUnreachable { .. }
-        | GatewayError::MemoryBudget { .. }
-        | GatewayError::ShuttingDown
-        | GatewayError::UpstreamUnavailable { .. }
-        | GatewayError::Upstream { .. } => Status::unavailable(message),
-        GatewayError::DeadlineExceeded | GatewayError::RequestTimeout(_) => {
-            Status::deadline_exceeded(message)
-        }
-        GatewayError::Model { .. } => Status::internal(message),
-        GatewayError::Cancelled => Status::cancelled(message),
-    }
+    Status::new(
+        tonic::Code::from_i32(err.kind().grpc() as i32),
+        err.to_string(),
+    )
 }
 
 /// The `GRPCInferenceService` implementation.
@@ -71,6 +60,8 @@ pub struct InferenceService {
     pub ready: Arc<AtomicBool>,
     /// The request-memory budget shared with the other front ends.
     pub budget: Arc<crate::budget::MemoryBudget>,
+    /// Loads and unloads (Triton's repository extension).
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
 }
 
 impl InferenceService {
@@ -83,14 +74,18 @@ impl InferenceService {
 
     fn authorize<T>(&self, req: &Request<T>, health: bool) -> Result<(), Status> {
         let header = req.metadata().get("authorization").map(|v| v.as_bytes());
-        self.auth.check(header, health).map_err(|e| {
+        self.auth.check(header, health).map(|_| ()).map_err(|e| {
             self.metrics
                 .record_rejection("", PROTOCOL, "unauthenticated");
             grpc_status(&e)
         })
     }
 
-    fn find(&self, name: &str, version: &str) -> Result<&crate::router::ModelEntry, Status> {
+    fn find(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<std::sync::Arc<crate::router::ModelEntry>, Status> {
         catalog::find(&self.router, name, version).map_err(|e| grpc_status(&e))
     }
 
@@ -102,8 +97,16 @@ impl InferenceService {
             .metadata()
             .get("authorization")
             .map(|v| v.as_bytes().to_vec());
-        self.auth.check(authorization.as_deref(), false)?;
+        let token = self.auth.check(authorization.as_deref(), false)?;
+        let source = req
+            .extensions()
+            .get::<ClientAddr>()
+            .map(|a| a.0.ip())
+            .or_else(|| req.remote_addr().map(|a| a.ip()));
+        let req_identity = req.extensions().get::<PeerIdentity>().cloned();
         let req = req.into_inner();
+        let client = self.auth.client(token, req_identity.as_ref(), source)?;
+        self.router.check_rate(&req.model_name, client)?;
         // tonic has read the message whole (at most max_frame_bytes): it is
         // counted from here until its answer is returned.
         let _reservation = self
@@ -145,10 +148,14 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ModelReadyResponse>, Status> {
         self.authorize(&req, true)?;
         let r = req.get_ref();
-        self.find(&r.name, &r.version)?;
-        Ok(Response::new(ModelReadyResponse {
-            ready: self.ready.load(Ordering::Acquire),
-        }))
+        // A model (or version) that does not serve is not ready, as Triton
+        // answers for an unloaded one: not an error.
+        let ready = match catalog::find(&self.router, &r.name, &r.version) {
+            Ok(entry) => self.ready.load(Ordering::Acquire) && entry.healthy(),
+            Err(GatewayError::UnknownModel(_) | GatewayError::UnknownVersion { .. }) => false,
+            Err(e) => return Err(grpc_status(&e)),
+        };
+        Ok(Response::new(ModelReadyResponse { ready }))
     }
 
     async fn server_metadata(
@@ -170,27 +177,31 @@ impl GrpcInferenceService for InferenceService {
         self.authorize(&req, false)?;
         let r = req.get_ref();
         let entry = self.find(&r.name, &r.version)?;
-        Ok(Response::new(catalog::metadata(entry)))
+        Ok(Response::new(catalog::metadata(&self.router, &entry)))
     }
 
     async fn model_infer(
         &self,
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let started = Instant::now();
+        let mut record = self.metrics.start_request(PROTOCOL);
         // Bounded label values: only configured model names.
         let label = self
             .router
             .model(&req.get_ref().model_name)
             .map(|m| m.name.clone())
             .unwrap_or_default();
+        record.set_model(label.clone());
         let result = self.infer(req).await;
-        let outcome = match &result {
+        if let Ok(resp) = &result
+            && let Ok(v) = resp.model_version.parse()
+        {
+            record.set_version(v);
+        }
+        record.finish(match &result {
             Ok(_) => "ok",
             Err(e) => e.outcome(),
-        };
-        self.metrics
-            .record_request(&label, PROTOCOL, outcome, started.elapsed());
+        });
         result.map(Response::new).map_err(|e| {
             tracing::debug!(model = %label, error = %e, "request failed");
             grpc_status(&e)
@@ -205,7 +216,7 @@ impl GrpcInferenceService for InferenceService {
         let r = req.get_ref();
         let entry = self.find(&r.name, &r.version)?;
         Ok(Response::new(ModelConfigResponse {
-            config: Some(catalog::model_config(entry)),
+            config: Some(catalog::model_config(&entry)),
         }))
     }
 
@@ -218,15 +229,85 @@ impl GrpcInferenceService for InferenceService {
         let model_stats = if r.name.is_empty() {
             self.router
                 .models()
+                .iter()
                 .map(|m| catalog::statistics(m, &self.metrics))
                 .collect()
         } else {
             vec![catalog::statistics(
-                self.find(&r.name, &r.version)?,
+                &*self.find(&r.name, &r.version)?,
                 &self.metrics,
             )]
         };
         Ok(Response::new(ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(
+        &self,
+        req: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        self.authorize(&req, false)?;
+        let models = self
+            .lifecycle
+            .index(req.get_ref().ready)
+            .into_iter()
+            .map(|e| ModelIndex {
+                name: e.name,
+                version: e.version,
+                state: e.state.into(),
+                reason: e.reason,
+            })
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        req: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        self.authorize(&req, false)?;
+        let r = req.into_inner();
+        let config = match r
+            .parameters
+            .get("config")
+            .and_then(|p| p.parameter_choice.as_ref())
+        {
+            None => None,
+            Some(ParameterChoice::StringParam(text)) => Some(
+                serde_json::from_str::<serde_json::Value>(text).map_err(|e| {
+                    grpc_status(&GatewayError::InvalidArgument(format!(
+                        "parameter config is not JSON: {e}"
+                    )))
+                })?,
+            ),
+            Some(_) => {
+                return Err(grpc_status(&GatewayError::InvalidArgument(
+                    "parameter config must be a string of JSON".into(),
+                )));
+            }
+        };
+        if r.parameters.keys().any(|k| k.starts_with("file:")) {
+            return Err(grpc_status(&GatewayError::InvalidArgument(
+                "file: parameters are not supported: put the version directory in the repository"
+                    .into(),
+            )));
+        }
+        self.lifecycle
+            .load(&r.model_name, config.as_ref())
+            .await
+            .map_err(|e| grpc_status(&e))?;
+        Ok(Response::new(RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        req: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        self.authorize(&req, false)?;
+        self.lifecycle
+            .unload(&req.get_ref().model_name)
+            .await
+            .map_err(|e| grpc_status(&e))?;
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 }
 

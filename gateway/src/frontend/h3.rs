@@ -26,8 +26,7 @@ use tower::ServiceExt;
 
 use crate::error::GatewayError;
 use crate::frontend::auth::Auth;
-use crate::frontend::http::error_response;
-use crate::frontend::quic::InFlight;
+use crate::frontend::inflight::InFlight;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use transport::StopSignals;
@@ -52,6 +51,9 @@ pub struct H3Service {
     pub max_body_bytes: usize,
     /// Longest a request's body may take to arrive once its headers have.
     pub request_read_timeout: std::time::Duration,
+    /// The slowest a body may arrive (`server.min_body_bytes_per_sec`;
+    /// `None`: off), as on REST over TCP.
+    pub min_body_rate: Option<super::http::BodyRate>,
     /// The request-memory budget shared with the other front ends.
     pub budget: Arc<crate::budget::MemoryBudget>,
     /// Requests being served, for shutdown.
@@ -63,6 +65,12 @@ type Stream = RequestStream<transport::BidiStream<Bytes>, Bytes>;
 /// What the requests of one connection share.
 struct Conn {
     svc: H3Service,
+    /// The peer and its client certificate's identity, for per-client
+    /// rate limits.
+    remote: std::net::SocketAddr,
+    identity: Option<crate::ratelimit::PeerIdentity>,
+    /// The QUIC connection, for its round-trip time.
+    quic: quinn::Connection,
     /// Only to label a cancelled request with its (configured) model.
     router: Arc<Router>,
     stops: StopSignals,
@@ -71,10 +79,11 @@ struct Conn {
 /// Serves the HTTP/3 requests of one QUIC connection until it closes.
 pub async fn serve_connection(conn: quinn::Connection, svc: H3Service, router: Arc<Router>) {
     let remote = conn.remote_address();
+    let identity = crate::ratelimit::PeerIdentity::of_quic(&conn);
     let stops = StopSignals::default();
     let mut h3_conn = match ::h3::server::builder()
         .max_field_section_size(MAX_FIELD_SECTION_BYTES)
-        .build::<_, Bytes>(transport::Connection::new(conn, stops.clone()))
+        .build::<_, Bytes>(transport::Connection::new(conn.clone(), stops.clone()))
         .await
     {
         Ok(c) => c,
@@ -83,7 +92,14 @@ pub async fn serve_connection(conn: quinn::Connection, svc: H3Service, router: A
             return;
         }
     };
-    let conn = Arc::new(Conn { svc, router, stops });
+    let conn = Arc::new(Conn {
+        svc,
+        quic: conn,
+        router,
+        stops,
+        remote,
+        identity,
+    });
     loop {
         match h3_conn.accept().await {
             Ok(Some(resolver)) => {
@@ -106,8 +122,15 @@ pub async fn serve_connection(conn: quinn::Connection, svc: H3Service, router: A
     }
 }
 
+/// The routes that `server.auth_exempt_health` exempts, as the handlers
+/// decide for REST over TCP: health, and the OpenAPI document and its page.
 fn is_health(path: &str) -> bool {
-    path.starts_with("/v2/health/") || (path.starts_with("/v2/models/") && path.ends_with("/ready"))
+    path.starts_with("/v2/health/")
+        || (path.starts_with("/v2/models/") && path.ends_with("/ready"))
+        || matches!(
+            path,
+            "/health" | "/openapi.json" | "/docs" | "/docs/redoc.standalone.js"
+        )
 }
 
 /// The model of an inference path (`/v2/models/{m}[/versions/{v}]/infer`).
@@ -123,17 +146,43 @@ async fn serve_request(req: http::Request<()>, mut stream: Stream, conn: &Conn) 
     // path it ends by.
     let stopped = conn.stops.take(stream.id());
     let (parts, ()) = req.into_parts();
+    // A refusal before the handler answers in the route's API (OpenAI's and
+    // TEI's error bodies differ from KServe's), as the handler would.
+    let dialect = super::embed::Dialect::of_path(parts.uri.path());
+    let error_response = |e: &GatewayError| super::embed::error_response_in(dialect, e, None);
     // Refuse before reading the body: a missing token, a declared size
     // over the limit.
     let authorization = parts
         .headers
         .get(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    if let Err(e) = svc.auth.check(authorization, is_health(parts.uri.path())) {
-        svc.metrics
-            .record_rejection("", PROTOCOL, "unauthenticated");
-        stream.stop_sending(::h3::error::Code::H3_NO_ERROR);
-        return respond(&mut stream, error_response(&e)).await;
+    let token = match svc.auth.check(authorization, is_health(parts.uri.path())) {
+        Ok(token) => token,
+        Err(e) => {
+            svc.metrics
+                .record_rejection("", PROTOCOL, "unauthenticated");
+            stream.stop_sending(::h3::error::Code::H3_NO_ERROR);
+            return respond(&mut stream, error_response(&e)).await;
+        }
+    };
+    // An inference request over its client's rate is refused before its
+    // body is read, as on REST over TCP; the handler then does not count
+    // it again.
+    let model = (parts.method == http::Method::POST)
+        .then(|| infer_model(parts.uri.path()))
+        .flatten()
+        .and_then(|m| conn.router.model(m))
+        .map(|e| e.name.clone());
+    if let Some(model) = &model {
+        let checked = svc
+            .auth
+            .client(token, conn.identity.as_ref(), Some(conn.remote.ip()))
+            .and_then(|client| conn.router.check_rate(model, client));
+        if let Err(e) = checked {
+            svc.metrics.record_rejection(model, PROTOCOL, e.outcome());
+            stream.stop_sending(::h3::error::Code::H3_NO_ERROR);
+            return respond(&mut stream, error_response(&e)).await;
+        }
     }
     // The body's bytes are counted from here until the answer is sent.
     let mut reservation = match svc.budget.reserve(0) {
@@ -147,6 +196,7 @@ async fn serve_request(req: http::Request<()>, mut stream: Stream, conn: &Conn) 
             &mut stream,
             svc.max_body_bytes,
             &mut reservation,
+            svc.min_body_rate,
         ),
     )
     .await
@@ -158,6 +208,7 @@ async fn serve_request(req: http::Request<()>, mut stream: Stream, conn: &Conn) 
                 e,
                 GatewayError::TooLarge { .. }
                     | GatewayError::RequestTimeout(_)
+                    | GatewayError::BodyTooSlow { .. }
                     | GatewayError::MemoryBudget { .. }
             ) {
                 svc.metrics.record_rejection("", PROTOCOL, e.outcome());
@@ -167,18 +218,20 @@ async fn serve_request(req: http::Request<()>, mut stream: Stream, conn: &Conn) 
             return respond(&mut stream, error_response(&e)).await;
         }
     };
-    let infer = (parts.method == http::Method::POST)
-        .then(|| infer_model(parts.uri.path()))
-        .flatten()
-        .map(|m| {
-            conn.router
-                .model(m)
-                .map(|e| e.name.clone())
-                .unwrap_or_default()
-        });
-    let started = std::time::Instant::now();
     let mut request = http::Request::from_parts(parts, Body::from(body));
     request.extensions_mut().insert(super::http::BodyCounted);
+    if model.is_some() {
+        request.extensions_mut().insert(super::http::RateChecked);
+    }
+    request
+        .extensions_mut()
+        .insert(crate::ratelimit::ClientAddr(conn.remote));
+    if let Some(id) = &conn.identity {
+        request.extensions_mut().insert(id.clone());
+    }
+    request
+        .extensions_mut()
+        .insert(super::http::RoundTrip(conn.quic.rtt()));
     let call = svc.app.clone().oneshot(request);
     let response = match stopped {
         Some(stopped) => tokio::select! {
@@ -188,10 +241,8 @@ async fn serve_request(req: http::Request<()>, mut stream: Stream, conn: &Conn) 
             biased;
             response = call => response,
             () = stopped => {
-                // Dropping the handler cancels its request (`CancelOnDrop`).
-                if let Some(model) = infer {
-                    svc.metrics.record_request(&model, PROTOCOL, "cancelled", started.elapsed());
-                }
+                // Dropping the handler cancels its request (`CancelOnDrop`)
+                // and counts it as cancelled (its `RequestGuard`).
                 tracing::debug!("HTTP/3 request stream stopped before its answer");
                 return;
             }
@@ -208,12 +259,20 @@ async fn serve_request(req: http::Request<()>, mut stream: Stream, conn: &Conn) 
 /// Reads the body (at most `limit` bytes), counting it against the memory
 /// budget: an announced length before anything is allocated, and whatever
 /// arrives beyond it as it arrives.
+fn length_mismatch(declared: u64, got: u64, how: &str) -> GatewayError {
+    GatewayError::InvalidArgument(format!(
+        "content-length is {declared} but the body has {how} {got} bytes"
+    ))
+}
+
 async fn read_body(
     headers: &http::HeaderMap,
     stream: &mut Stream,
     limit: usize,
     reservation: &mut crate::budget::Reservation,
+    rate: Option<super::http::BodyRate>,
 ) -> Result<Bytes, GatewayError> {
+    let started = tokio::time::Instant::now();
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -230,7 +289,24 @@ async fn read_body(
     reservation.grow(counted_up_front)?;
     let mut body = BytesMut::with_capacity(counted_up_front as usize);
     loop {
-        match stream.recv_data().await {
+        let next = stream.recv_data();
+        let next = match rate {
+            None => next.await,
+            Some(rate) => {
+                let due = started + rate.due(body.len() as u64 + 1);
+                match tokio::time::timeout_at(due, next).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        return Err(GatewayError::BodyTooSlow {
+                            received: body.len() as u64,
+                            elapsed: started.elapsed(),
+                            min_rate: rate.bytes_per_sec,
+                        });
+                    }
+                }
+            }
+        };
+        match next {
             Ok(Some(mut chunk)) => {
                 let total = (body.len() + chunk.remaining()) as u64;
                 if total > limit as u64 {
@@ -238,6 +314,11 @@ async fn read_body(
                         limit: limit as u64,
                         got: total,
                     });
+                }
+                if let Some(len) = declared
+                    && total > len
+                {
+                    return Err(length_mismatch(len, total, "at least"));
                 }
                 if total > reservation.bytes() {
                     reservation.grow(total - reservation.bytes())?;
@@ -249,7 +330,16 @@ async fn read_body(
                     chunk.advance(n);
                 }
             }
-            Ok(None) => return Ok(body.freeze()),
+            Ok(None) => {
+                return match declared {
+                    // RFC 9114, 4.1.2: a body that is not its content-length
+                    // makes the request malformed.
+                    Some(len) if body.len() as u64 != len => {
+                        Err(length_mismatch(len, body.len() as u64, "only"))
+                    }
+                    _ => Ok(body.freeze()),
+                };
+            }
             Err(e) => {
                 return Err(GatewayError::InvalidArgument(format!(
                     "cannot read the request body: {e}"

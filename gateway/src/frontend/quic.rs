@@ -16,14 +16,13 @@
 //! refused but waits for QUIC stream credit on the client.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use quiver_batching::CancelToken;
-use tokio::sync::Notify;
 
 use super::auth::Auth;
-use crate::error::{Code, GatewayError};
+use super::inflight::InFlight;
+use crate::error::GatewayError;
 use crate::framing::{self, FrameError};
 use crate::metrics::Metrics;
 use crate::proto::ModelInferRequest;
@@ -66,6 +65,12 @@ pub struct QuicLimits {
     /// handshake is done (a spoofed source never completes one, so it cannot
     /// use up another host's places); more from it are closed at once.
     pub max_connections_per_source: u32,
+    /// New handshakes per second above which unvalidated clients are asked
+    /// for a Retry (`server.quic_retry_above_per_sec`; 0: always).
+    pub retry_above_per_sec: u32,
+    /// The CAs client certificates must chain to (`tls.client_ca`); `None`:
+    /// no client certificates.
+    pub client_roots: Option<Arc<rustls::RootCertStore>>,
     /// Longest a stream may take to deliver its whole request frame.
     pub request_read_timeout: Duration,
     /// The request-memory budget shared with the other front ends: a frame
@@ -75,24 +80,11 @@ pub struct QuicLimits {
     pub idle_timeout: Duration,
 }
 
-/// The one mapping of gateway errors to the native protocol's status.
+/// The native protocol's status of an error (the map is
+/// `ErrorKind::native`).
 pub fn native_status(err: &GatewayError) -> Status {
-    let code = match err {
-        GatewayError::InvalidArgument(_) | GatewayError::Input(_) => Code::InvalidArgument,
-        GatewayError::UnknownModel(_) => Code::NotFound,
-        GatewayError::TooLarge { .. } | GatewayError::Overloaded { .. } => Code::ResourceExhausted,
-        GatewayError::DeadlineUnreachable { .. }
-        | GatewayError::MemoryBudget { .. }
-        | GatewayError::ShuttingDown
-        | GatewayError::UpstreamUnavailable { .. }
-        | GatewayError::Upstream { .. } => Code::Unavailable,
-        GatewayError::DeadlineExceeded | GatewayError::RequestTimeout(_) => Code::DeadlineExceeded,
-        GatewayError::Model { .. } => Code::Internal,
-        GatewayError::Cancelled => Code::Cancelled,
-        GatewayError::Unauthenticated(_) => Code::Unauthenticated,
-    };
     Status {
-        code: code as i32,
+        code: err.kind().native() as i32,
         message: err.to_string(),
     }
 }
@@ -104,7 +96,11 @@ pub fn bind(
     limits: &QuicLimits,
 ) -> Result<quinn::Endpoint, BindError> {
     // One UDP port for both protocols; the handshake's ALPN picks one.
-    let rustls = tls::server_config(identity, &[crate::NATIVE_ALPN, super::h3::ALPN])?;
+    let rustls = tls::server_config(
+        identity,
+        &[crate::NATIVE_ALPN, super::h3::ALPN],
+        limits.client_roots.as_ref(),
+    )?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(rustls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -130,49 +126,6 @@ pub enum BindError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
-}
-
-/// Counts the streams being served, so shutdown can wait for them.
-#[derive(Debug, Default)]
-pub struct InFlight {
-    count: AtomicUsize,
-    idle: Notify,
-}
-
-impl InFlight {
-    /// Counts one more stream until the guard is dropped.
-    pub fn enter(self: &Arc<Self>) -> InFlightGuard {
-        self.count.fetch_add(1, Ordering::AcqRel);
-        InFlightGuard(self.clone())
-    }
-
-    /// Streams being served now.
-    pub fn count(&self) -> usize {
-        self.count.load(Ordering::Acquire)
-    }
-
-    /// Waits until no stream is being served.
-    pub async fn wait_idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            if self.count() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-/// One stream being served; see [`InFlight::enter`].
-#[derive(Debug)]
-pub struct InFlightGuard(Arc<InFlight>);
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
 }
 
 struct Ctx {
@@ -205,7 +158,22 @@ pub async fn serve(
         in_flight,
         h3,
     });
-    while let Some(incoming) = endpoint.accept().await {
+    let mut handshakes = HandshakeRate::new(std::time::Instant::now());
+    while let Some(mut incoming) = endpoint.accept().await {
+        // Address validation under load: past the rate, a client that has
+        // not proven its address gets a stateless Retry and must come back
+        // with its token (quinn validates it) before any handshake state is
+        // kept for it.
+        let rate = handshakes.note(std::time::Instant::now());
+        if rate > ctx.limits.retry_above_per_sec && incoming.may_retry() {
+            match incoming.retry() {
+                Ok(()) => {
+                    ctx.metrics.quic_retries.inc();
+                    continue;
+                }
+                Err(e) => incoming = e.into_incoming(),
+            }
+        }
         // An incoming connection is not counted until it is accepted, so
         // `max_connections` open ones already fill the limit.
         if endpoint.open_connections() >= ctx.limits.max_connections as usize {
@@ -253,6 +221,33 @@ pub async fn serve(
     }
 }
 
+/// New handshakes in the current one-second window.
+#[derive(Debug)]
+struct HandshakeRate {
+    window_start: std::time::Instant,
+    count: u32,
+}
+
+impl HandshakeRate {
+    fn new(now: std::time::Instant) -> Self {
+        HandshakeRate {
+            window_start: now,
+            count: 0,
+        }
+    }
+
+    /// Counts one handshake at `now`; returns the count of its window,
+    /// this one included.
+    fn note(&mut self, now: std::time::Instant) -> u32 {
+        if now.saturating_duration_since(self.window_start) >= Duration::from_secs(1) {
+            self.window_start = now;
+            self.count = 0;
+        }
+        self.count = self.count.saturating_add(1);
+        self.count
+    }
+}
+
 /// The ALPN protocol the handshake chose.
 fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()?
@@ -262,14 +257,18 @@ fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
 }
 
 async fn serve_connection(conn: quinn::Connection, ctx: Arc<Ctx>) {
-    tracing::debug!(remote = %conn.remote_address(), "connection open");
+    let remote = conn.remote_address();
+    let identity = crate::ratelimit::PeerIdentity::of_quic(&conn);
+    tracing::debug!(%remote, "connection open");
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
                 let guard = ctx.in_flight.enter();
                 let ctx = ctx.clone();
+                let identity = identity.clone();
+                let conn = conn.clone();
                 tokio::spawn(async move {
-                    serve_stream(send, recv, &ctx).await;
+                    serve_stream(send, recv, &ctx, &conn, identity.as_ref()).await;
                     drop(guard);
                 });
             }
@@ -281,8 +280,15 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<Ctx>) {
     }
 }
 
-async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, ctx: &Ctx) {
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    ctx: &Ctx,
+    conn: &quinn::Connection,
+    identity: Option<&crate::ratelimit::PeerIdentity>,
+) {
     let started = Instant::now();
+    let remote = conn.remote_address();
     let read = tokio::time::timeout(ctx.limits.request_read_timeout, async {
         let len = framing::read_header(&mut recv, ctx.limits.max_frame_bytes).await?;
         let bytes = (framing::HEADER_LEN + len) as u64;
@@ -331,22 +337,36 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
             return answer(&mut send, ctx, "", started, Err(err)).await;
         }
     };
+    ctx.metrics
+        .received
+        .get_or_create(&crate::metrics::ProtocolLabels { protocol: PROTOCOL })
+        .inc();
     let mut req = req;
     // Before the model is looked up: a client without a token learns
     // nothing about which models exist.
-    if let Err(e) = ctx.auth.check_parameters(&mut req.parameters) {
-        return answer(&mut send, ctx, "", started, Err(e)).await;
-    }
+    let token = match ctx.auth.check_parameters(&mut req.parameters) {
+        Ok(token) => token,
+        Err(e) => return answer(&mut send, ctx, "", started, Err(e)).await,
+    };
     // Bounded label values: only configured model names.
     let model = ctx
         .router
         .model(&req.model_name)
         .map(|m| m.name.clone())
         .unwrap_or_default();
-    let req = match tensor::request_from_proto(req) {
+    let checked = ctx
+        .auth
+        .client(token, identity, Some(remote.ip()))
+        .and_then(|client| ctx.router.check_rate(&model, client));
+    if let Err(e) = checked {
+        return answer(&mut send, ctx, &model, started, Err(e)).await;
+    }
+    let mut req = match tensor::request_from_proto(req) {
         Ok(r) => r,
         Err(e) => return answer(&mut send, ctx, &model, started, Err(e)).await,
     };
+    // The deadline covers the round trip: QUIC knows it.
+    req.rtt = Some(conn.rtt());
     let cancel = CancelToken::new();
     let stopped = send.stopped();
     let result = tokio::select! {
@@ -357,7 +377,7 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
         result = ctx.router.infer(req, cancel.clone()) => result,
         _ = stopped => {
             cancel.cancel();
-            ctx.metrics.record_request(&model, PROTOCOL, "cancelled", started.elapsed());
+            ctx.metrics.record_request(&model, "", PROTOCOL, "cancelled", started.elapsed());
             return;
         }
     };
@@ -378,15 +398,19 @@ async fn answer(
     started: Instant,
     result: Result<crate::proto::ModelInferResponse, GatewayError>,
 ) {
+    let mut version = String::new();
     let (outcome, reply) = match result {
-        Ok(resp) => ("ok", reply::Result::Response(resp)),
+        Ok(resp) => {
+            version.clone_from(&resp.model_version);
+            ("ok", reply::Result::Response(resp))
+        }
         Err(e) => {
             tracing::debug!(model, error = %e, "request failed");
             (e.outcome(), reply::Result::Status(native_status(&e)))
         }
     };
     ctx.metrics
-        .record_request(model, PROTOCOL, outcome, started.elapsed());
+        .record_request(model, &version, PROTOCOL, outcome, started.elapsed());
     let reply = Reply {
         result: Some(reply),
     };
@@ -398,6 +422,19 @@ async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_handshake_rate_counts_per_one_second_window() {
+        let t0 = std::time::Instant::now();
+        let mut rate = HandshakeRate::new(t0);
+        assert_eq!(rate.note(t0), 1);
+        assert_eq!(rate.note(t0 + Duration::from_millis(999)), 2);
+        assert_eq!(rate.note(t0 + Duration::from_millis(1000)), 1);
+        assert_eq!(rate.note(t0 + Duration::from_millis(1500)), 2);
+        // A clock that goes back does not reset or panic.
+        assert_eq!(rate.note(t0), 3);
+    }
+    use crate::error::Code;
 
     #[test]
     fn every_error_maps_to_the_design_table() {

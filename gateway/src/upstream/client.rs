@@ -19,11 +19,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use quiver_config::{Endpoint, UpstreamProtocol};
 use quiver_kernels::HostTensor;
-use serde_json::{Value, json};
+use quiver_protocol::binary;
+use rustls::pki_types::ServerName;
+use serde_json::Value;
+use std::sync::Arc;
 use tonic::transport::Channel;
 
 use crate::error::Code;
-use crate::json;
 use crate::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use crate::proto::inference::{ModelReadyRequest, ServerReadyRequest};
 use crate::proto::{InferParameter, ModelInferResponse};
@@ -139,9 +141,10 @@ impl EndpointClient {
         endpoint: &Endpoint,
         connect_timeout: Duration,
         token: Option<&str>,
+        tls: Option<&TlsDial>,
     ) -> Result<Self, String> {
         Ok(EndpointClient {
-            wire: Wire::new(endpoint, connect_timeout)?,
+            wire: Wire::new(endpoint, connect_timeout, tls)?,
             authorization: token.map(|t| format!("Bearer {t}")),
         })
     }
@@ -153,17 +156,17 @@ impl EndpointClient {
         model: &str,
         id: &str,
         inputs: &[HostTensor],
-        priority: u32,
+        policy: Policy,
         timeout: Duration,
     ) -> Result<Answer, TryError> {
         let call = async {
             let auth = self.authorization.as_deref();
             match &self.wire {
                 Wire::Grpc(client) => {
-                    grpc_infer(client.clone(), auth, model, id, inputs, priority, timeout).await
+                    grpc_infer(client.clone(), auth, model, id, inputs, policy, timeout).await
                 }
                 Wire::Rest { client, base } => {
-                    rest_infer(client, auth, base, model, id, inputs, priority, timeout).await
+                    rest_infer(client, auth, base, model, id, inputs, policy, timeout).await
                 }
             }
         };
@@ -212,8 +215,50 @@ impl EndpointClient {
     }
 }
 
+/// TLS toward the upstreams (`[models.upstream.tls]`): the client
+/// configuration (CA, client certificate, ALPN h2) and the name the
+/// workers' certificates must carry (default: each endpoint's host).
+#[derive(Clone, Debug)]
+pub struct TlsDial {
+    config: Arc<rustls::ClientConfig>,
+    server_name: Option<String>,
+}
+
+impl TlsDial {
+    /// Loads the CA and client certificate files of `tls`.
+    pub fn load(tls: &quiver_config::UpstreamTls) -> Result<TlsDial, String> {
+        let what = |e: crate::tls::TlsError| format!("[models.upstream.tls]: {e}");
+        let certificate = match (&tls.cert, &tls.key) {
+            (Some(cert), Some(key)) => {
+                Some(crate::tls::Identity::from_pem_files(cert, key).map_err(what)?)
+            }
+            _ => None,
+        };
+        let config = crate::tls::client_config_with(
+            &crate::tls::Trust::CaFile(tls.ca.clone()),
+            &[b"h2"],
+            certificate.as_ref(),
+        )
+        .map_err(what)?;
+        Ok(TlsDial {
+            config: Arc::new(config),
+            server_name: tls.server_name.clone(),
+        })
+    }
+
+    fn server_name(&self, endpoint: &Endpoint) -> Result<ServerName<'static>, String> {
+        let name = self.server_name.as_deref().unwrap_or(&endpoint.host);
+        ServerName::try_from(name.to_owned())
+            .map_err(|e| format!("{endpoint}: bad TLS server name \"{name}\": {e}"))
+    }
+}
+
 impl Wire {
-    fn new(endpoint: &Endpoint, connect_timeout: Duration) -> Result<Self, String> {
+    fn new(
+        endpoint: &Endpoint,
+        connect_timeout: Duration,
+        tls: Option<&TlsDial>,
+    ) -> Result<Self, String> {
         let authority = if endpoint.host.contains(':') {
             format!("[{}]:{}", endpoint.host, endpoint.port)
         } else {
@@ -221,13 +266,44 @@ impl Wire {
         };
         match endpoint.protocol {
             UpstreamProtocol::Grpc => {
-                let channel = Channel::from_shared(format!("http://{authority}"))
+                let builder = Channel::from_shared(format!("http://{authority}"))
                     .map_err(|e| format!("{endpoint}: {e}"))?
                     .connect_timeout(connect_timeout)
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_while_idle(true)
-                    .connect_lazy();
+                    .keep_alive_while_idle(true);
+                let channel = match tls {
+                    None => builder.connect_lazy(),
+                    Some(tls) => {
+                        // TLS by a connector of our own (tokio-rustls), so
+                        // tonic needs no TLS stack of its own.
+                        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                        let name = tls.server_name(endpoint)?;
+                        let address = authority.clone();
+                        builder.connect_with_connector_lazy(tower::service_fn(
+                            move |_: http::Uri| {
+                                let (connector, name, address) =
+                                    (connector.clone(), name.clone(), address.clone());
+                                async move {
+                                    let tcp = tokio::time::timeout(
+                                        connect_timeout,
+                                        tokio::net::TcpStream::connect(address),
+                                    )
+                                    .await
+                                    .map_err(|_| {
+                                        std::io::Error::new(
+                                            std::io::ErrorKind::TimedOut,
+                                            "connect timed out",
+                                        )
+                                    })??;
+                                    let _ = tcp.set_nodelay(true);
+                                    let tls = connector.connect(name, tcp).await?;
+                                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                                }
+                            },
+                        ))
+                    }
+                };
                 Ok(Wire::Grpc(
                     GrpcInferenceServiceClient::new(channel)
                         .max_decoding_message_size(MAX_RESPONSE_BYTES)
@@ -235,30 +311,75 @@ impl Wire {
                 ))
             }
             UpstreamProtocol::Http => {
-                let client = reqwest::Client::builder()
+                let mut builder = reqwest::Client::builder()
                     .http2_prior_knowledge()
                     .connect_timeout(connect_timeout)
                     .tcp_nodelay(true)
-                    .pool_idle_timeout(Duration::from_secs(60))
-                    .build()
-                    .map_err(|e| format!("{endpoint}: {e}"))?;
-                Ok(Wire::Rest {
-                    client,
-                    base: format!("http://{authority}"),
-                })
+                    .pool_idle_timeout(Duration::from_secs(60));
+                let mut base = format!("http://{authority}");
+                if let Some(tls) = tls {
+                    builder = builder.use_preconfigured_tls((*tls.config).clone());
+                    // The URL's host is what reqwest checks the certificate
+                    // against; with a server_name, connect to that name at
+                    // the endpoint's address instead.
+                    base = match &tls.server_name {
+                        None => format!("https://{authority}"),
+                        Some(name) => {
+                            let addr = authority.parse::<std::net::SocketAddr>().map_err(|e| {
+                                format!("{endpoint}: server_name needs an IP endpoint: {e}")
+                            })?;
+                            builder = builder.resolve(name, addr);
+                            format!("https://{name}:{}", endpoint.port)
+                        }
+                    };
+                }
+                let client = builder.build().map_err(|e| format!("{endpoint}: {e}"))?;
+                Ok(Wire::Rest { client, base })
             }
         }
     }
 }
 
-fn schedule_parameters(priority: u32, timeout: Duration) -> HashMap<String, InferParameter> {
+/// What a request asks of an upstream besides its tensors and deadline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// The schedule-policy priority (0: the upstream model's default).
+    pub priority: u32,
+    /// A text model's truncation, as decided here (the request's, else this
+    /// gateway's `auto_truncate`), so that a request cuts or is refused alike
+    /// wherever it runs; `None` for other models.
+    pub truncate: Option<quiver_kernels::PrepareOptions>,
+}
+
+fn schedule_parameters(policy: Policy, timeout: Duration) -> HashMap<String, InferParameter> {
     let mut parameters = HashMap::new();
     parameters.insert(
         params::TIMEOUT.into(),
         tensor::int_param(i64::try_from(timeout.as_micros()).unwrap_or(i64::MAX)),
     );
-    if priority != 0 {
-        parameters.insert(params::PRIORITY.into(), tensor::int_param(priority.into()));
+    parameters.insert(
+        params::PRIORITY.into(),
+        tensor::int_param(policy.priority.into()),
+    );
+    if let Some(options) = policy.truncate {
+        parameters.insert(
+            params::TRUNCATE.into(),
+            InferParameter {
+                parameter_choice: Some(
+                    crate::proto::inference::infer_parameter::ParameterChoice::BoolParam(
+                        options.truncate,
+                    ),
+                ),
+            },
+        );
+        let side = match options.side {
+            quiver_kernels::TruncationSide::Right => "right",
+            quiver_kernels::TruncationSide::Left => "left",
+        };
+        parameters.insert(
+            params::TRUNCATION_DIRECTION.into(),
+            tensor::string_param(side),
+        );
     }
     parameters
 }
@@ -289,10 +410,10 @@ async fn grpc_infer(
     model: &str,
     id: &str,
     inputs: &[HostTensor],
-    priority: u32,
+    policy: Policy,
     timeout: Duration,
 ) -> Result<Answer, TryError> {
-    let req = tensor::request_to_proto(model, id, inputs, schedule_parameters(priority, timeout));
+    let req = tensor::request_to_proto(model, id, inputs, schedule_parameters(policy, timeout));
     let mut request = with_auth(req, authorization);
     request.set_timeout(timeout);
     match client.model_infer(request).await {
@@ -391,33 +512,14 @@ async fn rest_infer(
     model: &str,
     id: &str,
     inputs: &[HostTensor],
-    priority: u32,
+    policy: Policy,
     timeout: Duration,
 ) -> Result<Answer, TryError> {
-    let raws: Vec<Vec<u8>> = inputs.iter().map(HostTensor::to_raw).collect();
-    let header = json!({
-        "id": id,
-        "inputs": inputs.iter().zip(&raws).map(|(t, raw)| json!({
-            "name": t.name,
-            "shape": t.shape,
-            "datatype": t.datatype().as_str(),
-            "parameters": {"binary_data_size": raw.len()},
-        })).collect::<Vec<_>>(),
-        "parameters": {
-            "binary_data_output": true,
-            params::TIMEOUT: u64::try_from(timeout.as_micros()).unwrap_or(u64::MAX),
-            params::PRIORITY: priority,
-        },
-    })
-    .to_string();
-    let mut body = Vec::with_capacity(header.len() + raws.iter().map(Vec::len).sum::<usize>());
-    body.extend_from_slice(header.as_bytes());
-    for raw in &raws {
-        body.extend_from_slice(raw);
-    }
+    let parameters = schedule_parameters(policy, timeout);
+    let (body, json_len) = binary::encode_request(id, inputs, &parameters);
     let post = client
         .post(format!("{base}/v2/models/{model}/infer"))
-        .header(crate::frontend::http::HEADER_CONTENT_LENGTH, header.len())
+        .header(binary::HEADER_CONTENT_LENGTH, json_len)
         .header(reqwest::header::CONTENT_TYPE, "application/octet-stream");
     let resp = with_bearer(post, authorization)
         .body(body)
@@ -427,9 +529,8 @@ async fn rest_infer(
     let status = resp.status();
     let json_len = resp
         .headers()
-        .get(crate::frontend::http::HEADER_CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+        .get(binary::HEADER_CONTENT_LENGTH)
+        .and_then(|v| binary::header_length(v.as_bytes()).ok());
     if let Some(len) = resp.content_length()
         && len > MAX_RESPONSE_BYTES as u64
     {
@@ -493,46 +594,51 @@ fn classify_reqwest(e: reqwest::Error) -> TryError {
 /// Decodes a KServe v2 REST response: a JSON header, then (for the
 /// outputs with `binary_data_size`) their raw bytes in order.
 fn decode_rest_response(body: &Bytes, json_len: Option<usize>) -> Result<Answer, String> {
-    let (header, mut binary) = match json_len {
-        None => (body.as_ref(), &[][..]),
-        Some(n) if n <= body.len() => body.split_at(n),
-        Some(n) => return Err(format!("header length {n} is past the body's end")),
-    };
-    let v: Value = serde_json::from_slice(header).map_err(|e| e.to_string())?;
-    let parameters = json::parameters_from_json(v.get("parameters")).map_err(|e| e.to_string())?;
-    let mut outputs = Vec::new();
-    for o in v
-        .get("outputs")
-        .and_then(Value::as_array)
-        .ok_or("no 'outputs' array")?
-    {
-        let size = o
-            .get("parameters")
-            .and_then(|p| p.get("binary_data_size"))
-            .and_then(Value::as_u64);
-        match size {
-            Some(n) => {
-                let n = usize::try_from(n).map_err(|e| e.to_string())?;
-                if n > binary.len() {
-                    return Err(format!("binary_data_size {n} runs past the body's end"));
-                }
-                let (raw, rest) = binary.split_at(n);
-                binary = rest;
-                outputs
-                    .push(crate::frontend::http::binary_tensor(o, raw).map_err(|e| e.to_string())?);
-            }
-            None => outputs.push(json::tensor_from_json(o).map_err(|e| e.to_string())?),
-        }
-    }
+    let resp = binary::decode_response(body, json_len).map_err(|e| e.to_string())?;
     Ok(Answer {
-        outputs,
-        parameters,
+        outputs: resp.outputs,
+        parameters: resp.parameters,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_text_models_truncation_travels_with_the_schedule_policy() {
+        let timeout = Duration::from_millis(5);
+        let plain = schedule_parameters(
+            Policy {
+                priority: 2,
+                truncate: None,
+            },
+            timeout,
+        );
+        assert_eq!(plain.len(), 2, "{plain:?}");
+        let (truncate, side) = tensor::truncation(&plain).expect("valid parameters");
+        assert_eq!(
+            (truncate, side),
+            (None, quiver_kernels::TruncationSide::Right)
+        );
+        let text = schedule_parameters(
+            Policy {
+                priority: 0,
+                truncate: Some(quiver_kernels::PrepareOptions {
+                    truncate: false,
+                    side: quiver_kernels::TruncationSide::Left,
+                }),
+            },
+            timeout,
+        );
+        // What the upstream's front end reads back is what was decided here.
+        let (truncate, side) = tensor::truncation(&text).expect("valid parameters");
+        assert_eq!(truncate, Some(false));
+        assert_eq!(side, quiver_kernels::TruncationSide::Left);
+        let (priority, deadline) = tensor::schedule_policy(&text).expect("valid parameters");
+        assert_eq!((priority, deadline), (0, Some(timeout)));
+    }
 
     #[test]
     fn a_binary_rest_response_decodes_in_order() {
@@ -595,11 +701,12 @@ mod tests {
             .port();
         for scheme in ["grpc", "http"] {
             let e = Endpoint::parse(&format!("{scheme}://127.0.0.1:{port}")).expect("endpoint");
-            let c = EndpointClient::new(&e, Duration::from_millis(500), None).expect("client");
+            let c =
+                EndpointClient::new(&e, Duration::from_millis(500), None, None).expect("client");
             let t = HostTensor::new("X", vec![1], quiver_kernels::TensorData::F32(vec![0.0]))
                 .expect("tensor");
             let err = c
-                .infer("m", "", &[t], 0, Duration::from_secs(5))
+                .infer("m", "", &[t], Policy::default(), Duration::from_secs(5))
                 .await
                 .expect_err("nobody listens");
             assert!(matches!(err, TryError::NotStarted(_)), "{scheme}: {err:?}");

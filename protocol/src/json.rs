@@ -7,23 +7,23 @@
 
 use std::collections::HashMap;
 
-use quiver_kernels::{DataType, HostTensor, TensorData};
 use serde_json::{Map, Value, json};
 
-use crate::error::GatewayError;
+use crate::error::DecodeError;
+use crate::kserve::{outputs_from_proto, request_to_proto};
 use crate::proto::inference::{
     InferParameter, ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice,
     model_infer_request::InferRequestedOutputTensor,
 };
-use crate::tensor::{outputs_from_proto, request_to_proto};
+use crate::tensor::{DataType, HostTensor, TensorData};
 
-fn invalid(msg: impl Into<String>) -> GatewayError {
-    GatewayError::InvalidArgument(msg.into())
+fn invalid(msg: impl Into<String>) -> DecodeError {
+    DecodeError::Invalid(msg.into())
 }
 
-/// Decodes one JSON input tensor: `{"name", "datatype", "shape", "data"}`,
-/// `data` flat or nested in row-major order.
-pub fn tensor_from_json(v: &Value) -> Result<HostTensor, GatewayError> {
+/// The `name`, `datatype` and `shape` array of a tensor's JSON description
+/// (of JSON data and of a binary tensor alike).
+pub(crate) fn tensor_header(v: &Value) -> Result<(&str, DataType, &[Value]), DecodeError> {
     let obj = v
         .as_object()
         .ok_or_else(|| invalid("each tensor must be a JSON object"))?;
@@ -40,7 +40,15 @@ pub fn tensor_from_json(v: &Value) -> Result<HostTensor, GatewayError> {
     let shape = obj
         .get("shape")
         .and_then(Value::as_array)
-        .ok_or_else(|| invalid(format!("tensor '{name}' is missing its 'shape'")))?
+        .ok_or_else(|| invalid(format!("tensor '{name}' is missing its 'shape'")))?;
+    Ok((name, datatype, shape))
+}
+
+/// Decodes one JSON input tensor: `{"name", "datatype", "shape", "data"}`,
+/// `data` flat or nested in row-major order.
+pub fn tensor_from_json(v: &Value) -> Result<HostTensor, DecodeError> {
+    let (name, datatype, shape) = tensor_header(v)?;
+    let shape = shape
         .iter()
         .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
         .collect::<Option<Vec<usize>>>()
@@ -49,7 +57,7 @@ pub fn tensor_from_json(v: &Value) -> Result<HostTensor, GatewayError> {
                 "tensor '{name}': shape must be non-negative integers"
             ))
         })?;
-    let data = obj
+    let data = v
         .get("data")
         .ok_or_else(|| invalid(format!("tensor '{name}' is missing its 'data'")))?;
     let mut flat = Vec::new();
@@ -92,9 +100,11 @@ pub fn tensor_from_json(v: &Value) -> Result<HostTensor, GatewayError> {
         DataType::Int64 => ints!(I64, i64, "an integer in INT64 range"),
         DataType::Fp32 => TensorData::F32(
             flat.iter()
-                .map(|v| v.as_f64().map(|f| f as f32))
+                // A number past f32's range would become infinity, which
+                // no JSON answer can carry back: refused like an INT8 of 300.
+                .map(|v| v.as_f64().map(|f| f as f32).filter(|f| f.is_finite()))
                 .collect::<Option<_>>()
-                .ok_or_else(|| bad("a number"))?,
+                .ok_or_else(|| bad("a number in FP32 range"))?,
         ),
         DataType::Fp64 => TensorData::F64(
             flat.iter()
@@ -108,12 +118,6 @@ pub fn tensor_from_json(v: &Value) -> Result<HostTensor, GatewayError> {
                 .collect::<Option<_>>()
                 .ok_or_else(|| bad("a string"))?,
         ),
-        other => {
-            return Err(invalid(format!(
-                "tensor '{name}': datatype {} is not supported in JSON",
-                other.as_str()
-            )));
-        }
     };
     Ok(HostTensor::new(name, shape, data)?)
 }
@@ -123,6 +127,22 @@ fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
         Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
         other => out.push(other),
     }
+}
+
+/// An f32 as a JSON number in the shortest form that reads back as the same f32 (`0.1`, not
+/// `0.10000000149011612`, which is what widening it to f64 prints: ~40% more bytes per
+/// embedding). The shortest decimal of the f32 is parsed as the nearest f64, whose own
+/// shortest form is that same decimal. A NaN or infinity, which JSON cannot carry, is `null`.
+pub fn f32_to_json(f: f32) -> Value {
+    if !f.is_finite() {
+        return Value::Null;
+    }
+    // Rust's `Display` of a float is the shortest round-trip decimal.
+    f.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
 }
 
 /// Encodes a tensor as KServe v2 JSON with flat `data`.
@@ -137,15 +157,13 @@ pub fn tensor_to_json(t: &HostTensor) -> Value {
         TensorData::I16(v) => json!(v),
         TensorData::I32(v) => json!(v),
         TensorData::I64(v) => json!(v),
-        TensorData::F32(v) => json!(v),
+        TensorData::F32(v) => Value::Array(v.iter().map(|&f| f32_to_json(f)).collect()),
         TensorData::F64(v) => json!(v),
         TensorData::Bytes(v) => Value::Array(
             v.iter()
                 .map(|b| Value::String(String::from_utf8_lossy(b).into_owned()))
                 .collect(),
         ),
-        #[allow(unreachable_patterns)]
-        _ => Value::Null,
     };
     json!({
         "name": t.name,
@@ -158,7 +176,7 @@ pub fn tensor_to_json(t: &HostTensor) -> Value {
 /// Decodes a JSON parameter map into protobuf parameters.
 pub fn parameters_from_json(
     v: Option<&Value>,
-) -> Result<HashMap<String, InferParameter>, GatewayError> {
+) -> Result<HashMap<String, InferParameter>, DecodeError> {
     let Some(v) = v else {
         return Ok(HashMap::new());
     };
@@ -197,7 +215,7 @@ pub fn parameters_to_json(p: &HashMap<String, InferParameter>) -> Value {
     keys.sort();
     let mut map = Map::new();
     for k in keys {
-        let v = match p[k].parameter_choice.as_ref() {
+        let v = match p.get(k).and_then(|p| p.parameter_choice.as_ref()) {
             Some(ParameterChoice::BoolParam(b)) => json!(b),
             Some(ParameterChoice::Int64Param(i)) => json!(i),
             Some(ParameterChoice::Uint64Param(u)) => json!(u),
@@ -212,7 +230,7 @@ pub fn parameters_to_json(p: &HashMap<String, InferParameter>) -> Value {
 
 /// Builds a protobuf request (tensors in `raw_input_contents`) from a KServe
 /// v2 JSON request body.
-pub fn request_from_json(model: &str, body: &Value) -> Result<ModelInferRequest, GatewayError> {
+pub fn request_from_json(model: &str, body: &Value) -> Result<ModelInferRequest, DecodeError> {
     let obj = body
         .as_object()
         .ok_or_else(|| invalid("the request body must be a JSON object"))?;
@@ -245,7 +263,7 @@ pub fn request_from_json(model: &str, body: &Value) -> Result<ModelInferRequest,
 }
 
 /// Encodes a protobuf response as a KServe v2 JSON response body.
-pub fn response_to_json(resp: &ModelInferResponse) -> Result<Value, GatewayError> {
+pub fn response_to_json(resp: &ModelInferResponse) -> Result<Value, DecodeError> {
     let outputs = outputs_from_proto(resp)?;
     Ok(json!({
         "model_name": resp.model_name,
@@ -259,6 +277,53 @@ pub fn response_to_json(resp: &ModelInferResponse) -> Result<Value, GatewayError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The significant digits of a JSON number: `-5.20e+14` and `-520000000000000.0` both
+    /// give `52`.
+    fn significant(number: &str) -> String {
+        let mantissa = number.split(['e', 'E']).next().unwrap_or_default();
+        let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+        digits.trim_matches('0').to_owned()
+    }
+
+    #[test]
+    fn f32_data_is_written_in_its_shortest_round_trip_form() {
+        let t = HostTensor::new(
+            "x",
+            vec![5],
+            TensorData::F32(vec![0.1, -0.034_281_5, 1e-7, 3.402_823_5e38, 2.0]),
+        )
+        .expect("valid tensor");
+        let text = tensor_to_json(&t)["data"].to_string();
+        assert_eq!(text, "[0.1,-0.0342815,1e-7,3.4028235e+38,2.0]");
+        // Every value reads back as the same f32, over a spread of magnitudes and signs.
+        let mut x = 0x1234_5678u32;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let f = f32::from_bits(x);
+            if !f.is_finite() {
+                assert_eq!(f32_to_json(f), Value::Null);
+                continue;
+            }
+            let text = f32_to_json(f).to_string();
+            let back: f64 = text.parse().expect("a JSON number");
+            assert_eq!(
+                (back as f32).to_bits(),
+                f.to_bits(),
+                "{f:e} written as {text}"
+            );
+            // No more significant digits than serde_json's own (ryu's) shortest f32 form;
+            // the notation may differ (f64's switches to an exponent later), and so may the
+            // last digit where two shortest decimals read back alike.
+            let shortest = serde_json::to_string(&f).expect("a finite f32");
+            assert!(
+                significant(&text).len() <= significant(&shortest).len(),
+                "{f:e}: {text} against {shortest}"
+            );
+        }
+    }
 
     #[test]
     fn nested_data_flattens_in_row_major_order() {
@@ -276,6 +341,19 @@ mod tests {
             "name": "INPUT0", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3]
         }));
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn a_number_past_fp32_range_is_refused_not_made_infinite() {
+        let err = tensor_from_json(&json!({
+            "name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2.5e42]
+        }))
+        .expect_err("2.5e42 is not an f32");
+        assert!(err.to_string().contains("FP32 range"), "{err}");
+        let ok = tensor_from_json(&json!({
+            "name": "x", "datatype": "FP64", "shape": [1], "data": [2.5e42]
+        }));
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]

@@ -323,6 +323,10 @@ impl HostTensor {
     /// If a `BYTES` element is longer than `u32::MAX` bytes, which [`HostTensor::new`] and
     /// [`HostTensor::from_raw`] rule out; for a tensor whose fields were set by hand use
     /// [`HostTensor::try_to_raw`].
+    #[allow(
+        clippy::expect_used,
+        reason = "the invariant of every constructor; callers that set fields by hand use try_to_raw"
+    )]
     pub fn to_raw(&self) -> Vec<u8> {
         self.try_to_raw()
             .expect("HostTensor invariant: BYTES elements fit a u32 length prefix")
