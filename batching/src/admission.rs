@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::latency::Coefficients;
+use crate::latency::{Coefficients, Sample};
 use crate::request::{Cost, Request};
 use crate::sync::{self, AtomicU64, BoundedQueue, Ordering};
 use crate::{Doorbell, SchedulerConfig};
@@ -80,6 +80,26 @@ const CLOSED: u64 = 1 << 63;
 /// Encoded busy-until meaning "no batch in flight".
 const NOT_BUSY: i64 = i64::MIN;
 
+/// [`Admission::device`]: the device thread owns the device (polling,
+/// forming, computing, or parked with work it is waiting on).
+const DEVICE_BUSY: u64 = 0;
+/// [`Admission::device`]: the device thread is parked with nothing queued
+/// and nothing in flight; a caller may borrow the device for one inline
+/// batch.
+const DEVICE_IDLE: u64 = 1;
+/// [`Admission::device`]: a caller runs an inline batch; the device thread
+/// dispatches nothing until the lease ends.
+const DEVICE_LENT: u64 = 2;
+/// [`Admission::device`]: lent, and the device thread woke meanwhile (work
+/// was admitted) and wants it back: the lease's end rings the doorbell.
+/// Every transition is a read-modify-write of the one atomic, so their order
+/// is total and that ring cannot be missed.
+const DEVICE_WANTED: u64 = 3;
+
+/// Inline batches' measurements waiting for the device thread's latency
+/// model; more are dropped (the model needs a stream of samples, not each).
+const INLINE_SAMPLES: usize = 64;
+
 #[derive(Debug)]
 struct Lane<T> {
     queue: BoundedQueue<Request<T>>,
@@ -121,6 +141,57 @@ pub struct Admission<T> {
     busy_until: AtomicU64,
     /// [`Coefficients`] as `f64` bits: fixed, per row, per token.
     coefficients: [AtomicU64; 3],
+    /// [`DEVICE_BUSY`], [`DEVICE_IDLE`], [`DEVICE_LENT`] or [`DEVICE_WANTED`].
+    device: AtomicU64,
+    /// Inline batches may run when predicted at or below this.
+    inline_below: Duration,
+    /// Inline batches' measurements, for the device thread's latency model.
+    inline_samples: BoundedQueue<Sample>,
+    /// Inline batches run.
+    inlined: AtomicU64,
+}
+
+/// The device lent to one caller for one inline batch
+/// ([`Admission::try_inline`]). Ending it ([`finish`](Self::finish), or a
+/// drop, as when the batch panicked) gives the device back and wakes the
+/// device thread if work was queued meanwhile.
+#[derive(Debug)]
+#[must_use = "the device stays lent until the lease ends"]
+pub struct InlineLease<'a, T> {
+    admission: &'a Admission<T>,
+    cost: Cost,
+    predicted: Duration,
+    sample: Option<Sample>,
+}
+
+impl<T> InlineLease<'_, T> {
+    /// The batch's predicted service time (at most the inline bound).
+    pub fn predicted(&self) -> Duration {
+        self.predicted
+    }
+
+    /// Ends the lease after the batch ran for `measured`: the measurement
+    /// feeds the latency model on the device thread's next poll.
+    pub fn finish(mut self, measured: Duration) {
+        self.sample = Some(Sample {
+            rows: self.cost.rows,
+            padded_tokens: self.cost.padded_tokens(),
+            measured,
+        });
+    }
+}
+
+impl<T> Drop for InlineLease<'_, T> {
+    fn drop(&mut self) {
+        let a = self.admission;
+        if let Some(sample) = self.sample.take() {
+            // A full queue drops the sample: the model keeps its fit.
+            let _ = a.inline_samples.push(sample);
+        }
+        a.inlined.fetch_add(1, Ordering::Relaxed);
+        a.publish_busy_until(None);
+        a.return_device();
+    }
 }
 
 /// Leaves the admission gate when dropped, on every return path of `admit`.
@@ -148,7 +219,7 @@ impl<T> Admission<T> {
             max_rows: config.max_batch_size,
             max_tokens: config.max_batch_tokens,
             gate: AtomicU64::new(0),
-            doorbell: Doorbell::new(),
+            doorbell: Doorbell::with_spin(config.idle_spin),
             admitted: AtomicU64::new(0),
             overloaded: AtomicU64::new(0),
             too_large: AtomicU64::new(0),
@@ -158,6 +229,10 @@ impl<T> Admission<T> {
             base,
             busy_until: AtomicU64::new(NOT_BUSY.cast_unsigned()),
             coefficients: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+            device: AtomicU64::new(DEVICE_BUSY),
+            inline_below: config.inline_below,
+            inline_samples: BoundedQueue::new(INLINE_SAMPLES),
+            inlined: AtomicU64::new(0),
         };
         admission.publish_coefficients(coefficients);
         admission
@@ -259,6 +334,90 @@ impl<T> Admission<T> {
         now.checked_add(wait).unwrap_or(now)
     }
 
+    /// Lends the device to the caller for one batch of `cost` that must end
+    /// by `deadline`, to run on the caller's own thread without a hand-off,
+    /// if all of these hold: the device thread is parked idle (nothing
+    /// queued, formed or in flight), admission is open, the cost fits the
+    /// batch budget, and the latency model predicts the batch at or below
+    /// [`inline_below`](crate::SchedulerConfig::inline_below) and done by
+    /// `deadline`. Otherwise `None`, and the caller admits the request as
+    /// usual: a request never jumps ahead of queued ones, and the device
+    /// never runs two batches at once. While lent, admitted requests queue
+    /// and predictions count the inline batch as work in flight.
+    pub fn try_inline(
+        &self,
+        now: Instant,
+        cost: Cost,
+        deadline: Instant,
+    ) -> Option<InlineLease<'_, T>> {
+        if self.inline_below.is_zero()
+            || cost.rows == 0
+            || cost.tokens == 0
+            || cost.rows > self.max_rows
+            || u64::from(cost.rows) * u64::from(cost.tokens) > u64::from(self.max_tokens)
+        {
+            return None;
+        }
+        let predicted = self.coefficients().service_time(
+            1.0,
+            f64::from(cost.rows),
+            f64::from(cost.padded_tokens()),
+        );
+        if predicted > self.inline_below || now.checked_add(predicted).is_none_or(|d| d > deadline)
+        {
+            return None;
+        }
+        // Cheap checks first: under load the device is rarely idle.
+        if self.device.load(Ordering::Relaxed) != DEVICE_IDLE || self.is_closed() {
+            return None;
+        }
+        if self
+            .device
+            .compare_exchange(
+                DEVICE_IDLE,
+                DEVICE_LENT,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            return None;
+        }
+        // An admit that landed since the device thread parked goes first:
+        // give the device back (its ring wakes the device thread).
+        if self.work_queued() || self.is_closed() {
+            self.return_device();
+            return None;
+        }
+        self.publish_busy_until(now.checked_add(predicted));
+        Some(InlineLease {
+            admission: self,
+            cost,
+            predicted,
+            sample: None,
+        })
+    }
+
+    /// Inline batches run so far ([`try_inline`](Self::try_inline)).
+    pub fn inlined(&self) -> u64 {
+        self.inlined.load(Ordering::Relaxed)
+    }
+
+    /// Whether any lane holds a request admitted and not handed back.
+    fn work_queued(&self) -> bool {
+        self.lanes
+            .iter()
+            .any(|l| l.occupancy.load(Ordering::Acquire) > 0)
+    }
+
+    /// Ends a lend: the device is idle again, and the device thread, if it
+    /// woke while the device was lent, is rung to take it back.
+    fn return_device(&self) {
+        if self.device.swap(DEVICE_IDLE, Ordering::AcqRel) == DEVICE_WANTED {
+            self.doorbell.ring();
+        }
+    }
+
     /// The bell the device thread waits on; [`admit`](Self::admit) rings it.
     pub fn doorbell(&self) -> &Doorbell {
         &self.doorbell
@@ -319,6 +478,44 @@ impl<T> Admission<T> {
     }
 
     // ---- device-thread side ----
+
+    /// Takes the device back from idle before a poll: false while it is
+    /// lent (marked wanted, so that the lease's end rings the doorbell).
+    pub(crate) fn claim_device(&self) -> bool {
+        let mut seen = self.device.load(Ordering::Acquire);
+        loop {
+            let want = match seen {
+                DEVICE_BUSY => return true,
+                DEVICE_IDLE => DEVICE_BUSY,
+                DEVICE_LENT => DEVICE_WANTED,
+                _ => return false,
+            };
+            match self
+                .device
+                .compare_exchange(seen, want, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return want == DEVICE_BUSY,
+                Err(now) => seen = now,
+            }
+        }
+    }
+
+    /// The device thread has nothing queued, formed or in flight and is
+    /// about to park: callers may borrow the device.
+    pub(crate) fn offer_device(&self) {
+        // Only the device thread moves the state away from BUSY.
+        let _ = self.device.compare_exchange(
+            DEVICE_BUSY,
+            DEVICE_IDLE,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The next inline batch's measurement not yet fed to the model.
+    pub(crate) fn pop_inline_sample(&self) -> Option<Sample> {
+        self.inline_samples.pop()
+    }
 
     /// Number of lanes (priority levels).
     pub(crate) fn lane_count(&self) -> usize {

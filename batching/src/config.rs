@@ -39,6 +39,19 @@ pub struct SchedulerConfig {
     /// Batches handed to the device and not yet completed. Default 1 (no
     /// prefetch); 2 means one running and one prefetched. At least 1.
     pub max_in_flight: u32,
+    /// Batches predicted to take at most this long may run inline, on the
+    /// thread of the request that forms them, when the device is idle and
+    /// nothing is queued ([`Admission::try_inline`](crate::Admission::try_inline)):
+    /// for models that compute in microseconds, two thread hand-offs cost
+    /// more than the model. The bound is also how long such a batch may hold
+    /// the caller's thread, as predicted by the latency model. Default 50 µs;
+    /// zero turns the inline path off.
+    pub inline_below: Duration,
+    /// How long the device thread spins, watching for work, before it sleeps
+    /// ([`Doorbell::with_spin`](crate::Doorbell::with_spin)): while requests
+    /// keep arriving it is never parked, and admitting one costs an atomic
+    /// swap instead of a futex wake-up. Default 50 µs; zero sleeps at once.
+    pub idle_spin: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -50,6 +63,8 @@ impl Default for SchedulerConfig {
             queue_capacity: 1024,
             priority_levels: 2,
             max_in_flight: 1,
+            inline_below: Duration::from_micros(50),
+            idle_spin: Duration::from_micros(50),
         }
     }
 }

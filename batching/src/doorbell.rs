@@ -5,58 +5,100 @@
 //! until it has nothing to dispatch, then [`Doorbell::wait`]. A ring that
 //! lands between the poll and the wait is remembered, so that wait returns at
 //! once: no lost wake-up (checked by `tests/loom.rs`).
+//!
+//! Cost per ring: one atomic swap. A ringer takes the lock and makes the
+//! futex call only when the waiter is asleep on the condition variable; while
+//! work keeps arriving the waiter does not get that far, because it first
+//! spins for a bounded time ([`Doorbell::with_spin`]) watching for a ring.
 
 use std::time::{Duration, Instant};
 
-use crate::sync::{self, AtomicBool, Condvar, Mutex, Ordering};
+use crate::sync::{self, AtomicU64, Condvar, Mutex, Ordering};
+
+/// Not rung, and the waiter is not asleep.
+const EMPTY: u64 = 0;
+/// Rung since the last `wait` consumed it.
+const RUNG: u64 = 1;
+/// The waiter is asleep on the condition variable (or about to be: it holds
+/// the lock): a ringer must notify.
+const SLEEPING: u64 = 2;
 
 /// A sticky wake-up flag for one waiting thread.
 ///
-/// `ring` is cheap when the bell is already rung (one atomic swap, no lock),
-/// which is the common case under load: producers only take the lock to
-/// notify when they flip the flag from clear to rung.
+/// `ring` is one atomic swap unless the waiter sleeps: only a ring that finds
+/// it asleep takes the lock and notifies. All transitions are read-modify-write
+/// operations on one atomic, so their order is total and a ring can never
+/// fall between the waiter's last check and its sleep (the waiter publishes
+/// [`SLEEPING`] under the lock it sleeps with).
 #[derive(Debug, Default)]
 pub struct Doorbell {
-    /// Rung since the last `wait` consumed it.
-    rung: AtomicBool,
-    /// Orders "check flag then sleep" in `wait` against "set flag then
-    /// notify" in `ring`: a waiter holds it from its last check of `rung`
-    /// until the condvar releases it, so a ringer's notify (taken under it)
-    /// cannot fall in between.
+    /// [`EMPTY`], [`RUNG`] or [`SLEEPING`].
+    state: AtomicU64,
+    /// How long [`wait`](Self::wait) spins watching for a ring before it
+    /// sleeps.
+    spin: Duration,
+    /// Held by the waiter from publishing [`SLEEPING`] until the condition
+    /// variable releases it, and by a ringer while it notifies.
     lock: Mutex<()>,
     wake: Condvar,
 }
 
 impl Doorbell {
-    /// A doorbell that is not rung.
+    /// A doorbell that is not rung and whose waiter sleeps at once.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Rings: the current or next [`wait`](Self::wait) returns. Never blocks
-    /// for longer than a waiter's check of the flag.
-    pub fn ring(&self) {
-        // Already rung: whoever flipped the flag notifies (or has notified),
-        // and the waiter has not consumed it yet.
-        if self.rung.swap(true, Ordering::AcqRel) {
-            return;
+    /// A doorbell whose waiter spins for up to `spin` (bounded by its
+    /// timeout) before it sleeps: a ring within that time costs the ringer
+    /// one atomic swap and the waiter no futex wake-up, at the price of up
+    /// to `spin` of CPU each time the waiter runs out of work.
+    pub fn with_spin(spin: Duration) -> Self {
+        Self {
+            spin,
+            ..Self::default()
         }
-        let _guard = sync::lock(&self.lock);
-        self.wake.notify_all();
     }
 
-    /// Returns at once if rung since the last wait, clearing the flag; else
-    /// blocks until rung (clearing it) or until `timeout` has passed
-    /// (`None` = no timeout). Spurious condvar wake-ups are absorbed.
+    /// The spin before sleeping.
+    pub fn spin(&self) -> Duration {
+        self.spin
+    }
+
+    /// Rings: the current or next [`wait`](Self::wait) returns. Never blocks
+    /// for longer than a sleeping waiter's hand-over of the lock.
+    pub fn ring(&self) {
+        if self.state.swap(RUNG, Ordering::AcqRel) == SLEEPING {
+            let _guard = sync::lock(&self.lock);
+            self.wake.notify_all();
+        }
+    }
+
+    /// Returns at once if rung since the last wait, consuming the ring; else
+    /// spins for up to the doorbell's spin, then blocks until rung or until
+    /// `timeout` has passed (`None` = no timeout). Spurious condvar wake-ups
+    /// are absorbed. Only one thread may wait at a time.
     pub fn wait(&self, timeout: Option<Duration>) {
-        if self.rung.swap(false, Ordering::AcqRel) {
+        if self.take_ring() {
             return;
         }
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let start = Instant::now();
+        let deadline = timeout.and_then(|t| start.checked_add(t));
+        if self.spin_for_ring(start, deadline) {
+            return;
+        }
         let mut guard = sync::lock(&self.lock);
         loop {
-            if self.rung.swap(false, Ordering::AcqRel) {
-                return;
+            match self
+                .state
+                .compare_exchange(EMPTY, SLEEPING, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {}
+                // Rung meanwhile.
+                Err(_) => {
+                    self.state.store(EMPTY, Ordering::Release);
+                    return;
+                }
             }
             match deadline {
                 // No timeout, or one too long for `Instant`: wait for a ring.
@@ -68,14 +110,53 @@ impl Doorbell {
                 }
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return;
+                    if !left.is_zero() {
+                        guard = match self.wake.wait_timeout(guard, left) {
+                            Ok((guard, _)) => guard,
+                            Err(poisoned) => poisoned.into_inner().0,
+                        };
                     }
-                    guard = match self.wake.wait_timeout(guard, left) {
-                        Ok((guard, _)) => guard,
-                        Err(poisoned) => poisoned.into_inner().0,
-                    };
                 }
+            }
+            // Awake: rung (consumed here), timed out, or spurious.
+            if self.state.swap(EMPTY, Ordering::AcqRel) == RUNG {
+                return;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return;
+            }
+        }
+    }
+
+    /// Consumes a pending ring.
+    fn take_ring(&self) -> bool {
+        // Only the waiter moves the state away from RUNG, and it is not
+        // SLEEPING outside `wait`'s locked section.
+        self.state
+            .compare_exchange(RUNG, EMPTY, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Spins until rung (true, consumed) or until the spin or `deadline`
+    /// runs out (false).
+    fn spin_for_ring(&self, start: Instant, deadline: Option<Instant>) -> bool {
+        if self.spin.is_zero() {
+            return false;
+        }
+        let until = start.checked_add(self.spin).unwrap_or(start);
+        let until = deadline.map_or(until, |d| d.min(until));
+        let mut checks = 0u32;
+        loop {
+            for _ in 0..64 {
+                if self.state.load(Ordering::Acquire) == RUNG {
+                    return self.take_ring();
+                }
+                sync::spin_loop();
+            }
+            checks = checks.wrapping_add(1);
+            // The clock is read every 64 checks (tens of nanoseconds each).
+            if checks.is_multiple_of(4) && Instant::now() >= until {
+                return false;
             }
         }
     }
@@ -93,17 +174,44 @@ mod tests {
         bell.wait(None); // returns at once: rung
         // Consumed: a zero timeout now returns without a ring.
         bell.wait(Some(Duration::ZERO));
-        assert!(!bell.rung.load(Ordering::Acquire));
+        assert_eq!(bell.state.load(Ordering::Acquire), EMPTY);
     }
 
     #[test]
     fn ring_from_another_thread_wakes_waiter() {
-        let bell = std::sync::Arc::new(Doorbell::new());
-        let ringer = {
-            let bell = bell.clone();
-            std::thread::spawn(move || bell.ring())
-        };
-        bell.wait(None);
-        ringer.join().expect("ringer thread does not panic");
+        for spin in [Duration::ZERO, Duration::from_micros(50)] {
+            let bell = std::sync::Arc::new(Doorbell::with_spin(spin));
+            let ringer = {
+                let bell = bell.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(5));
+                    bell.ring()
+                })
+            };
+            bell.wait(None);
+            ringer.join().expect("ringer thread does not panic");
+            assert_eq!(bell.state.load(Ordering::Acquire), EMPTY);
+        }
+    }
+
+    #[test]
+    fn a_ring_while_awake_takes_no_lock() {
+        let bell = Doorbell::new();
+        // The lock held elsewhere: a ring that needed it would block forever.
+        let _held = sync::lock(&bell.lock);
+        bell.ring();
+        bell.ring();
+        assert_eq!(bell.state.load(Ordering::Acquire), RUNG);
+    }
+
+    #[test]
+    fn a_timed_wait_with_a_spin_returns_at_its_timeout() {
+        let bell = Doorbell::with_spin(Duration::from_millis(50));
+        let t = Instant::now();
+        bell.wait(Some(Duration::from_millis(1)));
+        // Bounded by the timeout, not the longer spin (generous slack for
+        // a loaded machine; the point is that it returns).
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert_eq!(bell.state.load(Ordering::Acquire), EMPTY);
     }
 }

@@ -65,7 +65,7 @@ mod request;
 mod scheduler;
 pub mod sync;
 
-pub use admission::{Admission, AdmissionStats, RejectReason, Rejected};
+pub use admission::{Admission, AdmissionStats, InlineLease, RejectReason, Rejected};
 pub use config::{ConfigError, SchedulerConfig};
 pub use doorbell::Doorbell;
 pub use latency::{Coefficients, DEFAULT_FORGETTING, LatencyModel, MAX_PREDICTION, Sample};

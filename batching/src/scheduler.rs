@@ -46,15 +46,21 @@ pub enum DispatchReason {
     /// of the batch has waited
     /// [`max_queue_delay`](crate::SchedulerConfig::max_queue_delay).
     MaxQueueDelay,
+    /// Run by the request's own thread on the idle device, without a
+    /// hand-off ([`Admission::try_inline`](crate::Admission::try_inline));
+    /// never returned by [`Scheduler::poll`]; counted in
+    /// [`SchedulerStats::batches`] from the admission's count.
+    Inline,
 }
 
 impl DispatchReason {
     /// Every reason, in the order of [`index`](Self::index).
-    pub const ALL: [DispatchReason; 4] = [
+    pub const ALL: [DispatchReason; 5] = [
         Self::BudgetFull,
         Self::DeviceIdle,
         Self::DeadlineSlack,
         Self::MaxQueueDelay,
+        Self::Inline,
     ];
 
     /// A stable snake_case name, for metric labels.
@@ -64,6 +70,7 @@ impl DispatchReason {
             Self::DeviceIdle => "device_idle",
             Self::DeadlineSlack => "deadline_slack",
             Self::MaxQueueDelay => "max_queue_delay",
+            Self::Inline => "inline",
         }
     }
 
@@ -74,6 +81,7 @@ impl DispatchReason {
             Self::DeviceIdle => 1,
             Self::DeadlineSlack => 2,
             Self::MaxQueueDelay => 3,
+            Self::Inline => 4,
         }
     }
 }
@@ -147,8 +155,9 @@ impl<T> Ended<T> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SchedulerStats {
     /// Batches dispatched, indexed by [`DispatchReason::index`].
-    pub batches: [u64; 4],
-    /// Requests dispatched in batches.
+    pub batches: [u64; 5],
+    /// Requests dispatched in batches (inline batches not included: they
+    /// never pass through the scheduler).
     pub dispatched_requests: u64,
     /// Requests ended as [`Ended::Cancelled`].
     pub cancelled: u64,
@@ -271,7 +280,17 @@ impl<T> Scheduler<T> {
     /// or queue-delay expiry ([`MaxQueueDelay`](DispatchReason::MaxQueueDelay)).
     /// Otherwise [`Poll::WaitUntil`] the earlier of those two instants, or
     /// [`Poll::Idle`]. Call again after a dispatch: one batch per call.
+    ///
+    /// While the device is lent for an inline batch
+    /// ([`Admission::try_inline`]) the answer is [`Poll::Idle`]: the lease's
+    /// end rings the doorbell if work was admitted meanwhile. A poll that
+    /// finds nothing queued and nothing in flight offers the device for
+    /// inline batches until the next poll.
     pub fn poll(&mut self, now: Instant) -> Poll<T> {
+        if !self.admission.claim_device() {
+            return Poll::Idle;
+        }
+        self.take_inline_samples();
         self.take_admitted();
         let mut head = None;
         for lane in 0..self.queues.len() {
@@ -281,6 +300,9 @@ impl<T> Scheduler<T> {
             }
         }
         let Some((lane, plan)) = head else {
+            if self.in_flight.is_empty() && self.ended.is_empty() {
+                self.admission.offer_device();
+            }
             return Poll::Idle;
         };
         if self.in_flight.len() >= self.max_in_flight() {
@@ -384,7 +406,10 @@ impl<T> Scheduler<T> {
             .map(|l| self.admission.lane_len(l))
             .sum();
         let queued: usize = self.queues.iter().map(BTreeMap::len).sum::<usize>() + lanes;
+        let mut batches = self.stats.batches;
+        batches[DispatchReason::Inline.index()] = self.admission.inlined();
         SchedulerStats {
+            batches,
             in_flight: u32::try_from(self.in_flight.len()).unwrap_or(u32::MAX),
             queued: u64::try_from(queued).unwrap_or(u64::MAX),
             ..self.stats
@@ -393,6 +418,21 @@ impl<T> Scheduler<T> {
 
     fn max_in_flight(&self) -> usize {
         usize::try_from(self.config.max_in_flight).unwrap_or(usize::MAX)
+    }
+
+    /// Feeds the measurements of the inline batches run since the last poll
+    /// to the latency model.
+    fn take_inline_samples(&mut self) {
+        let mut any = false;
+        while let Some(sample) = self.admission.pop_inline_sample() {
+            self.latency
+                .observe(sample.rows, sample.padded_tokens, sample.measured);
+            any = true;
+        }
+        if any {
+            self.admission
+                .publish_coefficients(self.latency.coefficients());
+        }
     }
 
     /// Moves everything in the lanes into the formation queues. Terminates:

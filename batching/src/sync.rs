@@ -21,6 +21,11 @@ mod imp {
         std::thread::yield_now();
     }
 
+    /// One pause of a busy-wait (`PAUSE` on x86).
+    pub fn spin_loop() {
+        std::hint::spin_loop();
+    }
+
     /// A bounded multi-producer multi-consumer FIFO that never blocks.
     #[derive(Debug)]
     pub struct BoundedQueue<T> {
@@ -66,6 +71,11 @@ mod imp {
 
     /// Lets another thread run while a spin waits on it (loom requires it).
     pub fn yield_now() {
+        loom::thread::yield_now();
+    }
+
+    /// One pause of a busy-wait: a yield, so that loom can schedule others.
+    pub fn spin_loop() {
         loom::thread::yield_now();
     }
 

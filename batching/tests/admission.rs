@@ -153,7 +153,8 @@ fn dispatch_reason_names() {
             "budget_full",
             "device_idle",
             "deadline_slack",
-            "max_queue_delay"
+            "max_queue_delay",
+            "inline"
         ]
     );
     for (i, r) in DispatchReason::ALL.iter().enumerate() {

@@ -26,6 +26,8 @@ fn config() -> SchedulerConfig {
     SchedulerConfig {
         queue_capacity: 2,
         priority_levels: 1,
+        // The spin only delays sleeping; loom explores the sleep.
+        idle_spin: Duration::ZERO,
         ..SchedulerConfig::default()
     }
 }
@@ -130,6 +132,67 @@ fn shutdown_racing_with_admit_strands_nothing() {
         let back = scheduler.shutdown();
         let admitted = producer.join().unwrap();
         assert_eq!(back.len(), usize::from(admitted));
+        assert_eq!(admission.stats().queued, 0);
+    });
+}
+
+/// An inline lease racing with an admit and the device thread's polls and
+/// sleeps: the device never runs two batches at once, the admitted request
+/// is dispatched exactly once, and the device thread never sleeps through
+/// it (the lease's end rings when an admit found the device lent).
+#[test]
+fn an_inline_lease_never_overlaps_a_batch_nor_strands_an_admit() {
+    use loom::sync::atomic::{AtomicBool, Ordering};
+    use quiver_batching::Coefficients;
+
+    model(3).check(|| {
+        let now = Instant::now();
+        let config = SchedulerConfig {
+            inline_below: Duration::from_millis(1),
+            ..config()
+        };
+        let cheap = LatencyModel::with_prior(Coefficients {
+            fixed_s: 1e-6,
+            per_row_s: 0.0,
+            per_token_s: 0.0,
+        });
+        let mut scheduler: Scheduler<u64> = Scheduler::new(config, cheap);
+        let admission = scheduler.admission();
+        let busy = Arc::new(AtomicBool::new(false));
+        let compute = |busy: &AtomicBool| {
+            assert!(!busy.swap(true, Ordering::SeqCst), "two batches at once");
+            busy.store(false, Ordering::SeqCst);
+        };
+        let lender = {
+            let admission = Arc::clone(&admission);
+            let busy = Arc::clone(&busy);
+            thread::spawn(move || {
+                let deadline = now + Duration::from_secs(3600);
+                let cost = Cost { rows: 1, tokens: 1 };
+                if let Some(lease) = admission.try_inline(now, cost, deadline) {
+                    compute(&busy);
+                    lease.finish(Duration::from_micros(1));
+                }
+            })
+        };
+        let producer = {
+            let admission = Arc::clone(&admission);
+            thread::spawn(move || admission.admit(request(1, now)).unwrap())
+        };
+        let mut dispatched = 0;
+        while dispatched == 0 {
+            match scheduler.poll(now) {
+                Poll::Dispatch(batch) => {
+                    compute(&busy);
+                    dispatched += batch.requests.len();
+                    scheduler.complete(now, batch.id, Duration::from_micros(1));
+                }
+                _ => admission.doorbell().wait(None),
+            }
+        }
+        lender.join().unwrap();
+        producer.join().unwrap();
+        assert_eq!(dispatched, 1);
         assert_eq!(admission.stats().queued, 0);
     });
 }

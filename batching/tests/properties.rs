@@ -30,6 +30,8 @@ enum Op {
     Poll,
     Complete(usize),
     Drain,
+    /// Tries an inline one-row batch, finished at once.
+    Inline,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -45,6 +47,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => Just(Op::Poll),
         2 => any::<usize>().prop_map(Op::Complete),
         1 => Just(Op::Drain),
+        1 => Just(Op::Inline),
     ]
 }
 
@@ -66,6 +69,7 @@ struct Harness {
     tokens: Vec<CancelToken>,
     in_flight: Vec<(u64, u32, u32)>,
     next_id: u64,
+    inlined: u64,
 }
 
 impl Harness {
@@ -167,6 +171,23 @@ impl Harness {
                 }
             }
             Op::Drain => self.drain(),
+            Op::Inline => {
+                let admission = self.s.admission();
+                let cost = Cost { rows: 1, tokens: 1 };
+                if let Some(lease) =
+                    admission.try_inline(now, cost, now + Duration::from_millis(10))
+                {
+                    // Only an idle device with nothing admitted and not
+                    // handed back is lent.
+                    assert!(self.in_flight.is_empty(), "lent with a batch in flight");
+                    assert!(
+                        self.fates.values().all(|f| *f != Fate::Queued),
+                        "lent with a request queued"
+                    );
+                    self.inlined += 1;
+                    lease.finish(device_time(1, 1));
+                }
+            }
         }
         let queued = self.s.admission().stats().queued;
         let bound = self.config.queue_capacity as u64 * u64::from(self.config.priority_levels);
@@ -191,6 +212,8 @@ proptest! {
             queue_capacity: capacity,
             priority_levels: 2,
             max_in_flight,
+            inline_below: Duration::from_micros(300),
+            idle_spin: Duration::ZERO,
         };
         let model = if calibrated_model { calibrated() } else { LatencyModel::new() };
         let clock = Clock::new();
@@ -203,6 +226,7 @@ proptest! {
             tokens: Vec::new(),
             in_flight: Vec::new(),
             next_id: 0,
+            inlined: 0,
         };
         for op in ops {
             h.apply(op);
@@ -222,5 +246,6 @@ proptest! {
         prop_assert_eq!(stats.cancelled + stats.deadline_unreachable, ended);
         let dispatched = h.fates.values().filter(|f| **f == Fate::Dispatched).count() as u64;
         prop_assert_eq!(stats.dispatched_requests, dispatched);
+        prop_assert_eq!(stats.batches_for(quiver_batching::DispatchReason::Inline), h.inlined);
     }
 }

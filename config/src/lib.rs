@@ -600,6 +600,21 @@ pub struct Model {
     /// one forms). TOML `max_in_flight`. Default 1, range 1..=8. Worst case
     /// `max_in_flight` batches of activation memory on the device.
     pub max_in_flight: u32,
+    /// A batch predicted (by the latency model) to take at most this long
+    /// runs inline on the request's own front-end thread when the device is
+    /// idle and nothing is queued, skipping the two thread hand-offs that
+    /// cost more than a microsecond model (identity, a small MLP, trees).
+    /// It is also the stated bound on how long such a batch holds an async
+    /// runtime thread, as predicted. TOML `inline_below_us`, microseconds.
+    /// Default 50, range 0..=1000; 0 sends every request through the
+    /// device thread.
+    pub inline_below: Duration,
+    /// How long the device thread spins watching for work before it sleeps:
+    /// while requests keep arriving it never parks, and admitting one costs
+    /// an atomic swap rather than a futex wake-up, for up to this much CPU
+    /// each time the queue runs dry. TOML `idle_spin_us`, microseconds.
+    /// Default 50, range 0..=1000; 0 sleeps at once.
+    pub idle_spin: Duration,
     /// Consecutive failed batches (a model error or a panic in `forward`)
     /// after which the device is marked unhealthy: its traffic then goes to
     /// the upstreams, or is refused with 503 / UNAVAILABLE when there are
@@ -665,6 +680,10 @@ impl Model {
     pub const DEFAULT_DEFAULT_TIMEOUT: Duration = Duration::from_millis(1000);
     /// Default of [`Model::max_in_flight`].
     pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1;
+    /// Default of [`Model::inline_below`]: 50 µs.
+    pub const DEFAULT_INLINE_BELOW: Duration = Duration::from_micros(50);
+    /// Default of [`Model::idle_spin`]: 50 µs.
+    pub const DEFAULT_IDLE_SPIN: Duration = Duration::from_micros(50);
     /// Default of [`Model::unhealthy_after_failures`].
     pub const DEFAULT_UNHEALTHY_AFTER_FAILURES: u32 = 3;
 
@@ -687,6 +706,8 @@ impl Model {
             priority_levels: Model::DEFAULT_PRIORITY_LEVELS,
             default_timeout: Model::DEFAULT_DEFAULT_TIMEOUT,
             max_in_flight: Model::DEFAULT_MAX_IN_FLIGHT,
+            inline_below: Model::DEFAULT_INLINE_BELOW,
+            idle_spin: Model::DEFAULT_IDLE_SPIN,
             unhealthy_after_failures: Model::DEFAULT_UNHEALTHY_AFTER_FAILURES,
             rate_limit_per_sec: None,
             rate_limit_burst: None,

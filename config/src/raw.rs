@@ -69,6 +69,8 @@ pub(crate) struct RawModel {
     pub(crate) priority_levels: Option<i64>,
     pub(crate) default_timeout_ms: Option<i64>,
     pub(crate) max_in_flight: Option<i64>,
+    pub(crate) inline_below_us: Option<i64>,
+    pub(crate) idle_spin_us: Option<i64>,
     pub(crate) unhealthy_after_failures: Option<i64>,
     pub(crate) rate_limit_per_sec: Option<i64>,
     pub(crate) rate_limit_burst: Option<i64>,

@@ -67,6 +67,8 @@ const QUEUE_CAPACITY: Bound = Bound::new(1, 1 << 20);
 const PRIORITY_LEVELS: Bound = Bound::new(1, 16);
 const DEFAULT_TIMEOUT_MS: Bound = Bound::new(1, 3_600_000);
 const MAX_IN_FLIGHT: Bound = Bound::new(1, 8);
+const INLINE_BELOW_US: Bound = Bound::new(0, 1000);
+const IDLE_SPIN_US: Bound = Bound::new(0, 1000);
 const UNHEALTHY_AFTER_FAILURES: Bound = Bound::new(1, 1000);
 const RATE_LIMIT_PER_SEC: Bound = Bound::new(0, 1 << 20);
 const RATE_LIMIT_BURST: Bound = Bound::new(1, 1 << 20);
@@ -481,6 +483,12 @@ fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Kn
     }
     if let Some(value) = errors.int(&at("max_in_flight"), raw.max_in_flight, MAX_IN_FLIGHT) {
         model.max_in_flight = value;
+    }
+    if let Some(micros) = errors.int(&at("inline_below_us"), raw.inline_below_us, INLINE_BELOW_US) {
+        model.inline_below = Duration::from_micros(micros);
+    }
+    if let Some(micros) = errors.int(&at("idle_spin_us"), raw.idle_spin_us, IDLE_SPIN_US) {
+        model.idle_spin = Duration::from_micros(micros);
     }
     if let Some(value) = errors.int(
         &at("unhealthy_after_failures"),
@@ -976,6 +984,8 @@ fn check_model(model: &Model, prefix: &str, known: Known, errors: &mut Errors) {
         model.max_in_flight.into(),
         MAX_IN_FLIGHT,
     );
+    errors.bounded_micros(&at("inline_below_us"), model.inline_below, INLINE_BELOW_US);
+    errors.bounded_micros(&at("idle_spin_us"), model.idle_spin, IDLE_SPIN_US);
     if let Some(rate) = model.rate_limit_per_sec {
         errors.bounded(&at("rate_limit_per_sec"), rate.into(), RATE_LIMIT_PER_SEC);
     }

@@ -101,6 +101,8 @@ fn defaults_of_every_knob() {
     assert_eq!(model.priority_levels, 2);
     assert_eq!(model.default_timeout, Duration::from_millis(1000));
     assert_eq!(model.max_in_flight, 1);
+    assert_eq!(model.inline_below, Duration::from_micros(50));
+    assert_eq!(model.idle_spin, Duration::from_micros(50));
     assert_eq!(
         model.worst_case_queued_bytes(server.max_frame_bytes),
         32 << 30
@@ -184,6 +186,8 @@ queue_capacity = 16
 priority_levels = 4
 default_timeout_ms = 250
 max_in_flight = 2
+inline_below_us = 20
+idle_spin_us = 0
 unhealthy_after_failures = 5
 rate_limit_per_sec = 40
 
@@ -254,6 +258,8 @@ seed = 7
             priority_levels: 4,
             default_timeout: Duration::from_millis(250),
             max_in_flight: 2,
+            inline_below: Duration::from_micros(20),
+            idle_spin: Duration::ZERO,
             unhealthy_after_failures: 5,
             rate_limit_per_sec: Some(40),
             rate_limit_burst: None,
@@ -420,6 +426,16 @@ fn range_errors_name_their_exact_path() {
             "models[0].max_in_flight",
             "must be between 1 and 8, got 9",
         ),
+        (
+            with_model("inline_below_us = 1001"),
+            "models[0].inline_below_us",
+            "must be between 0 and 1000, got 1001",
+        ),
+        (
+            with_model("idle_spin_us = -1"),
+            "models[0].idle_spin_us",
+            "must be between 0 and 1000, got -1",
+        ),
     ];
     for (text, path, message) in cases {
         assert_eq!(errors(&text), vec![error(path, message)], "file:\n{text}");
@@ -441,6 +457,7 @@ fn range_errors_name_their_exact_path() {
         "max_queue_delay_us = 10000000",
         "priority_levels = 16",
         "max_in_flight = 8",
+        "inline_below_us = 0\nidle_spin_us = 1000",
         "default_timeout_ms = 3600000",
     ] {
         Config::parse(&with_model(line)).unwrap();

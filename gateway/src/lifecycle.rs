@@ -1049,6 +1049,8 @@ fn load_replica(
         queue_capacity: m.queue_capacity as usize,
         priority_levels: m.priority_levels,
         max_in_flight: m.max_in_flight,
+        inline_below: m.inline_below,
+        idle_spin: m.idle_spin,
     };
     let mut latency = LatencyModel::new();
     let samples = device::calibrate(model.as_ref(), m.max_batch_size, 3)
