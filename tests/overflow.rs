@@ -625,6 +625,7 @@ fn flaky_router(
         routing: config.routing,
         config,
         upstream,
+        series: Default::default(),
     });
     (flaky, broken, router)
 }
@@ -929,6 +930,7 @@ async fn a_failed_devices_requests_move_to_the_other_device() {
         routing: config.routing,
         config,
         upstream: None,
+        series: Default::default(),
     });
     let entry = router.model("mlp").unwrap();
     for i in 0..6 {

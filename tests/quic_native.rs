@@ -414,3 +414,44 @@ async fn the_bearer_token_rides_as_a_parameter_and_is_checked_before_the_router(
         "{text}"
     );
 }
+
+/// One request at a time on an idle device runs inline, on the front end's
+/// thread (`quiver_dispatch_reason = "inline"`, counted as such), with the
+/// right answer; `inline_below_us = 0` sends the same requests through the
+/// device thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_an_idle_device_run_inline_unless_turned_off() {
+    for (inline_below_us, want) in [(1000, "inline"), (0, "device_idle")] {
+        let config = SMALL.replace(
+            "name = \"identity\"\nkind = \"identity\"",
+            &format!(
+                "name = \"identity\"\nkind = \"identity\"\ninline_below_us = {inline_below_us}"
+            ),
+        );
+        let server = Server::start(&config);
+        let client = server.client().await;
+        for n in 0..20u32 {
+            let data: Vec<f32> = (0..8).map(|k| (n * 8 + k) as f32).collect();
+            let input = f32_tensor("INPUT0", vec![1, 8], data.clone());
+            let req = request_to_proto("identity", &n.to_string(), &[input], HashMap::new());
+            let resp = client.infer(&req).await.unwrap();
+            let out = outputs_from_proto(&resp).unwrap();
+            assert_eq!(f32s(&out[0]), data.as_slice());
+            assert_eq!(
+                quiver_gateway::tensor::response_str(&resp, params::DISPATCH_REASON),
+                Some(want),
+                "request {n}"
+            );
+            assert_eq!(response_int(&resp, params::BATCH_SIZE), Some(1));
+        }
+        let text = server.scrape().await;
+        assert_eq!(
+            metric(
+                &text,
+                "quiver_batches_total",
+                &[("model", "identity"), ("reason", want)]
+            ),
+            20.0
+        );
+    }
+}

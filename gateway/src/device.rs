@@ -11,9 +11,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use quiver_batching::{Admission, Batch, Ended, Poll, Sample, Scheduler};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use quiver_batching::{
+    Admission, Batch, DispatchReason, Ended, InlineLease, Poll, Sample, Scheduler,
+};
 use quiver_kernels::{DataType, HostTensor, Model, Prepared, TensorData};
 use tokio::sync::oneshot;
 
@@ -62,8 +66,91 @@ pub struct Pending {
 pub struct DeviceWorker {
     admission: Arc<Admission<Pending>>,
     stop: Arc<AtomicBool>,
-    healthy: Arc<AtomicBool>,
+    health: Arc<Health>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// What an inline batch records, resolved once.
+    inline: InlineMetrics,
+}
+
+/// A device's health, shared by its thread and the inline path: failed
+/// batches in a row, and whether the device takes work.
+#[derive(Debug)]
+struct Health {
+    healthy: AtomicBool,
+    failures: std::sync::atomic::AtomicU32,
+    unhealthy_after: u32,
+    /// An inline batch failed since the device thread last looked: its next
+    /// probe waits a full interval from then, as after a failed batch of
+    /// its own.
+    inline_failed: AtomicBool,
+    /// `quiver_device_healthy` of this device.
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    model: String,
+}
+
+impl Health {
+    fn set(&self, healthy: bool) {
+        if self.healthy.swap(healthy, Ordering::AcqRel) != healthy {
+            if healthy {
+                tracing::info!(model = %self.model, "device healthy again");
+            } else {
+                tracing::warn!(model = %self.model, "device marked unhealthy");
+            }
+            self.gauge.set(i64::from(healthy));
+        }
+    }
+
+    fn succeeded(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.set(true);
+    }
+
+    /// Counts a failed batch; returns the failures in a row.
+    fn failed(&self) -> u32 {
+        let n = self
+            .failures
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
+        if n >= self.unhealthy_after {
+            self.set(false);
+        }
+        n
+    }
+}
+
+/// The metric series of an inline batch on one device, looked up once
+/// rather than per request (each is a shared handle).
+#[derive(Debug)]
+struct InlineMetrics {
+    batches: Counter,
+    batch_size: Histogram,
+    computed: Counter,
+    compute_seconds: crate::metrics::Latency,
+    queue_seconds: crate::metrics::Latency,
+}
+
+impl InlineMetrics {
+    fn new(metrics: &Metrics, device: &DeviceLabels) -> Self {
+        let model = ModelLabels {
+            model: device.model.clone(),
+            version: device.version.clone(),
+        };
+        InlineMetrics {
+            batches: metrics
+                .batches
+                .get_or_create(&BatchLabels {
+                    model: device.model.clone(),
+                    version: device.version.clone(),
+                    device: device.device.clone(),
+                    reason: DispatchReason::Inline.as_str(),
+                })
+                .clone(),
+            batch_size: metrics.batch_size.get_or_create(device).clone(),
+            computed: metrics.computed.get_or_create(device).clone(),
+            compute_seconds: metrics.compute_seconds.get_or_create(&model),
+            queue_seconds: metrics.queue_seconds.get_or_create(&model),
+        }
+    }
 }
 
 impl DeviceWorker {
@@ -78,32 +165,118 @@ impl DeviceWorker {
         let admission = scheduler.admission();
         let max_in_flight = scheduler.config().max_in_flight;
         let stop = Arc::new(AtomicBool::new(false));
-        let healthy = Arc::new(AtomicBool::new(true));
-        metrics.device_healthy.get_or_create(&labels).set(1);
+        let gauge = metrics.device_healthy.get_or_create(&labels).clone();
+        gauge.set(1);
+        let health = Arc::new(Health {
+            healthy: AtomicBool::new(true),
+            failures: Default::default(),
+            unhealthy_after: unhealthy_after_failures.max(1),
+            inline_failed: AtomicBool::new(false),
+            gauge,
+            model: labels.model.clone(),
+        });
+        let inline = InlineMetrics::new(&metrics, &labels);
         let name = labels.model.clone();
         let thread = std::thread::Builder::new()
             .name(format!("quiver-device-{name}"))
             .spawn({
                 let stop = stop.clone();
-                let healthy = healthy.clone();
+                let health = health.clone();
                 move || {
-                    DeviceLoop::new(
-                        labels,
-                        model,
-                        scheduler,
-                        metrics,
-                        healthy,
-                        unhealthy_after_failures,
-                    )
-                    .run(&stop, max_in_flight)
+                    DeviceLoop::new(labels, model, scheduler, metrics, health)
+                        .run(&stop, max_in_flight)
                 }
             })?;
         Ok(DeviceWorker {
             admission,
             stop,
-            healthy,
+            health,
             thread: Mutex::new(Some(thread)),
+            inline,
         })
+    }
+
+    /// Lends the idle device to the caller for `prepared` alone, if the
+    /// scheduler allows it ([`Admission::try_inline`]: nothing queued or in
+    /// flight, predicted within `inline_below` and the deadline); `None`
+    /// otherwise, and the caller admits the request as usual. Only while
+    /// healthy: failures are counted, and probes run, on the device thread.
+    pub fn try_inline(
+        &self,
+        now: Instant,
+        cost: quiver_batching::Cost,
+        deadline: Instant,
+    ) -> Option<InlineLease<'_, Pending>> {
+        if !self.healthy() {
+            return None;
+        }
+        self.admission.try_inline(now, cost, deadline)
+    }
+
+    /// Runs `prepared` as a batch of one on this thread under `lease` and
+    /// records it as the device thread records a batch (reason `inline`,
+    /// no queue time). A model error or panic counts as a failed batch of
+    /// the device (its health, as on the device thread) and is handed back:
+    /// the caller then moves the request to another device or an upstream,
+    /// as for a batch that failed on the device thread.
+    pub fn run_inline(
+        &self,
+        lease: InlineLease<'_, Pending>,
+        model: &dyn Model,
+        prepared: &Prepared,
+    ) -> Result<(Vec<HostTensor>, LocalBatch), GatewayError> {
+        let started = Instant::now();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.forward(std::slice::from_ref(prepared))
+        }));
+        let compute_time = started.elapsed();
+        let message = match result {
+            Ok(Ok(mut sets)) if sets.len() == 1 => {
+                let outputs = sets.pop().unwrap_or_default();
+                lease.finish(compute_time);
+                self.health.succeeded();
+                return Ok(self.record_inline(outputs, prepared.rows, compute_time));
+            }
+            Ok(Ok(sets)) => format!("model returned {} output sets for 1 request", sets.len()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "the model panicked".into(),
+        };
+        drop(lease);
+        // A failed batch as on the device thread: counted, and past the
+        // limit the device is marked unhealthy and its thread is woken to
+        // start probing (after a full interval).
+        self.health.inline_failed.store(true, Ordering::Release);
+        let failures = self.health.failed();
+        tracing::error!(model = %self.health.model, %message, failures, "inline batch failed");
+        self.admission.doorbell().ring();
+        Err(GatewayError::Model {
+            model: self.health.model.clone(),
+            message,
+        })
+    }
+
+    fn record_inline(
+        &self,
+        outputs: Vec<HostTensor>,
+        rows: u32,
+        compute_time: Duration,
+    ) -> (Vec<HostTensor>, LocalBatch) {
+        let m = &self.inline;
+        m.batches.inc();
+        m.batch_size.observe(1.0);
+        m.computed.inc();
+        m.compute_seconds.record(compute_time);
+        m.queue_seconds.record(Duration::ZERO);
+        (
+            outputs,
+            LocalBatch {
+                batch_size: 1,
+                batch_rows: rows,
+                queue_time: Duration::ZERO,
+                compute_time,
+                reason: DispatchReason::Inline,
+            },
+        )
     }
 
     /// False after `unhealthy_after_failures` batches in a row failed on the
@@ -111,7 +284,7 @@ impl DeviceWorker {
     /// succeeds; the router then sends the model's
     /// traffic to its upstreams, if it has any.
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Acquire)
+        self.health.healthy.load(Ordering::Acquire)
     }
 
     /// Where the front end admits requests.
@@ -153,11 +326,8 @@ struct DeviceLoop {
     model: Arc<dyn Model>,
     scheduler: Scheduler<Pending>,
     metrics: Arc<Metrics>,
-    healthy: Arc<AtomicBool>,
+    health: Arc<Health>,
     last_probe: Option<Instant>,
-    /// Failed batches in a row, and how many mark the device unhealthy.
-    failures: u32,
-    unhealthy_after: u32,
     /// With `max_in_flight` ≥ 2, the thread that runs `forward`: this
     /// thread forms, hands over and answers batches while it computes.
     executor: Option<Executor>,
@@ -244,8 +414,7 @@ impl DeviceLoop {
         model: Arc<dyn Model>,
         scheduler: Scheduler<Pending>,
         metrics: Arc<Metrics>,
-        healthy: Arc<AtomicBool>,
-        unhealthy_after: u32,
+        health: Arc<Health>,
     ) -> Self {
         let labels = ModelLabels {
             model: device.model.clone(),
@@ -258,25 +427,9 @@ impl DeviceLoop {
             model,
             scheduler,
             metrics,
-            healthy,
+            health,
             last_probe: None,
-            failures: 0,
-            unhealthy_after: unhealthy_after.max(1),
             executor: None,
-        }
-    }
-
-    fn set_healthy(&self, healthy: bool) {
-        if self.healthy.swap(healthy, Ordering::AcqRel) != healthy {
-            if healthy {
-                tracing::info!(model = %self.name, "device healthy again");
-            } else {
-                tracing::warn!(model = %self.name, "device marked unhealthy");
-            }
-            self.metrics
-                .device_healthy
-                .get_or_create(&self.device)
-                .set(i64::from(healthy));
         }
     }
 
@@ -285,7 +438,10 @@ impl DeviceLoop {
     /// Returns how long to wait until the next probe, if one is due later.
     fn maybe_probe(&mut self, now: Instant) -> Option<std::time::Duration> {
         // Never beside a batch still on the executor.
-        if self.healthy.load(Ordering::Acquire) || self.scheduler.in_flight() > 0 {
+        if self.health.inline_failed.swap(false, Ordering::AcqRel) {
+            self.last_probe = Some(now);
+        }
+        if self.health.healthy.load(Ordering::Acquire) || self.scheduler.in_flight() > 0 {
             return None;
         }
         if let Some(at) = self.last_probe {
@@ -312,8 +468,7 @@ impl DeviceLoop {
             })
             .inc();
         if ok {
-            self.failures = 0;
-            self.set_healthy(true);
+            self.health.succeeded();
             None
         } else {
             Some(PROBE_INTERVAL)
@@ -540,8 +695,7 @@ impl DeviceLoop {
             Ok(Err(e)) => return self.fail_all(waiting, prepared, e.to_string()),
             Err(_) => return self.fail_all(waiting, prepared, "the model panicked".into()),
         };
-        self.failures = 0;
-        self.set_healthy(true);
+        self.health.succeeded();
         for ((arrival, reply), outputs) in waiting.into_iter().zip(outputs) {
             let queue_time = formed_at.saturating_duration_since(arrival);
             self.metrics
@@ -565,11 +719,8 @@ impl DeviceLoop {
         prepared: Vec<Prepared>,
         message: String,
     ) {
-        self.failures = self.failures.saturating_add(1);
-        tracing::error!(model = %self.name, %message, failures = self.failures, "batch failed");
-        if self.failures >= self.unhealthy_after {
-            self.set_healthy(false);
-        }
+        let failures = self.health.failed();
+        tracing::error!(model = %self.name, %message, failures, "batch failed");
         // The next probe waits a full interval: the batch just failed.
         self.last_probe = Some(Instant::now());
         for ((_, reply), prepared) in waiting.into_iter().zip(prepared) {

@@ -7,8 +7,8 @@ use bytes::Bytes;
 use prost::Message;
 
 pub use quiver_protocol::frame::{
-    FrameError, HEADER_LEN, body_len, decode_body, encode, encode_with, open_reply, reply_error,
-    reply_ok,
+    FrameError, HEADER_LEN, body_len, decode_body, encode, encode_response, encode_with,
+    open_reply, reply_error, reply_ok,
 };
 
 /// Reads one frame from a QUIC stream and decodes it as `M`.
@@ -33,13 +33,48 @@ pub async fn read_header(recv: &mut quinn::RecvStream, limit: u32) -> Result<usi
 }
 
 /// Reads a frame's body of `len` bytes (from [`read_header`]) and decodes it.
+///
+/// The body is taken as quinn's received chunks: a body that arrived in one
+/// chunk (any request that fits a packet) is decoded in place, its byte
+/// fields sharing the chunk's buffer, with no copy; one that arrived in
+/// several is gathered into one buffer of exactly `len` bytes.
 pub async fn read_body<M: Message + Default>(
     recv: &mut quinn::RecvStream,
     len: usize,
 ) -> Result<M, FrameError> {
-    let mut body = vec![0u8; len];
-    read_exact(recv, &mut body).await?;
-    decode_body(Bytes::from(body))
+    let body = read_bytes(recv, len).await?;
+    decode_body(body)
+}
+
+/// Reads exactly `len` bytes as [`Bytes`], without copying when they come
+/// in one chunk.
+async fn read_bytes(recv: &mut quinn::RecvStream, len: usize) -> Result<Bytes, FrameError> {
+    let truncated = |got: usize| FrameError::Truncated {
+        expected: len as u64,
+        got: got as u64,
+    };
+    let read = |e: quinn::ReadError| FrameError::Read(e.to_string());
+    let first = match recv.read_chunk(len, true).await.map_err(read)? {
+        Some(chunk) => chunk.bytes,
+        None if len == 0 => return Ok(Bytes::new()),
+        None => return Err(truncated(0)),
+    };
+    if first.len() == len {
+        return Ok(first);
+    }
+    let mut body = bytes::BytesMut::with_capacity(len);
+    body.extend_from_slice(&first);
+    while body.len() < len {
+        match recv
+            .read_chunk(len - body.len(), true)
+            .await
+            .map_err(read)?
+        {
+            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            None => return Err(truncated(body.len())),
+        }
+    }
+    Ok(body.freeze())
 }
 
 async fn read_exact(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<(), FrameError> {
@@ -53,12 +88,13 @@ async fn read_exact(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<(), 
     }
 }
 
-/// Writes `msg` as one frame and finishes the stream.
+/// Writes `msg` as one frame and finishes the stream. The encoded frame is
+/// handed to quinn as it is (`write_chunk`: no copy into its send buffer).
 pub async fn write_frame<M: Message>(
     send: &mut quinn::SendStream,
     msg: &M,
 ) -> Result<(), quinn::WriteError> {
-    send.write_all(&encode(msg)).await?;
+    send.write_chunk(encode(msg)).await?;
     // A stream the peer already stopped cannot be finished; nothing is lost.
     let _ = send.finish();
     Ok(())

@@ -1010,6 +1010,7 @@ pub fn load_model(
         default_timeout: m.default_timeout,
         priority_levels: m.priority_levels,
         config: m.clone(),
+        series: Default::default(),
     })
 }
 

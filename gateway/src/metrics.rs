@@ -268,6 +268,66 @@ pub struct LatencySnapshot {
     pub buckets: Vec<(f64, u64)>,
 }
 
+/// The per-request metric series of one model version, resolved on first
+/// use and kept as shared handles: the request path then updates a counter
+/// instead of hashing a label set (and allocating its strings) into a
+/// family's map on every request. Same series, same values.
+#[derive(Debug, Default)]
+pub struct EntrySeries {
+    admitted: std::sync::OnceLock<Counter>,
+    /// `routed{path, outcome="ok"}` for `local` and `upstream`.
+    routed_local_ok: std::sync::OnceLock<Counter>,
+    routed_upstream_ok: std::sync::OnceLock<Counter>,
+}
+
+impl EntrySeries {
+    /// `quiver_admitted_total` of `entry`.
+    pub fn admitted(&self, metrics: &Metrics, entry: &crate::registry::ModelEntry) -> &Counter {
+        self.admitted
+            .get_or_init(|| metrics.admitted.get_or_create(&entry.labels()).clone())
+    }
+
+    /// `quiver_routed_total{outcome="ok"}` of `entry` on `path`.
+    pub fn routed_ok(
+        &self,
+        metrics: &Metrics,
+        entry: &crate::registry::ModelEntry,
+        path: &'static str,
+    ) -> Counter {
+        let make = || {
+            metrics
+                .routed
+                .get_or_create(&PathLabels {
+                    model: entry.name.clone(),
+                    version: entry.version_str(),
+                    path,
+                    outcome: "ok",
+                })
+                .clone()
+        };
+        match path {
+            "local" => self.routed_local_ok.get_or_init(make).clone(),
+            "upstream" => self.routed_upstream_ok.get_or_init(make).clone(),
+            _ => make(),
+        }
+    }
+}
+
+/// The `ok` series of one (model, version, protocol): what every answered
+/// request updates.
+#[derive(Debug)]
+struct OkSeries {
+    model: String,
+    version: String,
+    protocol: &'static str,
+    requests: Counter,
+    seconds: Latency,
+}
+
+/// Most (model, version, protocol) triples kept in [`Metrics::record_request`]'s
+/// cache; past it, requests go through the families' maps as before.
+const OK_SERIES_MAX: usize = 256;
+
 /// Latencies by model, exported as one histogram and one quantile gauge
 /// family. Cheap to clone (shared).
 #[derive(Clone, Debug)]
@@ -376,6 +436,9 @@ fn per_bucket(cumulative: &[(f64, u64)], count: u64) -> Vec<(f64, u64)> {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The `ok` series of each (model, version, protocol) seen, for
+    /// [`record_request`](Self::record_request).
+    ok_series: RwLock<Vec<OkSeries>>,
     /// Requests answered, by model, protocol and outcome (`ok` or an error).
     pub requests: Family<RequestLabels, Counter>,
     /// Time from a request's decoding to its answer, by model.
@@ -658,6 +721,7 @@ impl Metrics {
             upstream_in_flight,
             upstream_available,
             registry,
+            ok_series: RwLock::default(),
             requests,
             request_seconds,
             queue_seconds,
@@ -683,6 +747,9 @@ impl Metrics {
         outcome: &'static str,
         elapsed: Duration,
     ) {
+        if outcome == "ok" && self.record_ok_cached(model, version, protocol, elapsed) {
+            return;
+        }
         self.requests
             .get_or_create(&RequestLabels {
                 model: model.into(),
@@ -700,6 +767,62 @@ impl Metrics {
         } else if is_rejection(outcome) {
             self.record_rejection(model, protocol, outcome);
         }
+    }
+
+    /// Records an `ok` request through the cache of its series: a short list
+    /// (models × versions × protocols) scanned under a read lock. False when
+    /// the cache is full and the caller should use the families.
+    fn record_ok_cached(
+        &self,
+        model: &str,
+        version: &str,
+        protocol: &'static str,
+        elapsed: Duration,
+    ) -> bool {
+        let find = |list: &[OkSeries]| {
+            list.iter()
+                .position(|s| s.protocol == protocol && s.model == model && s.version == version)
+        };
+        {
+            let list = match self.ok_series.read() {
+                Ok(l) => l,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if let Some(series) = find(&list).and_then(|i| list.get(i)) {
+                series.requests.inc();
+                series.seconds.record(elapsed);
+                return true;
+            }
+        }
+        let mut list = match self.ok_series.write() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if find(&list).is_none() {
+            if list.len() >= OK_SERIES_MAX {
+                return false;
+            }
+            let labels = ModelLabels {
+                model: model.into(),
+                version: version.into(),
+            };
+            list.push(OkSeries {
+                requests: self
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        model: model.into(),
+                        protocol,
+                        outcome: "ok",
+                    })
+                    .clone(),
+                seconds: self.request_seconds.get_or_create(&labels),
+                model: labels.model,
+                version: labels.version,
+                protocol,
+            });
+        }
+        drop(list);
+        self.record_ok_cached(model, version, protocol, elapsed)
     }
 
     /// Counts a request taken in by `protocol` (in

@@ -56,6 +56,8 @@ pub struct ModelEntry {
     pub routing: Routing,
     /// The upstream pool requests overflow to, if any.
     pub upstream: Option<Arc<Upstream>>,
+    /// Its per-request metric series, resolved on first use.
+    pub series: crate::metrics::EntrySeries,
 }
 
 impl ModelEntry {

@@ -199,7 +199,7 @@ impl Router {
         // drains it instead of pulling it away.
         let entry = self.registry.get(&req.model, &req.version)?;
         let entry = entry.as_ref();
-        self.metrics.admitted.get_or_create(&entry.labels()).inc();
+        entry.series.admitted(&self.metrics, entry).inc();
         // Each admitted request is counted once in `routed`: with its
         // outcome, or as cancelled when its front end drops it (the client
         // went away) before it ends.
@@ -216,18 +216,22 @@ impl Router {
             Err(_) => record.path.get(),
         };
         record.done = true;
-        self.metrics
-            .routed
-            .get_or_create(&PathLabels {
-                model: entry.name.clone(),
-                version: entry.version_str(),
-                path,
-                outcome: match &result {
-                    Ok(_) => "ok",
-                    Err(e) => e.outcome(),
-                },
-            })
-            .inc();
+        match &result {
+            Ok(_) => {
+                entry.series.routed_ok(&self.metrics, entry, path).inc();
+            }
+            Err(e) => {
+                self.metrics
+                    .routed
+                    .get_or_create(&PathLabels {
+                        model: entry.name.clone(),
+                        version: entry.version_str(),
+                        path,
+                        outcome: e.outcome(),
+                    })
+                    .inc();
+            }
+        }
         result
     }
 
@@ -417,6 +421,28 @@ impl Router {
             }
 
             path.set("local");
+            // A batch that costs less than the hand-off runs here, on the
+            // idle device, without crossing to its thread and back.
+            if let Some(&(i, _)) = candidates.first()
+                && let Some(replica) = entry.replicas.get(i)
+                && let Some(lease) = replica.worker.try_inline(now, cost, routed.deadline)
+            {
+                match replica
+                    .worker
+                    .run_inline(lease, replica.model.as_ref(), &prepared)
+                {
+                    Ok((outputs, served)) => {
+                        return Ok((outputs, Served::Local(served), Some(replica.device.clone())));
+                    }
+                    // As a batch that failed on the device thread: another
+                    // device, an upstream, or the error.
+                    Err(e) => {
+                        failed.push(i);
+                        last_failure = Some(e);
+                        continue;
+                    }
+                }
+            }
             let (tx, rx) = oneshot::channel();
             let mut pending = Some(Request {
                 id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -511,7 +537,20 @@ impl Router {
         }
     }
 
-    async fn overflow(
+    /// Sends the request to `up`. Boxed: the upstream client's future is
+    /// large, and held inline it would make every request's future (moved
+    /// into its task on each spawn) as large, local requests included.
+    fn overflow<'a>(
+        &'a self,
+        entry: &'a ModelEntry,
+        up: &'a Upstream,
+        routed: Routed,
+        reason: OverflowReason,
+    ) -> Overflowing<'a> {
+        Box::pin(self.overflow_now(entry, up, routed, reason))
+    }
+
+    async fn overflow_now(
         &self,
         entry: &ModelEntry,
         up: &Upstream,
@@ -547,6 +586,11 @@ impl Router {
         ))
     }
 }
+
+/// An upstream call in progress (boxed: see [`Router::overflow`]).
+type Overflowing<'a> = std::pin::Pin<
+    Box<dyn Future<Output = Result<(Vec<HostTensor>, Served), GatewayError>> + Send + 'a>,
+>;
 
 /// What the local path answers: the outputs, how they were served, and the
 /// device that computed them (none when an upstream did).

@@ -133,7 +133,9 @@ pub fn response_parameters(resp: &InferResponse) -> HashMap<String, InferParamet
 
 /// Where and how a request was computed, as response parameters.
 pub fn served_parameters(served: &Served) -> HashMap<String, InferParameter> {
-    let mut parameters = HashMap::new();
+    // Room for these and `response_parameters`' own, so the map is built
+    // without growing.
+    let mut parameters = HashMap::with_capacity(10);
     match served {
         Served::Local(batch) => {
             parameters.insert(
@@ -180,4 +182,151 @@ pub fn served_parameters(served: &Served) -> HashMap<String, InferParameter> {
     }
     parameters.insert(params::PATH.into(), string_param(served.path()));
     parameters
+}
+
+/// The response parameters of an answer computed here, held as values for
+/// `frame::encode_response` (QUIC native), which writes them into the frame
+/// without building the map: the same names and values as
+/// [`response_parameters`] gives for it.
+#[derive(Debug)]
+pub struct LocalParameters {
+    batch: crate::request::LocalBatch,
+    device: Option<String>,
+    rtt_reserved_us: Option<i64>,
+    truncated: Option<i64>,
+}
+
+/// Parameters of a local answer, at most.
+const LOCAL_PARAMETERS: usize = 9;
+
+impl LocalParameters {
+    /// Names and borrowed values, in a fixed array and its used length.
+    pub fn pairs<'a>(&'a self) -> ([(&'static str, ParamRef<'a>); LOCAL_PARAMETERS], usize) {
+        let us = |d: std::time::Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        let mut out: [(&'static str, ParamRef<'_>); LOCAL_PARAMETERS] =
+            [("", ParamRef::Bool(false)); LOCAL_PARAMETERS];
+        let mut n = 0;
+        let mut push = |name: &'static str, value: ParamRef<'a>| {
+            if let Some(slot) = out.get_mut(n) {
+                *slot = (name, value);
+                n += 1;
+            }
+        };
+        push(
+            params::BATCH_SIZE,
+            ParamRef::Int(i64::from(self.batch.batch_size)),
+        );
+        push(
+            params::BATCH_ROWS,
+            ParamRef::Int(i64::from(self.batch.batch_rows)),
+        );
+        push(
+            params::QUEUE_TIME_US,
+            ParamRef::Int(us(self.batch.queue_time)),
+        );
+        push(
+            params::COMPUTE_TIME_US,
+            ParamRef::Int(us(self.batch.compute_time)),
+        );
+        push(
+            params::DISPATCH_REASON,
+            ParamRef::Str(self.batch.reason.as_str()),
+        );
+        push(
+            params::PATH,
+            ParamRef::Str(Served::Local(self.batch).path()),
+        );
+        if let Some(device) = &self.device {
+            push(params::DEVICE, ParamRef::Str(device));
+        }
+        if let Some(us) = self.rtt_reserved_us {
+            push(params::RTT_RESERVED_US, ParamRef::Int(us));
+        }
+        if let Some(t) = self.truncated {
+            push(params::TRUNCATED, ParamRef::Int(t));
+        }
+        (out, n)
+    }
+}
+
+pub use quiver_protocol::frame::ParamRef;
+
+/// An answer computed here as its protobuf response without the parameters
+/// map, and its parameters as [`LocalParameters`]; an answer an upstream
+/// computed is handed back (its parameters pass through as received: use
+/// [`response_to_proto`]).
+pub fn split_local_response(
+    mut resp: InferResponse,
+) -> Result<(ModelInferResponse, LocalParameters), Box<InferResponse>> {
+    let Served::Local(batch) = resp.served else {
+        return Err(Box::new(resp));
+    };
+    let parameters = LocalParameters {
+        batch,
+        device: resp.device.take(),
+        rtt_reserved_us: (!resp.rtt_reserved.is_zero())
+            .then(|| i64::try_from(resp.rtt_reserved.as_micros()).unwrap_or(i64::MAX)),
+        truncated: resp.usage.map(|u| i64::from(u.truncated)),
+    };
+    let (outputs, raw_output_contents) = outputs_to_proto(std::mem::take(&mut resp.outputs));
+    Ok((
+        ModelInferResponse {
+            model_name: resp.model,
+            model_version: resp.version.to_string(),
+            id: resp.id,
+            parameters: HashMap::new(),
+            outputs,
+            raw_output_contents,
+        },
+        parameters,
+    ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod local_parameters_tests {
+    use super::*;
+    use crate::request::LocalBatch;
+    use quiver_batching::DispatchReason;
+    use quiver_protocol::frame::{decode, encode_response, open_reply};
+    use std::time::Duration;
+
+    #[test]
+    fn a_local_answer_encodes_the_parameters_the_map_would_hold() {
+        let batch = LocalBatch {
+            batch_size: 3,
+            batch_rows: 5,
+            queue_time: Duration::from_micros(120),
+            compute_time: Duration::from_micros(7),
+            reason: DispatchReason::Inline,
+        };
+        for (device, rtt, usage) in [
+            (None, Duration::ZERO, None),
+            (
+                Some("sim:1".to_owned()),
+                Duration::from_micros(250),
+                Some(crate::request::TextUsage {
+                    tokens: 9,
+                    truncated: 2,
+                }),
+            ),
+        ] {
+            let resp = InferResponse {
+                model: "m".into(),
+                version: 4,
+                rtt_reserved: rtt,
+                device,
+                id: "x".into(),
+                outputs: Vec::new(),
+                served: Served::Local(batch),
+                usage,
+            };
+            let want = response_to_proto(resp.clone());
+            let (proto, params) = split_local_response(resp).unwrap();
+            let (pairs, n) = params.pairs();
+            let frame = encode_response(&proto, &pairs[..n]);
+            let got = open_reply(decode(frame, u32::MAX).unwrap()).unwrap();
+            assert_eq!(got, want);
+        }
+    }
 }

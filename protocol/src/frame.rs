@@ -106,6 +106,85 @@ pub fn encode_with<M: Message>(msg: &M, extra: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// A parameter value borrowed for [`encode_response`]: one of
+/// `InferParameter`'s choices, without owning a string.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ParamRef<'a> {
+    Bool(bool),
+    Int(i64),
+    Str(&'a str),
+}
+
+/// Encodes `Reply { response: resp }` as one frame, with `params` added to
+/// the response's `parameters` map.
+///
+/// The parameters are written straight from borrowed names and values, as
+/// map entries after the response's own fields (protobuf merges them into
+/// the map), instead of first being built as a `HashMap<String,
+/// InferParameter>` (an allocation per name and per string value, and a
+/// hash per insert). A reader decodes the same message as if the map had
+/// held them; a name also in `resp.parameters` is read as `params`' value.
+pub fn encode_response(resp: &ModelInferResponse, params: &[(&str, ParamRef<'_>)]) -> Bytes {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    // InferParameter's body: its one choice.
+    let value_len = |v: &ParamRef<'_>| match *v {
+        // Tag byte and the varint.
+        ParamRef::Bool(_) => 2,
+        ParamRef::Int(i) => 1 + encoded_len_varint(i as u64),
+        ParamRef::Str(s) => 1 + encoded_len_varint(s.len() as u64) + s.len(),
+    };
+    // The map entry's body: key (field 1), value (field 2).
+    let entry_len = |k: &str, v: &ParamRef<'_>| {
+        let value = value_len(v);
+        1 + encoded_len_varint(k.len() as u64)
+            + k.len()
+            + 1
+            + encoded_len_varint(value as u64)
+            + value
+    };
+    let params_len: usize = params
+        .iter()
+        .map(|(k, v)| {
+            let entry = entry_len(k, v);
+            1 + encoded_len_varint(entry as u64) + entry
+        })
+        .sum();
+    let inner = resp.encoded_len() + params_len;
+    // Reply field 1 (the response), length-delimited.
+    let body = 1 + encoded_len_varint(inner as u64) + inner;
+    let mut buf = BytesMut::with_capacity(HEADER_LEN + body);
+    buf.put_u32(u32::try_from(body).unwrap_or(u32::MAX));
+    encode_key(1, WireType::LengthDelimited, &mut buf);
+    encode_varint(inner as u64, &mut buf);
+    resp.encode_raw(&mut buf);
+    for (k, v) in params {
+        // ModelInferResponse.parameters is field 4.
+        encode_key(4, WireType::LengthDelimited, &mut buf);
+        encode_varint(entry_len(k, v) as u64, &mut buf);
+        encode_key(1, WireType::LengthDelimited, &mut buf);
+        encode_varint(k.len() as u64, &mut buf);
+        buf.put_slice(k.as_bytes());
+        encode_key(2, WireType::LengthDelimited, &mut buf);
+        encode_varint(value_len(v) as u64, &mut buf);
+        match *v {
+            ParamRef::Bool(b) => {
+                encode_key(1, WireType::Varint, &mut buf);
+                encode_varint(u64::from(b), &mut buf);
+            }
+            ParamRef::Int(i) => {
+                encode_key(2, WireType::Varint, &mut buf);
+                encode_varint(i as u64, &mut buf);
+            }
+            ParamRef::Str(s) => {
+                encode_key(3, WireType::LengthDelimited, &mut buf);
+                encode_varint(s.len() as u64, &mut buf);
+                buf.put_slice(s.as_bytes());
+            }
+        }
+    }
+    buf.freeze()
+}
+
 /// The reply envelope of a result.
 pub fn reply_ok(resp: ModelInferResponse) -> Reply {
     Reply {
@@ -237,5 +316,59 @@ mod tests {
         );
         let req: ModelInferRequest = decode(frame, 1024).unwrap();
         assert_eq!((req.model_name.as_str(), req.id.as_str()), ("m", "late"));
+    }
+
+    #[test]
+    fn borrowed_parameters_decode_as_the_map_prost_would_build() {
+        use crate::proto::inference::InferParameter;
+        use crate::proto::inference::infer_parameter::ParameterChoice;
+        use crate::proto::inference::model_infer_response::InferOutputTensor;
+        let resp = ModelInferResponse {
+            model_name: "identity".into(),
+            model_version: "1".into(),
+            id: "r-7".into(),
+            outputs: vec![InferOutputTensor {
+                name: "OUTPUT0".into(),
+                datatype: "FP32".into(),
+                shape: vec![1, 2],
+                ..Default::default()
+            }],
+            raw_output_contents: vec![Bytes::from_static(&[0, 0, 128, 63, 0, 0, 0, 64])],
+            ..Default::default()
+        };
+        let long = "d".repeat(300);
+        let params = [
+            ("quiver_batch_size", ParamRef::Int(3)),
+            ("quiver_queue_time_us", ParamRef::Int(0)),
+            ("negative", ParamRef::Int(-5)),
+            ("big", ParamRef::Int(i64::MAX)),
+            ("quiver_path", ParamRef::Str("local")),
+            ("empty", ParamRef::Str("")),
+            ("long", ParamRef::Str(&long)),
+            ("flag", ParamRef::Bool(true)),
+            ("off", ParamRef::Bool(false)),
+        ];
+        let frame = encode_response(&resp, &params);
+        let len = body_len(frame[..HEADER_LEN].try_into().unwrap(), u32::MAX).unwrap();
+        assert_eq!(len, frame.len() - HEADER_LEN);
+        let reply: Reply = decode(frame, u32::MAX).unwrap();
+        // What prost encodes from the same response with the map filled in.
+        let mut want = resp.clone();
+        for (k, v) in params {
+            let choice = match v {
+                ParamRef::Bool(b) => ParameterChoice::BoolParam(b),
+                ParamRef::Int(i) => ParameterChoice::Int64Param(i),
+                ParamRef::Str(s) => ParameterChoice::StringParam(s.into()),
+            };
+            want.parameters.insert(
+                k.into(),
+                InferParameter {
+                    parameter_choice: Some(choice),
+                },
+            );
+        }
+        assert_eq!(reply, reply_ok(want));
+        // No parameters: exactly prost's own encoding of the reply.
+        assert_eq!(encode_response(&resp, &[]), encode(&reply_ok(resp)));
     }
 }

@@ -131,6 +131,8 @@ pub enum BindError {
 struct Ctx {
     router: Arc<Router>,
     metrics: Arc<Metrics>,
+    /// `quiver_requests_received_total{protocol="quic"}`, resolved once.
+    received: prometheus_client::metrics::counter::Counter,
     auth: Auth,
     limits: QuicLimits,
     in_flight: Arc<InFlight>,
@@ -150,8 +152,13 @@ pub async fn serve(
     h3: Option<super::h3::H3Service>,
 ) {
     let sources = super::sources::SourceLimit::new(limits.max_connections_per_source);
+    let received = metrics
+        .received
+        .get_or_create(&crate::metrics::ProtocolLabels { protocol: PROTOCOL })
+        .clone();
     let ctx = Arc::new(Ctx {
         router,
+        received,
         metrics,
         auth,
         limits,
@@ -267,10 +274,13 @@ async fn serve_connection(conn: quinn::Connection, ctx: Arc<Ctx>) {
                 let ctx = ctx.clone();
                 let identity = identity.clone();
                 let conn = conn.clone();
-                tokio::spawn(async move {
+                // Boxed: the task then holds a pointer, and tokio's moves of
+                // the task's stage (spawn, running, finished) copy 8 bytes
+                // instead of the whole request future.
+                tokio::spawn(Box::pin(async move {
                     serve_stream(send, recv, &ctx, &conn, identity.as_ref()).await;
                     drop(guard);
-                });
+                }));
             }
             Err(e) => {
                 tracing::debug!(remote = %conn.remote_address(), reason = %e, "connection closed");
@@ -337,10 +347,7 @@ async fn serve_stream(
             return answer(&mut send, ctx, "", started, Err(err)).await;
         }
     };
-    ctx.metrics
-        .received
-        .get_or_create(&crate::metrics::ProtocolLabels { protocol: PROTOCOL })
-        .inc();
+    ctx.received.inc();
     let mut req = req;
     // Before the model is looked up: a client without a token learns
     // nothing about which models exist.
@@ -349,21 +356,18 @@ async fn serve_stream(
         Err(e) => return answer(&mut send, ctx, "", started, Err(e)).await,
     };
     // Bounded label values: only configured model names.
-    let model = ctx
-        .router
-        .model(&req.model_name)
-        .map(|m| m.name.clone())
-        .unwrap_or_default();
+    let entry = ctx.router.model(&req.model_name);
+    let model = entry.as_deref().map_or("", |m| m.name.as_str());
     let checked = ctx
         .auth
         .client(token, identity, Some(remote.ip()))
-        .and_then(|client| ctx.router.check_rate(&model, client));
+        .and_then(|client| ctx.router.check_rate(model, client));
     if let Err(e) = checked {
-        return answer(&mut send, ctx, &model, started, Err(e)).await;
+        return answer(&mut send, ctx, model, started, Err(e)).await;
     }
     let mut req = match tensor::request_from_proto(req) {
         Ok(r) => r,
-        Err(e) => return answer(&mut send, ctx, &model, started, Err(e)).await,
+        Err(e) => return answer(&mut send, ctx, model, started, Err(e)).await,
     };
     // The deadline covers the round trip: QUIC knows it.
     req.rtt = Some(conn.rtt());
@@ -377,18 +381,47 @@ async fn serve_stream(
         result = ctx.router.infer(req, cancel.clone()) => result,
         _ = stopped => {
             cancel.cancel();
-            ctx.metrics.record_request(&model, "", PROTOCOL, "cancelled", started.elapsed());
+            ctx.metrics.record_request(model, "", PROTOCOL, "cancelled", started.elapsed());
             return;
         }
     };
-    answer(
-        &mut send,
-        ctx,
-        &model,
-        started,
-        result.map(tensor::response_to_proto),
-    )
-    .await;
+    match result.map(tensor::split_local_response) {
+        Ok(Ok((resp, parameters))) => {
+            answer_local(&mut send, ctx, model, started, &resp, &parameters).await;
+        }
+        Ok(Err(upstream)) => {
+            let resp = tensor::response_to_proto(*upstream);
+            answer(&mut send, ctx, model, started, Ok(resp)).await;
+        }
+        Err(e) => answer(&mut send, ctx, model, started, Err(e)).await,
+    }
+}
+
+/// Answers a request computed here: its parameters are written into the
+/// frame from their values, without building the protobuf map.
+async fn answer_local(
+    send: &mut quinn::SendStream,
+    ctx: &Ctx,
+    model: &str,
+    started: Instant,
+    resp: &crate::proto::ModelInferResponse,
+    parameters: &tensor::LocalParameters,
+) {
+    ctx.metrics.record_request(
+        model,
+        &resp.model_version,
+        PROTOCOL,
+        "ok",
+        started.elapsed(),
+    );
+    let (pairs, n) = parameters.pairs();
+    let frame = framing::encode_response(resp, pairs.get(..n).unwrap_or_default());
+    if let Err(e) = send.write_chunk(frame).await {
+        tracing::debug!(error = %e, "reply not delivered");
+        return;
+    }
+    // A stream the peer already stopped cannot be finished; nothing is lost.
+    let _ = send.finish();
 }
 
 async fn answer(
