@@ -154,6 +154,54 @@ fn written_mlp_matches_plain_loops_for_every_activation() {
     }
 }
 
+/// Small batches run on the calling thread (`Mlp::run_here`), large ones through candle;
+/// both match the reference for every activation.
+#[test]
+fn small_batches_on_the_calling_thread_and_large_ones_on_candle_agree() {
+    use quiver_kernels::mlp::{SMALL_BATCH_MACS, random_weights};
+    let layers = [5, 8, 6, 3];
+    let macs: usize = layers.windows(2).map(|w| w[0] * w[1]).sum();
+    let large = SMALL_BATCH_MACS / macs + 1;
+    for (seed, a) in [
+        Activation::Relu,
+        Activation::Gelu,
+        Activation::Tanh,
+        Activation::Sigmoid,
+        Activation::None,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        write_mlp(dir.path(), &layers, a, seed as u64).unwrap();
+        let model = load(
+            &ModelSpec::Mlp {
+                dir: dir.path().into(),
+            },
+            &Device::Cpu,
+        )
+        .unwrap();
+        let weights = read_weights(dir.path(), &layers);
+        check_against_reference(&model, &layers, &weights, &a, &[1]);
+        check_against_reference(&model, &layers, &weights, &a, &[large - 1, 1]);
+        check_against_reference(&model, &layers, &weights, &a, &[large, 3]);
+    }
+    // Which path a batch takes.
+    let config = quiver_kernels::MlpConfig {
+        layers: layers.to_vec(),
+        activation: Activation::Relu,
+    };
+    let mlp = quiver_kernels::Mlp::from_weights(
+        config,
+        random_weights(&layers, 3),
+        Device::Cpu,
+        candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(mlp.run_here(&[0.5; 5], 1).is_some());
+    assert!(mlp.run_here(&vec![0.5; 5 * large], large).is_none());
+}
+
 #[test]
 fn signature_reports_widths() {
     let dir = tempfile::tempdir().unwrap();

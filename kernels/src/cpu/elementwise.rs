@@ -55,6 +55,21 @@ pub fn gelu_in_place(isa: Isa, x: &mut [f32]) -> Result<(), CpuKernelError> {
     Ok(())
 }
 
+/// [`gelu_in_place`] on the calling thread, for small inputs: a rayon call from a thread
+/// outside its pool is a hand-off to the pool and back, which for a few hundred elements
+/// costs far more than the arithmetic.
+///
+/// # Errors
+///
+/// [`CpuKernelError::IsaUnavailable`] when this CPU lacks `isa`.
+pub fn gelu_in_place_here(isa: Isa, x: &mut [f32]) -> Result<(), CpuKernelError> {
+    isa.check()?;
+    for x in x.chunks_mut(BLOCK) {
+        dispatch(isa, GeluInPlace { x });
+    }
+    Ok(())
+}
+
 /// `out[r, j] = gelu(x[r, j] + bias[j])` for `x` of `rows × bias.len()`, in one pass (the
 /// bias-add of a linear layer fused with its activation).
 ///

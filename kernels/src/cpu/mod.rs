@@ -49,7 +49,7 @@ pub use attention::{
 pub use bert::CpuBert;
 pub use elementwise::{
     bias_add as bias_add_slice, bias_gelu as bias_gelu_slice, gelu as gelu_slice,
-    gelu_in_place as gelu_in_place_slice,
+    gelu_in_place as gelu_in_place_slice, gelu_in_place_here as gelu_in_place_here_slice,
 };
 pub use layer_norm::{add_layer_norm as add_layer_norm_slice, layer_norm as layer_norm_slice};
 pub use linear::{Activation, PackedLinear};
