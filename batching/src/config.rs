@@ -50,7 +50,8 @@ pub struct SchedulerConfig {
     /// How long the device thread spins, watching for work, before it sleeps
     /// ([`Doorbell::with_spin`](crate::Doorbell::with_spin)): while requests
     /// keep arriving it is never parked, and admitting one costs an atomic
-    /// swap instead of a futex wake-up. Default 50 µs; zero sleeps at once.
+    /// swap instead of a futex wake-up. Default zero: sleep at once (the
+    /// spin pays only with a core to spare for the device thread).
     pub idle_spin: Duration,
 }
 
@@ -64,7 +65,7 @@ impl Default for SchedulerConfig {
             priority_levels: 2,
             max_in_flight: 1,
             inline_below: Duration::from_micros(50),
-            idle_spin: Duration::from_micros(50),
+            idle_spin: Duration::ZERO,
         }
     }
 }

@@ -612,8 +612,12 @@ pub struct Model {
     /// How long the device thread spins watching for work before it sleeps:
     /// while requests keep arriving it never parks, and admitting one costs
     /// an atomic swap rather than a futex wake-up, for up to this much CPU
-    /// each time the queue runs dry. TOML `idle_spin_us`, microseconds.
-    /// Default 50, range 0..=1000; 0 sleeps at once.
+    /// each time the queue runs dry. Worth it with a core to spare per
+    /// device (a GPU box); where the cores are all busy (two cores shared
+    /// with the clients) the spin takes CPU from the requests it waits for
+    /// (benches/README.md, "Per-request cost on the QUIC path"). TOML
+    /// `idle_spin_us`, microseconds. Default 0 (sleep at once), range
+    /// 0..=1000.
     pub idle_spin: Duration,
     /// Consecutive failed batches (a model error or a panic in `forward`)
     /// after which the device is marked unhealthy: its traffic then goes to
@@ -682,8 +686,8 @@ impl Model {
     pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1;
     /// Default of [`Model::inline_below`]: 50 µs.
     pub const DEFAULT_INLINE_BELOW: Duration = Duration::from_micros(50);
-    /// Default of [`Model::idle_spin`]: 50 µs.
-    pub const DEFAULT_IDLE_SPIN: Duration = Duration::from_micros(50);
+    /// Default of [`Model::idle_spin`]: none.
+    pub const DEFAULT_IDLE_SPIN: Duration = Duration::ZERO;
     /// Default of [`Model::unhealthy_after_failures`].
     pub const DEFAULT_UNHEALTHY_AFTER_FAILURES: u32 = 3;
 

@@ -102,7 +102,7 @@ fn defaults_of_every_knob() {
     assert_eq!(model.default_timeout, Duration::from_millis(1000));
     assert_eq!(model.max_in_flight, 1);
     assert_eq!(model.inline_below, Duration::from_micros(50));
-    assert_eq!(model.idle_spin, Duration::from_micros(50));
+    assert_eq!(model.idle_spin, Duration::ZERO);
     assert_eq!(
         model.worst_case_queued_bytes(server.max_frame_bytes),
         32 << 30
