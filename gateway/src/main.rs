@@ -14,6 +14,12 @@
     )
 )]
 
+/// mimalloc rather than glibc's malloc: on the QUIC path, with ~37 allocations
+/// per request, glibc's malloc and free were a fifth of the gateway's
+/// instructions (their consolidation of freed chunks included).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
