@@ -126,10 +126,10 @@ fn check_against_reference(
     assert!(max_diff <= 1e-4, "{a:?}: max abs diff {max_diff}");
 }
 
-#[test]
-fn written_mlp_matches_plain_loops_for_every_activation() {
-    let layers = [5, 8, 6, 3];
-    for (seed, a) in [
+/// An MLP of `layers` written to disk and loaded, for every activation, with its weights
+/// as read back.
+fn written_models(layers: &[usize]) -> Vec<(Activation, Arc<dyn Model>, Weights)> {
+    [
         Activation::Relu,
         Activation::Gelu,
         Activation::Tanh,
@@ -138,9 +138,9 @@ fn written_mlp_matches_plain_loops_for_every_activation() {
     ]
     .into_iter()
     .enumerate()
-    {
+    .map(|(seed, a)| {
         let dir = tempfile::tempdir().unwrap();
-        write_mlp(dir.path(), &layers, a, seed as u64).unwrap();
+        write_mlp(dir.path(), layers, a, seed as u64).unwrap();
         let model = load(
             &ModelSpec::Mlp {
                 dir: dir.path().into(),
@@ -148,8 +148,16 @@ fn written_mlp_matches_plain_loops_for_every_activation() {
             &Device::Cpu,
         )
         .unwrap();
+        (a, model, read_weights(dir.path(), layers))
+    })
+    .collect()
+}
+
+#[test]
+fn written_mlp_matches_plain_loops_for_every_activation() {
+    let layers = [5, 8, 6, 3];
+    for (a, model, weights) in written_models(&layers) {
         assert_eq!(model.kind(), "mlp");
-        let weights = read_weights(dir.path(), &layers);
         check_against_reference(&model, &layers, &weights, &a, &[1, 4, 2, 7]);
     }
 }
@@ -162,26 +170,7 @@ fn small_batches_on_the_calling_thread_and_large_ones_on_candle_agree() {
     let layers = [5, 8, 6, 3];
     let macs: usize = layers.windows(2).map(|w| w[0] * w[1]).sum();
     let large = SMALL_BATCH_MACS / macs + 1;
-    for (seed, a) in [
-        Activation::Relu,
-        Activation::Gelu,
-        Activation::Tanh,
-        Activation::Sigmoid,
-        Activation::None,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let dir = tempfile::tempdir().unwrap();
-        write_mlp(dir.path(), &layers, a, seed as u64).unwrap();
-        let model = load(
-            &ModelSpec::Mlp {
-                dir: dir.path().into(),
-            },
-            &Device::Cpu,
-        )
-        .unwrap();
-        let weights = read_weights(dir.path(), &layers);
+    for (a, model, weights) in written_models(&layers) {
         check_against_reference(&model, &layers, &weights, &a, &[1]);
         check_against_reference(&model, &layers, &weights, &a, &[large - 1, 1]);
         check_against_reference(&model, &layers, &weights, &a, &[large, 3]);
