@@ -605,7 +605,8 @@ pub struct Model {
     /// idle and nothing is queued, skipping the two thread hand-offs that
     /// cost more than a microsecond model (identity, a small MLP, trees).
     /// It is also the stated bound on how long such a batch holds an async
-    /// runtime thread, as predicted. TOML `inline_below_us`, microseconds.
+    /// runtime thread, as predicted. CPU devices only: a CUDA device's calls
+    /// stay on its device thread. TOML `inline_below_us`, microseconds.
     /// Default 50, range 0..=1000; 0 sends every request through the
     /// device thread.
     pub inline_below: Duration,

@@ -1050,7 +1050,14 @@ fn load_replica(
         queue_capacity: m.queue_capacity as usize,
         priority_levels: m.priority_levels,
         max_in_flight: m.max_in_flight,
-        inline_below: m.inline_below,
+        // A CUDA device's calls stay on its device thread, where its context
+        // is bound; inline batches are for the CPU (a simulated device's
+        // service time keeps it above the bound anyway).
+        inline_below: if matches!(device, Device::Cuda(_)) {
+            Duration::ZERO
+        } else {
+            m.inline_below
+        },
         idle_spin: m.idle_spin,
     };
     let mut latency = LatencyModel::new();
