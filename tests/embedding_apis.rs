@@ -67,16 +67,7 @@ async fn post(
     url: String,
     body: &Value,
 ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-    let r = c
-        .post(url)
-        .bearer_auth(TOKEN)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let headers = r.headers().clone();
-    (status, headers, r.json().await.unwrap())
+    support::post_json_with(c, url, TOKEN, body).await
 }
 
 fn floats(v: &Value) -> Vec<f32> {

@@ -405,9 +405,6 @@ fn write_pem(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_presents_its_certificate_to_workers_that_require_one() {
-    use quiver_gateway::metrics::Metrics;
-    use quiver_gateway::upstream::Upstream;
-
     let pki = pki();
     let dir = pki.dir.path();
     // The worker: a server certificate from the CA, client certificates
@@ -423,7 +420,6 @@ async fn a_gateway_presents_its_certificate_to_workers_that_require_one() {
     ));
     let (client_cert, client_key) = write_pem(dir, "gateway", &pki.good_pem);
     let input = HostTensor::new("INPUT0", vec![1, 2], TensorData::F32(vec![1.5, -3.0])).unwrap();
-    let deadline = || std::time::Instant::now() + Duration::from_secs(10);
     for (scheme, addr) in [
         ("grpc", worker.grpcs.unwrap()),
         ("http", worker.https.unwrap()),
@@ -439,27 +435,13 @@ async fn a_gateway_presents_its_certificate_to_workers_that_require_one() {
 
         // Without a client certificate the worker refuses the connection.
         config.tls = Some(tls(false));
-        let without = Upstream::new("identity", &config, Arc::new(Metrics::new())).unwrap();
-        let err = without
-            .infer(
-                "",
-                std::slice::from_ref(&input),
-                quiver_gateway::upstream::client::Policy::default(),
-                deadline(),
-            )
+        let err = support::infer_upstream("identity", &config, &input)
             .await
             .expect_err("the worker wants a client certificate");
         eprintln!("{scheme} without a certificate: {err}");
 
         config.tls = Some(tls(true));
-        let with = Upstream::new("identity", &config, Arc::new(Metrics::new())).unwrap();
-        let served = with
-            .infer(
-                "",
-                std::slice::from_ref(&input),
-                quiver_gateway::upstream::client::Policy::default(),
-                deadline(),
-            )
+        let served = support::infer_upstream("identity", &config, &input)
             .await
             .unwrap_or_else(|e| panic!("{scheme}: {e}"));
         assert_eq!(

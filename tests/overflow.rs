@@ -729,9 +729,6 @@ async fn a_failed_device_overflows_until_a_probe_batch_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_token_reaches_a_worker_that_wants_one() {
-    use quiver_gateway::metrics::Metrics;
-    use quiver_gateway::upstream::Upstream;
-
     let text = worker_config().replace("[server]\n", "[server]\nauth_tokens = [\"w-s3cret\"]\n");
     let w = Worker::start_with(&text);
     let input = HostTensor::new("INPUT0", vec![1, 16], TensorData::F32(row(3))).unwrap();
@@ -741,16 +738,8 @@ async fn the_upstream_token_reaches_a_worker_that_wants_one() {
         let endpoint = quiver_config::Endpoint::parse(&format!("{scheme}://{addr}")).unwrap();
         let mut config = quiver_config::Upstream::new(vec![endpoint]);
         config.model = Some("mlp".into());
-        let deadline = || Instant::now() + Duration::from_secs(10);
 
-        let without = Upstream::new("m", &config, Arc::new(Metrics::new())).unwrap();
-        let err = without
-            .infer(
-                "",
-                std::slice::from_ref(&input),
-                quiver_gateway::upstream::client::Policy::default(),
-                deadline(),
-            )
+        let err = support::infer_upstream("m", &config, &input)
             .await
             .expect_err("the worker wants a token");
         assert!(
@@ -759,14 +748,7 @@ async fn the_upstream_token_reaches_a_worker_that_wants_one() {
         );
 
         config.token = Some("w-s3cret".into());
-        let with = Upstream::new("m", &config, Arc::new(Metrics::new())).unwrap();
-        let served = with
-            .infer(
-                "",
-                std::slice::from_ref(&input),
-                quiver_gateway::upstream::client::Policy::default(),
-                deadline(),
-            )
+        let served = support::infer_upstream("m", &config, &input)
             .await
             .unwrap_or_else(|e| panic!("{scheme}: {e}"));
         let got = match &served.answer.outputs[0].data {

@@ -37,15 +37,8 @@ async fn get(c: &reqwest::Client, url: String) -> (StatusCode, Value) {
 }
 
 async fn post_json(c: &reqwest::Client, url: String, body: &Value) -> (StatusCode, Value) {
-    let r = c
-        .post(url)
-        .bearer_auth(TOKEN)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    (status, r.json().await.unwrap())
+    let (status, _, json) = support::post_json_with(c, url, TOKEN, body).await;
+    (status, json)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -489,3 +489,46 @@ pub fn minilm_dir() -> std::path::PathBuf {
     );
     std::fs::canonicalize(dir).unwrap()
 }
+
+/// Sends `input` alone to the upstream pool `config` as model `model` (a
+/// pool of its own, default policy, a 10 s deadline).
+pub async fn infer_upstream(
+    model: &str,
+    config: &quiver_config::Upstream,
+    input: &quiver_kernels::HostTensor,
+) -> Result<quiver_gateway::upstream::Served, quiver_gateway::error::GatewayError> {
+    let metrics = std::sync::Arc::new(quiver_gateway::metrics::Metrics::new());
+    let pool = quiver_gateway::upstream::Upstream::new(model, config, metrics)
+        .expect("the upstream pool builds");
+    pool.infer(
+        "",
+        std::slice::from_ref(input),
+        quiver_gateway::upstream::client::Policy::default(),
+        Instant::now() + Duration::from_secs(10),
+    )
+    .await
+}
+
+/// POSTs `body` as JSON with bearer `token`; the status, headers and JSON
+/// answer.
+pub async fn post_json_with(
+    c: &reqwest::Client,
+    url: String,
+    token: &str,
+    body: &serde_json::Value,
+) -> (
+    reqwest::StatusCode,
+    reqwest::header::HeaderMap,
+    serde_json::Value,
+) {
+    let r = c
+        .post(url)
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .expect("the request is sent");
+    let status = r.status();
+    let headers = r.headers().clone();
+    (status, headers, r.json().await.expect("a JSON answer"))
+}
