@@ -7,8 +7,8 @@ use bytes::Bytes;
 use prost::Message;
 
 pub use quiver_protocol::frame::{
-    FrameError, HEADER_LEN, body_len, decode_body, encode, encode_response, encode_with,
-    open_reply, reply_error, reply_ok,
+    FrameError, HEADER_LEN, ResponseRef, body_len, decode_body, encode, encode_response,
+    encode_with, open_reply, reply_error, reply_ok,
 };
 
 /// Reads one frame from a QUIC stream and decodes it as `M`.

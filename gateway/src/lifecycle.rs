@@ -1103,7 +1103,7 @@ fn load_replica(
         m.unhealthy_after_failures,
     )?;
     Ok(Replica {
-        device: device_name.to_owned(),
+        device: device_name.into(),
         model,
         worker,
     })

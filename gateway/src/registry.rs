@@ -26,7 +26,7 @@ use crate::upstream::Upstream;
 #[derive(Debug)]
 pub struct Replica {
     /// The device, as configured (`cpu`, `cuda:1`, `sim:0`).
-    pub device: String,
+    pub device: Arc<str>,
     pub model: Arc<dyn Model>,
     pub worker: DeviceWorker,
 }

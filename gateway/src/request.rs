@@ -136,7 +136,7 @@ pub struct InferResponse {
     /// The part of the deadline set aside for the round trip.
     pub rtt_reserved: Duration,
     /// The local device that computed it (none when an upstream did).
-    pub device: Option<String>,
+    pub device: Option<std::sync::Arc<str>>,
     pub id: String,
     pub outputs: Vec<HostTensor>,
     pub served: Served,

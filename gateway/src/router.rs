@@ -95,8 +95,8 @@ impl Drop for RouteRecord<'_> {
 }
 
 /// What a request carries into routing once its model is known.
-struct Routed {
-    id: String,
+struct Routed<'a> {
+    id: &'a str,
     inputs: Vec<HostTensor>,
     options: quiver_kernels::PrepareOptions,
     priority: u32,
@@ -264,9 +264,8 @@ impl Router {
                 predicted: rtt_reserved,
             });
         }
-        let request_id = req.id.clone();
         let routed = Routed {
-            id: req.id,
+            id: &req.id,
             inputs: req.inputs,
             options: quiver_kernels::PrepareOptions {
                 truncate: req.truncate.unwrap_or(entry.config.auto_truncate),
@@ -312,7 +311,7 @@ impl Router {
             version: entry.version,
             rtt_reserved,
             device,
-            id: request_id,
+            id: req.id,
             outputs,
             served,
             usage,
@@ -329,7 +328,7 @@ impl Router {
         &self,
         entry: &ModelEntry,
         upstream: Option<&Upstream>,
-        mut routed: Routed,
+        mut routed: Routed<'_>,
         cancel: CancelToken,
         path: &PathCell,
         usage: &mut Option<crate::request::TextUsage>,
@@ -544,7 +543,7 @@ impl Router {
         &'a self,
         entry: &'a ModelEntry,
         up: &'a Upstream,
-        routed: Routed,
+        routed: Routed<'a>,
         reason: OverflowReason,
     ) -> Overflowing<'a> {
         Box::pin(self.overflow_now(entry, up, routed, reason))
@@ -554,7 +553,7 @@ impl Router {
         &self,
         entry: &ModelEntry,
         up: &Upstream,
-        routed: Routed,
+        routed: Routed<'_>,
         reason: OverflowReason,
     ) -> Result<(Vec<HostTensor>, Served), GatewayError> {
         self.metrics
@@ -566,7 +565,7 @@ impl Router {
             .inc();
         let served = up
             .infer(
-                &routed.id,
+                routed.id,
                 &routed.inputs,
                 crate::upstream::client::Policy {
                     priority: routed.priority,
@@ -594,7 +593,7 @@ type Overflowing<'a> = std::pin::Pin<
 
 /// What the local path answers: the outputs, how they were served, and the
 /// device that computed them (none when an upstream did).
-type Local = (Vec<HostTensor>, Served, Option<String>);
+type Local = (Vec<HostTensor>, Served, Option<Arc<str>>);
 
 fn no_device((outputs, served): (Vec<HostTensor>, Served)) -> Local {
     (outputs, served, None)
@@ -603,14 +602,18 @@ fn no_device((outputs, served): (Vec<HostTensor>, Served)) -> Local {
 /// The healthy devices of `entry` not in `exclude`, with their predicted
 /// completion of a request of `cost` in `lane` admitted `now`, earliest
 /// first.
+/// The devices a request may go to, best first: on the stack for up to
+/// eight replicas, as most models have, so placing allocates nothing.
+type Candidates = smallvec::SmallVec<[(usize, Instant); 8]>;
+
 fn place(
     entry: &ModelEntry,
     lane: usize,
     cost: Cost,
     now: Instant,
     exclude: &[usize],
-) -> Vec<(usize, Instant)> {
-    let mut candidates: Vec<(usize, Instant)> = entry
+) -> Candidates {
+    let mut candidates: Candidates = entry
         .replicas
         .iter()
         .enumerate()

@@ -191,7 +191,7 @@ pub fn served_parameters(served: &Served) -> HashMap<String, InferParameter> {
 #[derive(Debug)]
 pub struct LocalParameters {
     batch: crate::request::LocalBatch,
-    device: Option<String>,
+    device: Option<std::sync::Arc<str>>,
     rtt_reserved_us: Option<i64>,
     truncated: Option<i64>,
 }
@@ -251,35 +251,22 @@ impl LocalParameters {
 
 pub use quiver_protocol::frame::ParamRef;
 
-/// An answer computed here as its protobuf response without the parameters
-/// map, and its parameters as [`LocalParameters`]; an answer an upstream
-/// computed is handed back (its parameters pass through as received: use
+/// The parameters of an answer computed here, taken out of it as
+/// [`LocalParameters`] for `frame::encode_response`, which writes the answer
+/// without building its protobuf message. An answer an upstream computed
+/// gives `None` (its parameters pass through as received: use
 /// [`response_to_proto`]).
-pub fn split_local_response(
-    mut resp: InferResponse,
-) -> Result<(ModelInferResponse, LocalParameters), Box<InferResponse>> {
+pub fn local_parameters(resp: &mut InferResponse) -> Option<LocalParameters> {
     let Served::Local(batch) = resp.served else {
-        return Err(Box::new(resp));
+        return None;
     };
-    let parameters = LocalParameters {
+    Some(LocalParameters {
         batch,
         device: resp.device.take(),
         rtt_reserved_us: (!resp.rtt_reserved.is_zero())
             .then(|| i64::try_from(resp.rtt_reserved.as_micros()).unwrap_or(i64::MAX)),
         truncated: resp.usage.map(|u| i64::from(u.truncated)),
-    };
-    let (outputs, raw_output_contents) = outputs_to_proto(std::mem::take(&mut resp.outputs));
-    Ok((
-        ModelInferResponse {
-            model_name: resp.model,
-            model_version: resp.version.to_string(),
-            id: resp.id,
-            parameters: HashMap::new(),
-            outputs,
-            raw_output_contents,
-        },
-        parameters,
-    ))
+    })
 }
 
 #[cfg(test)]
@@ -288,7 +275,7 @@ mod local_parameters_tests {
     use super::*;
     use crate::request::LocalBatch;
     use quiver_batching::DispatchReason;
-    use quiver_protocol::frame::{decode, encode_response, open_reply};
+    use quiver_protocol::frame::{ResponseRef, decode, encode_response, open_reply};
     use std::time::Duration;
 
     #[test]
@@ -303,7 +290,7 @@ mod local_parameters_tests {
         for (device, rtt, usage) in [
             (None, Duration::ZERO, None),
             (
-                Some("sim:1".to_owned()),
+                Some("sim:1".into()),
                 Duration::from_micros(250),
                 Some(crate::request::TextUsage {
                     tokens: 9,
@@ -317,14 +304,29 @@ mod local_parameters_tests {
                 rtt_reserved: rtt,
                 device,
                 id: "x".into(),
-                outputs: Vec::new(),
+                outputs: vec![
+                    quiver_protocol::tensor::HostTensor::new(
+                        "OUTPUT0",
+                        vec![1, 2],
+                        quiver_protocol::tensor::TensorData::F32(vec![0.5, -1.0]),
+                    )
+                    .unwrap(),
+                ],
                 served: Served::Local(batch),
                 usage,
             };
             let want = response_to_proto(resp.clone());
-            let (proto, params) = split_local_response(resp).unwrap();
+            let mut resp = resp;
+            let params = local_parameters(&mut resp).unwrap();
             let (pairs, n) = params.pairs();
-            let frame = encode_response(&proto, &pairs[..n]);
+            let version = resp.version.to_string();
+            let view = ResponseRef {
+                model_name: &resp.model,
+                model_version: &version,
+                id: &resp.id,
+                outputs: &resp.outputs,
+            };
+            let frame = encode_response(&view, &pairs[..n]).unwrap();
             let got = open_reply(decode(frame, u32::MAX).unwrap()).unwrap();
             assert_eq!(got, want);
         }

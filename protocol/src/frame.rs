@@ -10,9 +10,11 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 
+use crate::error::InputError;
 use crate::proto::ModelInferResponse;
 use crate::proto::native::{Reply, Status, reply};
 use crate::status::Code;
+use crate::tensor::HostTensor;
 
 /// Bytes of the length prefix.
 pub const HEADER_LEN: usize = 4;
@@ -115,55 +117,103 @@ pub enum ParamRef<'a> {
     Str(&'a str),
 }
 
-/// Encodes `Reply { response: resp }` as one frame, with `params` added to
-/// the response's `parameters` map.
+/// A response borrowed for [`encode_response`]: what `ModelInferResponse`
+/// holds, with the outputs as the tensors a model returned.
+#[derive(Clone, Copy, Debug)]
+pub struct ResponseRef<'a> {
+    pub model_name: &'a str,
+    pub model_version: &'a str,
+    pub id: &'a str,
+    /// Written as `outputs` (name, datatype, shape) and, in the same order,
+    /// `raw_output_contents`.
+    pub outputs: &'a [HostTensor],
+}
+
+/// Encodes `Reply { response }` as one frame: the `ModelInferResponse`
+/// that `kserve::outputs_to_proto` and the `params` map would make, written
+/// straight from borrowed fields into one buffer.
 ///
-/// The parameters are written straight from borrowed names and values, as
-/// map entries after the response's own fields (protobuf merges them into
-/// the map), instead of first being built as a `HashMap<String,
-/// InferParameter>` (an allocation per name and per string value, and a
-/// hash per insert). A reader decodes the same message as if the map had
-/// held them; a name also in `resp.parameters` is read as `params`' value.
-pub fn encode_response(resp: &ModelInferResponse, params: &[(&str, ParamRef<'_>)]) -> Bytes {
+/// Nothing is built on the way: no output message, shape or datatype
+/// string, no raw-contents vector (each tensor's elements go from its data
+/// into the frame), and no `HashMap<String, InferParameter>` (the
+/// parameters are map entries written from their names and values). The
+/// bytes are what prost writes for the built message, field by field in
+/// its order, the parameters last; a reader decodes the same message.
+///
+/// Errors only where `HostTensor::try_to_raw` would: a `BYTES` element
+/// longer than `u32::MAX` bytes.
+pub fn encode_response(
+    resp: &ResponseRef<'_>,
+    params: &[(&str, ParamRef<'_>)],
+) -> Result<Bytes, InputError> {
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
-    // InferParameter's body: its one choice.
+    // A length-delimited field's key, length and body, when written.
+    let field = |len: usize| 1 + encoded_len_varint(len as u64) + len;
+    // Proto3 leaves an empty string out.
+    let string = |s: &str| if s.is_empty() { 0 } else { field(s.len()) };
     let value_len = |v: &ParamRef<'_>| match *v {
         // Tag byte and the varint.
         ParamRef::Bool(_) => 2,
         ParamRef::Int(i) => 1 + encoded_len_varint(i as u64),
-        ParamRef::Str(s) => 1 + encoded_len_varint(s.len() as u64) + s.len(),
+        ParamRef::Str(s) => field(s.len()),
     };
     // The map entry's body: key (field 1), value (field 2).
-    let entry_len = |k: &str, v: &ParamRef<'_>| {
-        let value = value_len(v);
-        1 + encoded_len_varint(k.len() as u64)
-            + k.len()
-            + 1
-            + encoded_len_varint(value as u64)
-            + value
+    let entry_len = |k: &str, v: &ParamRef<'_>| string(k) + field(value_len(v));
+    // InferOutputTensor: name 1, datatype 2, shape 3 (packed).
+    let shape_len =
+        |t: &HostTensor| -> usize { t.shape.iter().map(|&d| encoded_len_varint(d as u64)).sum() };
+    let output_len = |t: &HostTensor| {
+        let shape = shape_len(t);
+        string(&t.name) + string(t.datatype().as_str()) + if shape == 0 { 0 } else { field(shape) }
     };
-    let params_len: usize = params
-        .iter()
-        .map(|(k, v)| {
-            let entry = entry_len(k, v);
-            1 + encoded_len_varint(entry as u64) + entry
-        })
-        .sum();
-    let inner = resp.encoded_len() + params_len;
+    let mut inner = string(resp.model_name) + string(resp.model_version) + string(resp.id);
+    for t in resp.outputs {
+        inner += field(output_len(t)) + field(t.raw_len());
+    }
+    for (k, v) in params {
+        inner += field(entry_len(k, v));
+    }
     // Reply field 1 (the response), length-delimited.
-    let body = 1 + encoded_len_varint(inner as u64) + inner;
+    let body = field(inner);
     let mut buf = BytesMut::with_capacity(HEADER_LEN + body);
     buf.put_u32(u32::try_from(body).unwrap_or(u32::MAX));
     encode_key(1, WireType::LengthDelimited, &mut buf);
     encode_varint(inner as u64, &mut buf);
-    resp.encode_raw(&mut buf);
+    let put_string = |tag: u32, s: &str, buf: &mut BytesMut| {
+        if !s.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, buf);
+            encode_varint(s.len() as u64, buf);
+            buf.put_slice(s.as_bytes());
+        }
+    };
+    put_string(1, resp.model_name, &mut buf);
+    put_string(2, resp.model_version, &mut buf);
+    put_string(3, resp.id, &mut buf);
+    // ModelInferResponse.outputs is field 5, raw_output_contents field 6.
+    for t in resp.outputs {
+        encode_key(5, WireType::LengthDelimited, &mut buf);
+        encode_varint(output_len(t) as u64, &mut buf);
+        put_string(1, &t.name, &mut buf);
+        put_string(2, t.datatype().as_str(), &mut buf);
+        let shape = shape_len(t);
+        if shape > 0 {
+            encode_key(3, WireType::LengthDelimited, &mut buf);
+            encode_varint(shape as u64, &mut buf);
+            for &d in &t.shape {
+                encode_varint(d as u64, &mut buf);
+            }
+        }
+    }
+    for t in resp.outputs {
+        encode_key(6, WireType::LengthDelimited, &mut buf);
+        encode_varint(t.raw_len() as u64, &mut buf);
+        t.write_raw(&mut buf)?;
+    }
     for (k, v) in params {
         // ModelInferResponse.parameters is field 4.
         encode_key(4, WireType::LengthDelimited, &mut buf);
         encode_varint(entry_len(k, v) as u64, &mut buf);
-        encode_key(1, WireType::LengthDelimited, &mut buf);
-        encode_varint(k.len() as u64, &mut buf);
-        buf.put_slice(k.as_bytes());
+        put_string(1, k, &mut buf);
         encode_key(2, WireType::LengthDelimited, &mut buf);
         encode_varint(value_len(v) as u64, &mut buf);
         match *v {
@@ -182,7 +232,7 @@ pub fn encode_response(resp: &ModelInferResponse, params: &[(&str, ParamRef<'_>)
             }
         }
     }
-    buf.freeze()
+    Ok(buf.freeze())
 }
 
 /// The reply envelope of a result.
@@ -319,23 +369,26 @@ mod tests {
     }
 
     #[test]
-    fn borrowed_parameters_decode_as_the_map_prost_would_build() {
+    fn a_borrowed_response_decodes_as_the_message_prost_would_build() {
+        use crate::kserve::outputs_to_proto;
         use crate::proto::inference::InferParameter;
         use crate::proto::inference::infer_parameter::ParameterChoice;
-        use crate::proto::inference::model_infer_response::InferOutputTensor;
-        let resp = ModelInferResponse {
-            model_name: "identity".into(),
-            model_version: "1".into(),
-            id: "r-7".into(),
-            outputs: vec![InferOutputTensor {
-                name: "OUTPUT0".into(),
-                datatype: "FP32".into(),
-                shape: vec![1, 2],
-                ..Default::default()
-            }],
-            raw_output_contents: vec![Bytes::from_static(&[0, 0, 128, 63, 0, 0, 0, 64])],
-            ..Default::default()
-        };
+        use crate::tensor::TensorData;
+        let outputs = [
+            HostTensor::new("OUTPUT0", vec![1, 2], TensorData::F32(vec![1.0, -2.5])).unwrap(),
+            // A scalar (no shape field), an empty tensor, wide dimensions
+            // (multi-byte varints) and every kind of element layout.
+            HostTensor::new("", vec![], TensorData::I64(vec![-7])).unwrap(),
+            HostTensor::new("empty", vec![0, 300], TensorData::F64(vec![])).unwrap(),
+            HostTensor::new("flags", vec![200], TensorData::Bool(vec![true; 200])).unwrap(),
+            HostTensor::new(
+                "text",
+                vec![2],
+                TensorData::Bytes(vec![b"ab".to_vec(), Vec::new()]),
+            )
+            .unwrap(),
+            HostTensor::new("u16", vec![1, 1], TensorData::U16(vec![65535])).unwrap(),
+        ];
         let long = "d".repeat(300);
         let params = [
             ("quiver_batch_size", ParamRef::Int(3)),
@@ -347,28 +400,62 @@ mod tests {
             ("long", ParamRef::Str(&long)),
             ("flag", ParamRef::Bool(true)),
             ("off", ParamRef::Bool(false)),
+            ("", ParamRef::Int(1)),
         ];
-        let frame = encode_response(&resp, &params);
-        let len = body_len(frame[..HEADER_LEN].try_into().unwrap(), u32::MAX).unwrap();
-        assert_eq!(len, frame.len() - HEADER_LEN);
-        let reply: Reply = decode(frame, u32::MAX).unwrap();
-        // What prost encodes from the same response with the map filled in.
-        let mut want = resp.clone();
-        for (k, v) in params {
-            let choice = match v {
-                ParamRef::Bool(b) => ParameterChoice::BoolParam(b),
-                ParamRef::Int(i) => ParameterChoice::Int64Param(i),
-                ParamRef::Str(s) => ParameterChoice::StringParam(s.into()),
+        for (name, version, id, outputs, params) in [
+            ("identity", "1", "r-7", &outputs[..], &params[..]),
+            ("m", "", "", &outputs[..1], &params[..0]),
+            ("", "12", "x", &outputs[..0], &params[9..]),
+        ] {
+            let resp = ResponseRef {
+                model_name: name,
+                model_version: version,
+                id,
+                outputs,
             };
-            want.parameters.insert(
-                k.into(),
-                InferParameter {
-                    parameter_choice: Some(choice),
-                },
-            );
+            let frame = encode_response(&resp, params).unwrap();
+            let len = body_len(frame[..HEADER_LEN].try_into().unwrap(), u32::MAX).unwrap();
+            assert_eq!(len, frame.len() - HEADER_LEN);
+            // What prost encodes from the message built the long way.
+            let (proto_outputs, raw) = outputs_to_proto(outputs.to_vec());
+            let mut want = ModelInferResponse {
+                model_name: name.into(),
+                model_version: version.into(),
+                id: id.into(),
+                outputs: proto_outputs,
+                raw_output_contents: raw,
+                ..Default::default()
+            };
+            if params.is_empty() {
+                // Field for field prost's own bytes.
+                assert_eq!(frame, encode(&reply_ok(want.clone())));
+            }
+            for (k, v) in params {
+                let choice = match *v {
+                    ParamRef::Bool(b) => ParameterChoice::BoolParam(b),
+                    ParamRef::Int(i) => ParameterChoice::Int64Param(i),
+                    ParamRef::Str(s) => ParameterChoice::StringParam(s.into()),
+                };
+                want.parameters.insert(
+                    (*k).into(),
+                    InferParameter {
+                        parameter_choice: Some(choice),
+                    },
+                );
+            }
+            let reply: Reply = decode(frame, u32::MAX).unwrap();
+            assert_eq!(reply, reply_ok(want));
         }
-        assert_eq!(reply, reply_ok(want));
-        // No parameters: exactly prost's own encoding of the reply.
-        assert_eq!(encode_response(&resp, &[]), encode(&reply_ok(resp)));
+    }
+
+    #[test]
+    fn write_raw_appends_what_to_raw_returns() {
+        use crate::tensor::TensorData;
+        let t = HostTensor::new("x", vec![3], TensorData::I16(vec![-1, 2, 300])).unwrap();
+        let mut out = vec![9u8];
+        t.write_raw(&mut out).unwrap();
+        assert_eq!(out[0], 9);
+        assert_eq!(&out[1..], t.to_raw().as_slice());
+        assert_eq!(out.len() - 1, t.raw_len());
     }
 }

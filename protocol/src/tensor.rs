@@ -9,6 +9,8 @@
 //! Decoding is the first thing that touches a client's bytes, so [`HostTensor::from_raw`]
 //! never panics and never allocates more than the input's length implies.
 
+use bytes::BufMut;
+
 use crate::error::InputError;
 
 /// An element type, named as in KServe v2. FP16/BF16 are not supported yet.
@@ -336,18 +338,27 @@ impl HostTensor {
     /// error rather than a panic.
     pub fn try_to_raw(&self) -> Result<Vec<u8>, InputError> {
         let mut out = Vec::with_capacity(self.raw_len());
+        self.write_raw(&mut out)?;
+        Ok(out)
+    }
+
+    /// Appends [`HostTensor::try_to_raw`]'s bytes to `out` without an
+    /// intermediate buffer: an encoder that knows [`HostTensor::raw_len`]
+    /// writes the elements straight into its frame. On error (a `BYTES`
+    /// element longer than `u32::MAX` bytes) `out` may hold a prefix.
+    pub fn write_raw<B: BufMut>(&self, out: &mut B) -> Result<(), InputError> {
         match &self.data {
-            TensorData::Bool(v) => out.extend(v.iter().map(|&b| u8::from(b))),
-            TensorData::U8(v) => out.extend_from_slice(v),
-            TensorData::U16(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
-            TensorData::U32(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
-            TensorData::U64(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
-            TensorData::I8(v) => out.extend(v.iter().map(|x| x.to_le_bytes()[0])),
-            TensorData::I16(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
-            TensorData::I32(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
-            TensorData::I64(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
-            TensorData::F32(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
-            TensorData::F64(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
+            TensorData::Bool(v) => v.iter().for_each(|&b| out.put_u8(u8::from(b))),
+            TensorData::U8(v) => out.put_slice(v),
+            TensorData::U16(v) => v.iter().for_each(|&x| out.put_u16_le(x)),
+            TensorData::U32(v) => v.iter().for_each(|&x| out.put_u32_le(x)),
+            TensorData::U64(v) => v.iter().for_each(|&x| out.put_u64_le(x)),
+            TensorData::I8(v) => v.iter().for_each(|&x| out.put_i8(x)),
+            TensorData::I16(v) => v.iter().for_each(|&x| out.put_i16_le(x)),
+            TensorData::I32(v) => v.iter().for_each(|&x| out.put_i32_le(x)),
+            TensorData::I64(v) => v.iter().for_each(|&x| out.put_i64_le(x)),
+            TensorData::F32(v) => v.iter().for_each(|&x| out.put_f32_le(x)),
+            TensorData::F64(v) => v.iter().for_each(|&x| out.put_f64_le(x)),
             TensorData::Bytes(v) => {
                 for (index, e) in v.iter().enumerate() {
                     let len =
@@ -356,12 +367,12 @@ impl HostTensor {
                             index,
                             len: e.len(),
                         })?;
-                    out.extend(len.to_le_bytes());
-                    out.extend_from_slice(e);
+                    out.put_u32_le(len);
+                    out.put_slice(e);
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -184,7 +184,7 @@ pub fn statistics(entry: &ModelEntry, metrics: &Metrics) -> ModelStatistics {
                     .get_or_create(&crate::metrics::DeviceLabels {
                         model: labels.model.clone(),
                         version: labels.version.clone(),
-                        device: r.device.clone(),
+                        device: r.device.to_string(),
                     })
                     .get()
             })

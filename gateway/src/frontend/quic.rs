@@ -385,37 +385,53 @@ async fn serve_stream(
             return;
         }
     };
-    match result.map(tensor::split_local_response) {
-        Ok(Ok((resp, parameters))) => {
-            answer_local(&mut send, ctx, model, started, &resp, &parameters).await;
-        }
-        Ok(Err(upstream)) => {
-            let resp = tensor::response_to_proto(*upstream);
-            answer(&mut send, ctx, model, started, Ok(resp)).await;
-        }
+    match result {
+        Ok(mut resp) => match tensor::local_parameters(&mut resp) {
+            Some(parameters) => {
+                answer_local(&mut send, ctx, model, started, &resp, &parameters).await
+            }
+            None => {
+                let resp = tensor::response_to_proto(resp);
+                answer(&mut send, ctx, model, started, Ok(resp)).await;
+            }
+        },
         Err(e) => answer(&mut send, ctx, model, started, Err(e)).await,
     }
 }
 
-/// Answers a request computed here: its parameters are written into the
-/// frame from their values, without building the protobuf map.
+/// Answers a request computed here: the reply is written into its frame
+/// straight from the model's output tensors and the parameters' values,
+/// without building the protobuf message.
 async fn answer_local(
     send: &mut quinn::SendStream,
     ctx: &Ctx,
     model: &str,
     started: Instant,
-    resp: &crate::proto::ModelInferResponse,
+    resp: &crate::request::InferResponse,
     parameters: &tensor::LocalParameters,
 ) {
-    ctx.metrics.record_request(
-        model,
-        &resp.model_version,
-        PROTOCOL,
-        "ok",
-        started.elapsed(),
-    );
+    let mut version = itoa::Buffer::new();
+    let version = version.format(resp.version);
+    ctx.metrics
+        .record_request(model, version, PROTOCOL, "ok", started.elapsed());
     let (pairs, n) = parameters.pairs();
-    let frame = framing::encode_response(resp, pairs.get(..n).unwrap_or_default());
+    let view = framing::ResponseRef {
+        model_name: &resp.model,
+        model_version: version,
+        id: &resp.id,
+        outputs: &resp.outputs,
+    };
+    let frame = match framing::encode_response(&view, pairs.get(..n).unwrap_or_default()) {
+        Ok(frame) => frame,
+        Err(e) => {
+            // Only a BYTES element over 4 GiB, which no frame can carry.
+            let err = GatewayError::Model {
+                model: model.to_owned(),
+                message: format!("output cannot be encoded: {e}"),
+            };
+            return answer(send, ctx, model, started, Err(err)).await;
+        }
+    };
     if let Err(e) = send.write_chunk(frame).await {
         tracing::debug!(error = %e, "reply not delivered");
         return;
