@@ -1,13 +1,16 @@
 //! A `quiver/1` request stream and a reply stream, as a peer may send them:
 //! the frame decoder never panics, and what decodes survives the round trip
 //! (encode, then decode, gives the same message; the tensors a request
-//! carries re-encode to the same raw bytes).
+//! carries re-encode to the same raw bytes); and where the plain decoder
+//! (`quiver_protocol::plain`) takes a body, it reads what prost and
+//! `inputs_from_proto` read.
 #![no_main]
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use quiver_protocol::frame;
 use quiver_protocol::kserve;
+use quiver_protocol::plain;
 use quiver_protocol::proto::ModelInferRequest;
 use quiver_protocol::proto::native::Reply;
 
@@ -29,7 +32,34 @@ fn same<M: PartialEq + std::fmt::Debug>(a: &M, b: &M) -> bool {
     format!("{a:?}").contains("NaN") && sorted(a) == sorted(b)
 }
 
+/// Where the plain decoder takes `body`, prost and `inputs_from_proto` take
+/// it too and read the same request.
+fn plain_reads_what_prost_reads(body: &[u8]) {
+    if let Some(fast) = plain::decode_plain(body) {
+        let req = <ModelInferRequest as prost::Message>::decode(body)
+            .expect("a body the plain decoder takes, prost takes");
+        let inputs = kserve::inputs_from_proto(req.inputs, &req.raw_input_contents)
+            .expect("tensors the plain decoder takes, inputs_from_proto takes");
+        let generic = plain::PlainRequest {
+            model_name: req.model_name,
+            model_version: req.model_version,
+            id: req.id,
+            parameters: req.parameters,
+            inputs,
+            outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+        };
+        assert!(
+            same(&fast, &generic),
+            "plain decode: {fast:?} != {generic:?}"
+        );
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
+    // The corpus holds frames: their bodies are after the header.
+    for body in [data, data.get(frame::HEADER_LEN..).unwrap_or_default()] {
+        plain_reads_what_prost_reads(body);
+    }
     let stream = Bytes::copy_from_slice(data);
     if let Ok(req) = frame::decode::<ModelInferRequest>(stream.clone(), LIMIT) {
         let again: ModelInferRequest =

@@ -48,7 +48,7 @@ pub async fn read_body<M: Message + Default>(
 
 /// Reads exactly `len` bytes as [`Bytes`], without copying when they come
 /// in one chunk.
-async fn read_bytes(recv: &mut quinn::RecvStream, len: usize) -> Result<Bytes, FrameError> {
+pub async fn read_bytes(recv: &mut quinn::RecvStream, len: usize) -> Result<Bytes, FrameError> {
     let truncated = |got: usize| FrameError::Truncated {
         expected: len as u64,
         got: got as u64,

@@ -12,6 +12,7 @@ pub use quiver_protocol::kserve::{
     int_param, outputs_from_proto, request_to_proto, response_int, response_str, schedule_policy,
     string_param,
 };
+use quiver_protocol::plain::PlainRequest;
 
 use crate::error::GatewayError;
 use crate::proto::inference::{InferParameter, ModelInferRequest, ModelInferResponse};
@@ -39,6 +40,26 @@ pub fn request_from_proto(req: ModelInferRequest) -> Result<InferRequest, Gatewa
         id,
         inputs,
         outputs: outputs.into_iter().map(|o| o.name).collect(),
+        priority,
+        timeout,
+        truncate,
+        truncation_side,
+    })
+}
+
+/// A request decoded by `quiver_protocol::plain` (its raw contents already
+/// tensors) as the gateway's request type: what [`request_from_proto`]
+/// gives for the same bytes.
+pub fn request_from_plain(req: PlainRequest) -> Result<InferRequest, GatewayError> {
+    let (priority, timeout) = schedule_policy(&req.parameters)?;
+    let (truncate, truncation_side) = truncation(&req.parameters)?;
+    Ok(InferRequest {
+        model: req.model_name,
+        version: req.model_version,
+        rtt: None,
+        id: req.id,
+        inputs: req.inputs,
+        outputs: req.outputs,
         priority,
         timeout,
         truncate,
@@ -330,5 +351,63 @@ mod local_parameters_tests {
             let got = open_reply(decode(frame, u32::MAX).unwrap()).unwrap();
             assert_eq!(got, want);
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod plain_tests {
+    use super::*;
+    use prost::Message;
+    use quiver_protocol::tensor::{HostTensor, TensorData};
+
+    #[test]
+    fn a_plain_request_becomes_the_request_prost_decoding_gives() {
+        let input = HostTensor::new("INPUT0", vec![1, 4], TensorData::F32(vec![1.0; 4])).unwrap();
+        for parameters in [
+            HashMap::new(),
+            [
+                ("timeout".to_owned(), int_param(2500)),
+                ("priority".to_owned(), int_param(1)),
+                (
+                    params::TRUNCATE.to_owned(),
+                    InferParameter {
+                        parameter_choice: Some(
+                            crate::proto::inference::infer_parameter::ParameterChoice::BoolParam(
+                                true,
+                            ),
+                        ),
+                    },
+                ),
+                (
+                    params::TRUNCATION_DIRECTION.to_owned(),
+                    string_param("left"),
+                ),
+            ]
+            .into(),
+        ] {
+            let body =
+                request_to_proto("identity", "r-9", std::slice::from_ref(&input), parameters)
+                    .encode_to_vec();
+            let plain =
+                request_from_plain(quiver_protocol::plain::decode_plain(&body).unwrap()).unwrap();
+            let proto =
+                request_from_proto(ModelInferRequest::decode(body.as_slice()).unwrap()).unwrap();
+            assert_eq!(format!("{plain:?}"), format!("{proto:?}"));
+        }
+        // A parameter of the wrong type: the same refusal either way.
+        let body = request_to_proto(
+            "identity",
+            "",
+            &[input],
+            [("timeout".to_owned(), string_param("soon"))].into(),
+        )
+        .encode_to_vec();
+        let plain = request_from_plain(quiver_protocol::plain::decode_plain(&body).unwrap());
+        let proto = request_from_proto(ModelInferRequest::decode(body.as_slice()).unwrap());
+        assert_eq!(
+            plain.unwrap_err().to_string(),
+            proto.unwrap_err().to_string()
+        );
     }
 }

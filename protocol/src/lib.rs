@@ -36,6 +36,7 @@ pub mod frame;
 pub mod json;
 pub mod kserve;
 pub mod params;
+pub mod plain;
 pub mod proto;
 pub mod status;
 pub mod tensor;

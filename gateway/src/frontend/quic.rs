@@ -306,7 +306,13 @@ async fn serve_stream(
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
-        let req = framing::read_body::<ModelInferRequest>(&mut recv, len).await?;
+        let body = framing::read_bytes(&mut recv, len).await?;
+        // The common shape straight into tensors; anything else as prost
+        // reads it (and refuses it, with its error).
+        let req = match quiver_protocol::plain::decode_plain(&body) {
+            Some(plain) => Body::Plain(plain),
+            None => Body::Proto(framing::decode_body::<ModelInferRequest>(body)?),
+        };
         Ok::<_, FrameError>(Ok((req, reservation)))
     })
     .await;
@@ -351,12 +357,12 @@ async fn serve_stream(
     let mut req = req;
     // Before the model is looked up: a client without a token learns
     // nothing about which models exist.
-    let token = match ctx.auth.check_parameters(&mut req.parameters) {
+    let token = match ctx.auth.check_parameters(req.parameters_mut()) {
         Ok(token) => token,
         Err(e) => return answer(&mut send, ctx, "", started, Err(e)).await,
     };
     // Bounded label values: only configured model names.
-    let entry = ctx.router.model(&req.model_name);
+    let entry = ctx.router.model(req.model_name());
     let model = entry.as_deref().map_or("", |m| m.name.as_str());
     let checked = ctx
         .auth
@@ -365,7 +371,11 @@ async fn serve_stream(
     if let Err(e) = checked {
         return answer(&mut send, ctx, model, started, Err(e)).await;
     }
-    let mut req = match tensor::request_from_proto(req) {
+    let decoded = match req {
+        Body::Plain(plain) => tensor::request_from_plain(plain),
+        Body::Proto(proto) => tensor::request_from_proto(proto),
+    };
+    let mut req = match decoded {
         Ok(r) => r,
         Err(e) => return answer(&mut send, ctx, model, started, Err(e)).await,
     };
@@ -396,6 +406,32 @@ async fn serve_stream(
             }
         },
         Err(e) => answer(&mut send, ctx, model, started, Err(e)).await,
+    }
+}
+
+/// A request frame's body, decoded.
+enum Body {
+    /// Raw contents already tensors (`quiver_protocol::plain`).
+    Plain(quiver_protocol::plain::PlainRequest),
+    /// Anything else, as prost decodes it.
+    Proto(ModelInferRequest),
+}
+
+impl Body {
+    fn parameters_mut(
+        &mut self,
+    ) -> &mut std::collections::HashMap<String, crate::proto::inference::InferParameter> {
+        match self {
+            Body::Plain(p) => &mut p.parameters,
+            Body::Proto(p) => &mut p.parameters,
+        }
+    }
+
+    fn model_name(&self) -> &str {
+        match self {
+            Body::Plain(p) => &p.model_name,
+            Body::Proto(p) => &p.model_name,
+        }
     }
 }
 

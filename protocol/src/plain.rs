@@ -1,0 +1,351 @@
+//! A `ModelInferRequest` read straight into tensors, for the common shape
+//! of a request: inputs described by name, datatype and shape, their
+//! elements in `raw_input_contents`.
+//!
+//! The generic way (prost's decode, then [`crate::kserve::inputs_from_proto`])
+//! builds every message on the way: a vector of input messages, a datatype
+//! string and a shape vector per input, a vector of raw contents; then the
+//! tensors from those. [`decode_plain`] reads the same bytes once and
+//! builds only what the gateway keeps: the names, the parameters (through
+//! prost, so exactly as it reads them) and the tensors.
+//!
+//! It is an optimisation, never a second dialect: whatever it does not
+//! handle, or anything wrong with the message, makes it answer `None`, and
+//! the caller decodes with prost and reports errors as it always has.
+//! Where it answers, the answer is what the generic way gives (the
+//! `native_frame` fuzz target compares them on every input).
+
+use std::collections::HashMap;
+
+use prost::Message;
+
+use crate::proto::ModelInferRequest;
+use crate::proto::inference::InferParameter;
+use crate::tensor::{DataType, HostTensor};
+
+/// A request decoded by [`decode_plain`]: what `ModelInferRequest` holds,
+/// its raw contents already tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlainRequest {
+    pub model_name: String,
+    pub model_version: String,
+    pub id: String,
+    pub parameters: HashMap<String, InferParameter>,
+    /// One per input, in the message's order, from its raw contents.
+    pub inputs: Vec<HostTensor>,
+    /// The requested outputs' names.
+    pub outputs: Vec<String>,
+}
+
+/// Inputs, and dimensions per input, that [`decode_plain`] holds on the
+/// stack; a message with more goes the generic way.
+const MAX_INPUTS: usize = 8;
+const MAX_DIMS: usize = 8;
+
+/// Protobuf wire types.
+const VARINT: u64 = 0;
+const LENGTH_DELIMITED: u64 = 2;
+
+/// Decodes `body` (a `ModelInferRequest`) when it is a plain request: no
+/// fields but those of `ModelInferRequest` itself, no parameters on inputs
+/// or outputs, no typed `contents`, at most eight inputs of at most eight
+/// dimensions, one raw contents per input, every tensor valid. `None`
+/// otherwise: decode it with prost.
+pub fn decode_plain(body: &[u8]) -> Option<PlainRequest> {
+    let mut r = Reader(body);
+    let (mut model_name, mut model_version, mut id) = ("", "", "");
+    let mut parameters: Option<ModelInferRequest> = None;
+    let mut inputs: [Input<'_>; MAX_INPUTS] = Default::default();
+    let mut n_inputs = 0;
+    let mut raw: [&[u8]; MAX_INPUTS] = [&[]; MAX_INPUTS];
+    let mut n_raw = 0;
+    let mut outputs = Vec::new();
+    while !r.0.is_empty() {
+        let start = r.0;
+        let (tag, wire_type) = r.key()?;
+        if wire_type != LENGTH_DELIMITED {
+            return None;
+        }
+        let field = r.delimited()?;
+        match tag {
+            1 => model_name = std::str::from_utf8(field).ok()?,
+            2 => model_version = std::str::from_utf8(field).ok()?,
+            3 => id = std::str::from_utf8(field).ok()?,
+            4 => {
+                // The map entry with its key, merged as prost merges it: a
+                // name read later replaces one read earlier.
+                let whole = start.get(..start.len() - r.0.len())?;
+                parameters
+                    .get_or_insert_with(ModelInferRequest::default)
+                    .merge(whole)
+                    .ok()?;
+            }
+            5 => {
+                let slot = inputs.get_mut(n_inputs)?;
+                *slot = Input::read(field)?;
+                n_inputs += 1;
+            }
+            6 => outputs.push(requested_output(field)?),
+            7 => {
+                *raw.get_mut(n_raw)? = field;
+                n_raw += 1;
+            }
+            _ => return None,
+        }
+    }
+    if n_raw != n_inputs || n_inputs == 0 {
+        // Typed contents, or raw contents that do not match the inputs:
+        // the generic way decodes or refuses them.
+        return None;
+    }
+    let mut tensors = Vec::with_capacity(n_inputs);
+    for (input, raw) in inputs.iter().zip(raw).take(n_inputs) {
+        let datatype = DataType::parse(input.datatype)?;
+        let shape = input.shape.get(..input.dims)?;
+        tensors.push(HostTensor::from_raw(input.name, datatype, shape, raw).ok()?);
+    }
+    Some(PlainRequest {
+        model_name: model_name.to_owned(),
+        model_version: model_version.to_owned(),
+        id: id.to_owned(),
+        parameters: parameters.map(|p| p.parameters).unwrap_or_default(),
+        inputs: tensors,
+        outputs,
+    })
+}
+
+/// An `InferInputTensor` without parameters or contents, borrowed.
+#[derive(Default)]
+struct Input<'a> {
+    name: &'a str,
+    datatype: &'a str,
+    shape: [i64; MAX_DIMS],
+    dims: usize,
+}
+
+impl<'a> Input<'a> {
+    fn read(body: &'a [u8]) -> Option<Self> {
+        let mut input = Input::default();
+        let mut r = Reader(body);
+        while !r.0.is_empty() {
+            let (tag, wire_type) = r.key()?;
+            match (tag, wire_type) {
+                (1, LENGTH_DELIMITED) => input.name = std::str::from_utf8(r.delimited()?).ok()?,
+                (2, LENGTH_DELIMITED) => {
+                    input.datatype = std::str::from_utf8(r.delimited()?).ok()?;
+                }
+                // Packed, as proto3 writes it; a reader also takes the
+                // unpacked form, one dimension per key.
+                (3, LENGTH_DELIMITED) => {
+                    let mut packed = Reader(r.delimited()?);
+                    while !packed.0.is_empty() {
+                        input.push_dim(packed.varint()?)?;
+                    }
+                }
+                (3, VARINT) => {
+                    let d = r.varint()?;
+                    input.push_dim(d)?;
+                }
+                _ => return None,
+            }
+        }
+        Some(input)
+    }
+
+    fn push_dim(&mut self, d: u64) -> Option<()> {
+        // int64 on the wire: the varint is the two's complement.
+        *self.shape.get_mut(self.dims)? = d as i64;
+        self.dims += 1;
+        Some(())
+    }
+}
+
+/// An `InferRequestedOutputTensor`'s name; one with parameters goes the
+/// generic way.
+fn requested_output(body: &[u8]) -> Option<String> {
+    let mut name = "";
+    let mut r = Reader(body);
+    while !r.0.is_empty() {
+        match r.key()? {
+            (1, LENGTH_DELIMITED) => name = std::str::from_utf8(r.delimited()?).ok()?,
+            _ => return None,
+        }
+    }
+    Some(name.to_owned())
+}
+
+/// The protobuf wire format read from a slice; `None` on anything
+/// malformed (the generic decoder then says what).
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn varint(&mut self) -> Option<u64> {
+        let mut value = 0u64;
+        for (i, &b) in self.0.iter().enumerate().take(10) {
+            // The tenth byte holds bit 63 alone.
+            if i == 9 && b > 1 {
+                return None;
+            }
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                self.0 = self.0.get(i + 1..)?;
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    fn key(&mut self) -> Option<(u64, u64)> {
+        let key = self.varint()?;
+        let tag = key >> 3;
+        // Field numbers are 1 to 2^29 - 1.
+        if tag == 0 || tag > u64::from(u32::MAX >> 3) {
+            return None;
+        }
+        Some((tag, key & 7))
+    }
+
+    fn delimited(&mut self) -> Option<&'a [u8]> {
+        let len = usize::try_from(self.varint()?).ok()?;
+        let (field, rest) = self.0.split_at_checked(len)?;
+        self.0 = rest;
+        Some(field)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::kserve::{inputs_from_proto, int_param, request_to_proto, string_param};
+    use crate::proto::inference::model_infer_request::{
+        InferInputTensor, InferRequestedOutputTensor,
+    };
+    use crate::tensor::TensorData;
+
+    /// What prost and `inputs_from_proto` make of `body`.
+    fn generic(body: &[u8]) -> Option<PlainRequest> {
+        let req = ModelInferRequest::decode(body).ok()?;
+        let inputs = inputs_from_proto(req.inputs, &req.raw_input_contents).ok()?;
+        Some(PlainRequest {
+            model_name: req.model_name,
+            model_version: req.model_version,
+            id: req.id,
+            parameters: req.parameters,
+            inputs,
+            outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+        })
+    }
+
+    fn tensors() -> Vec<HostTensor> {
+        vec![
+            HostTensor::new("INPUT0", vec![1, 16], TensorData::F32(vec![0.25; 16])).unwrap(),
+            HostTensor::new("ids", vec![2], TensorData::I64(vec![-1, 300])).unwrap(),
+            HostTensor::new("text", vec![1], TensorData::Bytes(vec![b"hi".to_vec()])).unwrap(),
+        ]
+    }
+
+    #[test]
+    fn a_plain_request_decodes_as_prost_and_inputs_from_proto_decode_it() {
+        let mut parameters = HashMap::new();
+        parameters.insert("timeout".to_owned(), int_param(5000));
+        parameters.insert("authorization".to_owned(), string_param("Bearer x"));
+        let mut req = request_to_proto("identity", "r-1", &tensors(), parameters);
+        req.model_version = "2".into();
+        req.outputs = vec![InferRequestedOutputTensor {
+            name: "OUTPUT0".into(),
+            parameters: HashMap::new(),
+        }];
+        let body = req.encode_to_vec();
+        let plain = decode_plain(&body).expect("a plain request");
+        assert_eq!(Some(plain.clone()), generic(&body));
+        assert_eq!(plain.inputs, tensors());
+        assert_eq!(plain.parameters.len(), 2);
+        // Fields repeated: the last string wins, map entries merge, inputs
+        // and shapes append (the unpacked form too), as prost reads them.
+        let mut twice = body.clone();
+        let mut again = ModelInferRequest {
+            model_name: "other".into(),
+            ..Default::default()
+        };
+        again.parameters.insert("timeout".into(), int_param(7));
+        twice.extend(again.encode_to_vec());
+        // inputs[0].shape gets one more dimension, unpacked: field 5 holding
+        // field 3 as a varint. The raw size no longer fits: both refuse.
+        let mut extra = twice.clone();
+        extra.extend([0x2a, 0x02, 0x18, 0x01]);
+        let plain = decode_plain(&twice).unwrap();
+        assert_eq!(plain.model_name, "other");
+        assert_eq!(plain.parameters["timeout"], int_param(7));
+        assert_eq!(Some(plain), generic(&twice));
+        assert_eq!(decode_plain(&extra), None);
+    }
+
+    #[test]
+    fn what_it_does_not_handle_goes_the_generic_way() {
+        let base = request_to_proto("m", "", &tensors(), HashMap::new());
+        let mut typed = base.clone();
+        typed.raw_input_contents.clear();
+        let mut input_params = base.clone();
+        input_params.inputs[0]
+            .parameters
+            .insert("x".into(), int_param(1));
+        let mut output_params = base.clone();
+        output_params.outputs.push(InferRequestedOutputTensor {
+            name: "o".into(),
+            parameters: [("x".to_owned(), int_param(1))].into(),
+        });
+        let mut many = base.clone();
+        for i in 0..MAX_INPUTS {
+            many.inputs.push(InferInputTensor {
+                name: format!("in{i}"),
+                datatype: "FP32".into(),
+                shape: vec![1],
+                ..Default::default()
+            });
+            many.raw_input_contents.push(vec![0; 4].into());
+        }
+        let mut wide = base.clone();
+        wide.inputs[1].shape = vec![1; MAX_DIMS + 1];
+        let mut bad_datatype = base.clone();
+        bad_datatype.inputs[0].datatype = "FP99".into();
+        let mut short_raw = base.clone();
+        short_raw.raw_input_contents[0] = vec![0; 3].into();
+        for (what, req) in [
+            ("typed contents", typed),
+            ("input parameters", input_params),
+            ("output parameters", output_params),
+            ("more inputs than the stack holds", many),
+            ("more dimensions than the stack holds", wide),
+            ("an unknown datatype", bad_datatype),
+            ("raw contents of the wrong size", short_raw),
+        ] {
+            assert_eq!(decode_plain(&req.encode_to_vec()), None, "{what}");
+        }
+        // Unknown fields, malformed bytes, bad UTF-8, a truncated message.
+        let body = base.encode_to_vec();
+        let mut unknown = body.clone();
+        unknown.extend([0x48, 0x01]);
+        let mut bad_utf8 = ModelInferRequest {
+            model_name: "m".into(),
+            ..base.clone()
+        }
+        .encode_to_vec();
+        bad_utf8[2] = 0xff;
+        for (what, bytes) in [
+            ("an unknown field", unknown),
+            ("bad UTF-8", bad_utf8),
+            ("a truncated message", body[..body.len() - 1].to_vec()),
+            (
+                "an overlong varint",
+                vec![
+                    0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+                ],
+            ),
+            ("field number 0", vec![0x02, 0x00]),
+            ("nothing", Vec::new()),
+        ] {
+            assert_eq!(decode_plain(&bytes), None, "{what}");
+        }
+    }
+}
