@@ -21,6 +21,8 @@
 //! - [`mlp`]: dense layers from safetensors, and deterministic demo weights.
 //! - [`pool`]: fused masked mean pooling + L2 normalisation (a custom CUDA kernel with a
 //!   CPU reference).
+//! - [`trees`]: gradient-boosted trees from XGBoost JSON and LightGBM text, on a flat
+//!   CPU forest engine (scalar reference, AVX2 and AVX-512 walks).
 //! - [`text`]: BERT-family sentence embeddings (tokenizer on the front end, candle BERT).
 //! - [`error`]: the crate's error enums, one per kind of fault.
 
@@ -38,6 +40,7 @@ pub mod sim;
 /// Host tensors live in `quiver-protocol`, where the wire codecs decode them.
 pub use quiver_protocol::tensor;
 pub mod text;
+pub mod trees;
 
 pub use device::Device;
 pub use error::{DeviceError, InputError, LoadError, ModelError};
@@ -47,3 +50,4 @@ pub use mlp::{Activation, Mlp, MlpConfig, write_mlp};
 pub use model::{Model, PrepareOptions, Prepared, Signature, TensorSpec, TruncationSide};
 pub use tensor::{DataType, HostTensor, TensorData};
 pub use text::{Engine, Pooling, TextEmbedding, TextToken};
+pub use trees::{TreeError, TreeModel};

@@ -37,6 +37,15 @@ pub enum ModelSpec {
         /// Ignored on CUDA devices. The config's `cpu_kernels` (default true).
         cpu_kernels: bool,
     },
+    /// A gradient-boosted tree ensemble: an XGBoost JSON or LightGBM text model file, or a
+    /// directory holding one (see [`crate::trees`]). CPU only.
+    Trees {
+        /// The model file, or a directory with `model.json` or `model.txt`.
+        path: PathBuf,
+        /// Serve raw scores instead of probabilities. The config's `output_margin`
+        /// (default false).
+        output_margin: bool,
+    },
     /// A demo MLP whose weights are drawn from `seed` (ChaCha8), so every start gives the
     /// same outputs. For trying the gateway without model files; it computes nothing useful.
     MlpDemo {
@@ -63,6 +72,14 @@ pub fn load(spec: &ModelSpec, device: &Device) -> Result<Arc<dyn Model>, LoadErr
         ModelSpec::TextEmbedding { dir, cpu_kernels } => Arc::new(
             crate::text::TextEmbedding::load_dir(dir, device.clone(), candle, *cpu_kernels)?,
         ),
+        ModelSpec::Trees {
+            path,
+            output_margin,
+        } => Arc::new(crate::trees::TreeModel::load(
+            path,
+            *output_margin,
+            device.clone(),
+        )?),
         ModelSpec::MlpDemo {
             inputs,
             hidden,
