@@ -1,14 +1,19 @@
 //! The flat forest: every tree's nodes in shared struct-of-arrays, and the evaluators over it.
 //!
-//! Layout (what makes one walk a handful of loads and the SIMD walk possible):
+//! Layout (what makes one walk one cache line per level, and the SIMD walk possible):
 //!
+//! - the nodes of every tree in one flat array, each node 16 bytes ([`PackedNode`]: packed
+//!   feature and flags, threshold, left child), a tree's nodes breadth first from its root;
+//!   leaf values in a parallel array read once per tree at the end of a walk. (A first
+//!   version kept feature, threshold and child in three arrays: three cache misses per level
+//!   where one does, 1.5 to 2 times slower on a forest beyond L2; see `trees_latency`.)
 //! - the two children of a split are adjacent: `left[i]` is the left child, `left[i] + 1` the
 //!   right one, so a step is `next = left[i] + go_right`;
-//! - a leaf points at itself (`left[i] == i`) and can never go right: its threshold is NaN
+//! - a leaf points at itself (`left == i`) and can never go right: its threshold is NaN
 //!   (`x > NaN` is false) and its default is left. A walk may therefore run a fixed number
 //!   of steps (the tree's depth) and every lane ends on its leaf, which is what lets the SIMD
 //!   evaluators step 8 or 16 rows (or trees) in lockstep without per-lane exits;
-//! - `meta[i]` packs the feature index with two flag bits, so one gather gets all three.
+//! - `meta` packs the feature index with two flag bits, so one load gets all three.
 //!
 //! Every library's split is brought to one rule at load time: for a present
 //! value `x`, go right iff `x > threshold` (f32); a missing value (NaN, or a near-zero value
@@ -82,6 +87,21 @@ pub(crate) enum Node {
     Leaf(f64),
 }
 
+/// One node, as the walks read it: 16 bytes, so a node never straddles a cache line and
+/// two siblings (adjacent) usually share one.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(C, align(16))]
+pub(crate) struct PackedNode {
+    /// The feature index with [`DEFAULT_LEFT`] and [`ZERO_MISSING`].
+    pub meta: u32,
+    /// Right iff `x > threshold`; NaN at a leaf (never right).
+    pub threshold: f32,
+    /// The left child's index (the right child follows it); a leaf's own index.
+    pub left: u32,
+    /// Padding to 16 bytes.
+    pub unused: u32,
+}
+
 /// How a forest adds its leaves: as its library does, so the sums match the library's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Accumulate {
@@ -95,9 +115,7 @@ pub enum Accumulate {
 /// The whole forest, flat. Built by [`ForestBuilder`]; immutable afterwards.
 #[derive(Clone, Debug, Default)]
 pub struct Forest {
-    pub(crate) meta: Vec<u32>,
-    pub(crate) threshold: Vec<f32>,
-    pub(crate) left: Vec<u32>,
+    pub(crate) node: Vec<PackedNode>,
     pub(crate) value: Vec<f64>,
     pub(crate) roots: Vec<u32>,
     pub(crate) depth: Vec<u32>,
@@ -148,9 +166,10 @@ impl ForestBuilder {
         if nodes.is_empty() {
             return Err("a tree without nodes".to_owned());
         }
-        let start = f.meta.len();
-        let too_many = || "more than 2^31 nodes".to_owned();
-        if start + nodes.len() > (i32::MAX as usize) {
+        let start = f.node.len();
+        let too_many = || "more than 2^30 nodes".to_owned();
+        // The SIMD walks address node i at 2 i (scale 8) in an i32.
+        if start + nodes.len() > 1 << 30 {
             return Err(too_many());
         }
         let mut seen = vec![false; nodes.len()];
@@ -160,17 +179,18 @@ impl ForestBuilder {
         let mut next_free = start + 1;
         let mut depth = 0;
         let slots = nodes.len();
-        f.meta.resize(start + slots, 0);
-        f.threshold.resize(start + slots, 0.0);
-        f.left.resize(start + slots, 0);
+        f.node.resize(start + slots, PackedNode::default());
         f.value.resize(start + slots, 0.0);
         while let Some((i, slot, d)) = queue.pop_front() {
             depth = depth.max(d);
             match nodes[i] {
                 Node::Leaf(v) => {
-                    f.meta[slot] = DEFAULT_LEFT;
-                    f.threshold[slot] = f32::NAN;
-                    f.left[slot] = slot as u32;
+                    f.node[slot] = PackedNode {
+                        meta: DEFAULT_LEFT,
+                        threshold: f32::NAN,
+                        left: slot as u32,
+                        unused: 0,
+                    };
                     f.value[slot] = v;
                 }
                 Node::Split {
@@ -212,9 +232,12 @@ impl ForestBuilder {
                     if zero_missing {
                         meta |= ZERO_MISSING;
                     }
-                    f.meta[slot] = meta;
-                    f.threshold[slot] = threshold;
-                    f.left[slot] = next_free as u32;
+                    f.node[slot] = PackedNode {
+                        meta,
+                        threshold,
+                        left: next_free as u32,
+                        unused: 0,
+                    };
                     queue.push_back((first, next_free, d + 1));
                     queue.push_back((second, next_free + 1, d + 1));
                     next_free += 2;
@@ -222,9 +245,7 @@ impl ForestBuilder {
             }
         }
         // Unreached nodes took no slot.
-        f.meta.truncate(next_free);
-        f.threshold.truncate(next_free);
-        f.left.truncate(next_free);
+        f.node.truncate(next_free);
         f.value.truncate(next_free);
         f.roots.push(start as u32);
         f.depth.push(depth);
@@ -265,7 +286,7 @@ impl Forest {
 
     /// Nodes, leaves included.
     pub fn nodes(&self) -> usize {
-        self.meta.len()
+        self.node.len()
     }
 
     /// The deepest tree's depth (edges from root to its farthest leaf).
@@ -288,7 +309,7 @@ impl Forest {
     pub(crate) fn leaf_scalar(&self, root: u32, row: &[f32]) -> u32 {
         let mut i = root as usize;
         loop {
-            let left = self.left[i];
+            let left = self.node[i].left;
             if left as usize == i {
                 return left;
             }
@@ -299,13 +320,15 @@ impl Forest {
     /// The common split rule at node `i` for `row`.
     #[inline(always)]
     fn go_right(&self, i: usize, row: &[f32]) -> bool {
-        let meta = self.meta[i];
+        let PackedNode {
+            meta, threshold, ..
+        } = self.node[i];
         let x = row[(meta & FEATURE_MASK) as usize];
         let missing = x.is_nan() || (meta & ZERO_MISSING != 0 && x.abs() <= ZERO_THRESHOLD);
         if missing {
             meta & DEFAULT_LEFT == 0
         } else {
-            x > self.threshold[i]
+            x > threshold
         }
     }
 

@@ -79,20 +79,24 @@ pub(crate) fn block_by_rows(f: &Forest, isa: Isa, x: &[f32], out: &mut [f64]) {
 /// side on `isa`, which must be available and not scalar.
 pub(crate) fn row_by_trees(f: &Forest, isa: Isa, row: &[f32], out: &mut [f64]) {
     out.copy_from_slice(f.base());
-    let lanes = lanes(isa);
+    // Several vectors of trees in flight: one row's walk is a chain of dependent loads, and
+    // independent chains side by side overlap their latencies.
+    let chunk = lanes(isa) * IN_FLIGHT;
     let trees = f.trees();
-    let simd_trees = trees - trees % lanes;
-    let rowoff = [0i32; 16];
-    let mut leaves = [0u32; 16];
-    for t0 in (0..simd_trees).step_by(lanes) {
-        let roots = &f.roots[t0..t0 + lanes];
-        leaves[..lanes].copy_from_slice(roots);
-        let steps = f.depth[t0..t0 + lanes].iter().copied().max().unwrap_or(0);
-        walk(f, isa, row, &mut leaves[..lanes], &rowoff[..lanes], steps);
-        for (k, &leaf) in leaves[..lanes].iter().enumerate() {
+    let simd_trees = trees - trees % lanes(isa);
+    let rowoff = [0i32; 16 * IN_FLIGHT];
+    let mut leaves = [0u32; 16 * IN_FLIGHT];
+    let mut t0 = 0;
+    while t0 < simd_trees {
+        let n = chunk.min(simd_trees - t0);
+        leaves[..n].copy_from_slice(&f.roots[t0..t0 + n]);
+        let steps = f.depth[t0..t0 + n].iter().copied().max().unwrap_or(0);
+        walk(f, isa, row, &mut leaves[..n], &rowoff[..n], steps);
+        for (k, &leaf) in leaves[..n].iter().enumerate() {
             let g = f.group[t0 + k] as usize;
             add(f.accumulate(), &mut out[g], f.value[leaf as usize]);
         }
+        t0 += n;
     }
     for t in simd_trees..trees {
         let leaf = f.leaf_scalar(f.roots[t], row);
@@ -124,9 +128,7 @@ fn walk(f: &Forest, isa: Isa, x: &[f32], nodes: &mut [u32], rowoff: &[i32], step
     #[cfg(target_arch = "x86_64")]
     {
         let p = x86::Ptrs {
-            meta: f.meta.as_ptr(),
-            threshold: f.threshold.as_ptr(),
-            left: f.left.as_ptr(),
+            node: f.node.as_ptr().cast(),
             x: x.as_ptr(),
         };
         match isa {
@@ -183,11 +185,10 @@ mod x86 {
 
     use super::super::forest::{DEFAULT_LEFT, FEATURE_MASK, ZERO_MISSING, ZERO_THRESHOLD};
 
-    /// The forest's arrays and the rows, as the gathers take them.
+    /// The forest's nodes (16-byte [`PackedNode`](super::super::forest::PackedNode)s: meta,
+    /// threshold, left, unused) and the rows, as the gathers take them.
     pub(super) struct Ptrs {
-        pub meta: *const u32,
-        pub threshold: *const f32,
-        pub left: *const u32,
+        pub node: *const u32,
         pub x: *const f32,
     }
 
@@ -195,7 +196,7 @@ mod x86 {
     ///
     /// # Safety
     /// AVX2 must be available; `nodes` and `rowoff` hold `8 × N` lanes; every node index in
-    /// `nodes`, and every child of a node, indexes `meta`, `threshold` and `left`; every
+    /// `nodes`, and every child of a node, indexes the nodes; every
     /// `rowoff[k] + feature` of a node indexes `x`.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn walk8<const N: usize>(
@@ -220,13 +221,14 @@ mod x86 {
         }
         for _ in 0..steps {
             for k in 0..N {
-                let i = v[k];
-                // SAFETY: every lane's node indexes the node arrays, and its row offset plus
-                // the node's feature indexes `x` (the caller's contract).
+                // Node i's fields are at byte 16 i + 0, 4, 8: index 2 i at scale 8.
+                let i = _mm256_slli_epi32::<1>(v[k]);
+                // SAFETY: every lane's node indexes the nodes, and its row offset plus the
+                // node's feature indexes `x` (the caller's contract).
                 let (m, t, l, xv) = unsafe {
-                    let m = _mm256_i32gather_epi32::<4>(p.meta.cast(), i);
-                    let t = _mm256_i32gather_ps::<4>(p.threshold, i);
-                    let l = _mm256_i32gather_epi32::<4>(p.left.cast(), i);
+                    let m = _mm256_i32gather_epi32::<8>(p.node.cast(), i);
+                    let t = _mm256_i32gather_ps::<8>(p.node.add(1).cast(), i);
+                    let l = _mm256_i32gather_epi32::<8>(p.node.add(2).cast(), i);
                     let at = _mm256_add_epi32(o[k], _mm256_and_si256(m, features));
                     (m, t, l, _mm256_i32gather_ps::<4>(p.x, at))
                 };
@@ -277,12 +279,12 @@ mod x86 {
         }
         for _ in 0..steps {
             for k in 0..N {
-                let i = v[k];
+                let i = _mm512_slli_epi32::<1>(v[k]);
                 // SAFETY: as in `walk8`.
                 let (m, t, l, xv) = unsafe {
-                    let m = _mm512_i32gather_epi32::<4>(i, p.meta.cast());
-                    let t = _mm512_i32gather_ps::<4>(i, p.threshold);
-                    let l = _mm512_i32gather_epi32::<4>(i, p.left.cast());
+                    let m = _mm512_i32gather_epi32::<8>(i, p.node.cast());
+                    let t = _mm512_i32gather_ps::<8>(i, p.node.add(1).cast());
+                    let l = _mm512_i32gather_epi32::<8>(i, p.node.add(2).cast());
                     let at = _mm512_add_epi32(o[k], _mm512_and_si512(m, features));
                     (m, t, l, _mm512_i32gather_ps::<4>(at, p.x))
                 };
