@@ -18,7 +18,7 @@ use super::{Objective, TreeError};
 /// Parses the JSON text of an XGBoost model.
 pub(crate) fn parse(bytes: &[u8]) -> Result<(Forest, Objective), TreeError> {
     let json: Value = serde_json::from_slice(bytes).map_err(|e| TreeError::Malformed {
-        what: format!("XGBoost JSON: {e}"),
+        what: format!("XGBoost JSON: {e} (UBJSON, from save_model(\"model.ubj\"), is not read)"),
     })?;
     let learner = field(&json, "learner")?;
     let objective_name = str_field(field(learner, "objective")?, "name", "learner.objective")?;
