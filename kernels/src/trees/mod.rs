@@ -22,7 +22,8 @@
 //! (XGBoost's `output_margin=True`, LightGBM's `raw_score=True`).
 //!
 //! The engine is [`Forest`] (flat node arrays, a scalar reference and AVX2 / AVX-512 walks
-//! chosen at run time, rows split over rayon's pool from [`PARALLEL_ROWS`] rows). Sums and
+//! chosen at run time, rows split over rayon's pool from [`PARALLEL_ROWS`] rows); on a CUDA
+//! device (the `cuda` feature), `cuda::CudaForest` and `kernels/cuda/trees.cu`. Sums and
 //! transforms follow each library's arithmetic: XGBoost adds and transforms in f32, LightGBM
 //! in f64; the output is f32.
 
@@ -34,6 +35,8 @@ use crate::error::{InputError, LoadError, ModelError};
 use crate::model::{Model, Prepared, Signature, TensorSpec};
 use crate::tensor::{DataType, HostTensor, TensorData};
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod forest;
 pub mod lightgbm;
 mod simd;
@@ -109,26 +112,32 @@ pub struct TreeModel {
     isa: Isa,
     signature: Signature,
     device: Device,
+    /// On a CUDA device, the forest in its memory (copied once, at load).
+    #[cfg(feature = "cuda")]
+    gpu: Option<cuda::CudaForest>,
 }
 
 impl TreeModel {
     /// Loads `path` (a model file, or a directory with exactly one of [`XGBOOST_FILE`],
     /// [`LIGHTGBM_FILE`]). `output_margin`: serve raw scores instead of probabilities.
-    /// Trees run on the CPU whatever `device` says; a CUDA device is refused
-    /// ([`LoadError::Spec`]) rather than silently served from the CPU.
+    /// On `cpu` (and `sim:N`) the CPU engine runs it; on `cuda:N` (with the `cuda` feature)
+    /// the forest is copied to the GPU here, once, and `forward` runs the CUDA kernel.
     pub fn load(path: &Path, output_margin: bool, device: Device) -> Result<Self, LoadError> {
-        if device != Device::Cpu {
-            return Err(LoadError::Spec {
-                message: format!("kind \"trees\" runs on the cpu device, not {device}"),
-            });
-        }
+        let candle = device.to_candle()?;
         let file = model_file(path)?;
         let bytes = std::fs::read(&file).map_err(|source| LoadError::Io {
             path: file.clone(),
             source,
         })?;
-        TreeModel::from_bytes(&bytes, output_margin, device)
-            .map_err(|source| LoadError::Trees { path: file, source })
+        #[allow(unused_mut)]
+        let mut model = TreeModel::from_bytes(&bytes, output_margin, device)
+            .map_err(|source| LoadError::Trees { path: file, source })?;
+        #[cfg(feature = "cuda")]
+        if candle.is_cuda() {
+            model.gpu = Some(cuda::CudaForest::upload(&model.forest, &candle)?);
+        }
+        let _ = candle;
+        Ok(model)
     }
 
     /// Parses a model from its file's bytes (format recognised from the content).
@@ -156,6 +165,8 @@ impl TreeModel {
             output_margin,
             isa: Isa::detect(),
             device,
+            #[cfg(feature = "cuda")]
+            gpu: None,
         })
     }
 
@@ -194,6 +205,16 @@ impl TreeModel {
         let mut margins = vec![0.0f64; rows * self.forest.groups()];
         self.forest.margins(isa, x, &mut margins);
         Ok(self.transform(&margins))
+    }
+
+    /// What `forward` computes for one request: on the GPU where the forest is there, else on
+    /// the CPU's widest instruction set.
+    fn run(&self, x: &[f32]) -> Result<Vec<f32>, ModelError> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return Ok(self.transform(&gpu.margins(x)?));
+        }
+        self.predict(self.isa, x)
     }
 
     /// Margins to outputs, in the library's precision.
@@ -353,7 +374,7 @@ impl Model for TreeModel {
                         });
                     }
                 };
-                let out = self.predict(self.isa, values)?;
+                let out = self.run(values)?;
                 let shape = if groups == 1 {
                     vec![rows]
                 } else {
