@@ -1,11 +1,13 @@
-//! Times the `trees` engine on a synthetic forest of the issue's size (500 trees of depth 8
-//! over 32 features, XGBoost JSON made here with a fixed seed): one row, 64 rows and 4096
-//! rows, on every instruction set this CPU has, and on the pool (4096 rows).
+//! Times the `trees` engine on a synthetic forest, by default of the issue's size (500 trees
+//! of depth 8 over 32 features, XGBoost JSON made here with a fixed seed): one row, 64 rows
+//! and 4096 rows, on every instruction set this CPU has (4096 rows split over the pool).
 //!
 //! ```sh
-//! cargo run -p quiver-kernels --example trees_latency --release   # or without --release:
-//! # quiver-kernels builds at opt-level 3 in the dev profile too
+//! cargo run -p quiver-kernels --example trees_latency            # 500 trees, depth 8
+//! cargo run -p quiver-kernels --example trees_latency -- 100 6   # TREES DEPTH
 //! ```
+//!
+//! quiver-kernels builds at opt-level 3 in the dev profile too, so no `--release` is needed.
 //!
 //! Prints the median of many calls of `TreeModel::predict` (probabilities, binary:logistic).
 //! A measurement tool, not a test: nothing here asserts a time.
@@ -18,13 +20,11 @@ use quiver_kernels::trees::TreeModel;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const TREES: usize = 500;
-const DEPTH: u32 = 8;
 const FEATURES: usize = 32;
 
 /// A full binary tree of `DEPTH` levels of splits, XGBoost's JSON layout (breadth first).
-fn tree(rng: &mut ChaCha8Rng) -> String {
-    let splits = (1usize << DEPTH) - 1;
+fn tree(rng: &mut ChaCha8Rng, depth: u32) -> String {
+    let splits = (1usize << depth) - 1;
     let nodes = 2 * splits + 1;
     let (mut left, mut right, mut feature, mut cond, mut dl) =
         (vec![], vec![], vec![], vec![], vec![]);
@@ -74,11 +74,17 @@ fn time(calls: usize, mut f: impl FnMut()) -> Duration {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let trees_n: usize = args.first().map_or(Ok(500), |a| a.parse())?;
+    let depth: u32 = args.get(1).map_or(Ok(8), |a| a.parse())?;
+    if !(1..=20).contains(&depth) || trees_n == 0 {
+        return Err("usage: trees_latency [TREES >= 1] [DEPTH 1..=20]".into());
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(20);
-    let trees: Vec<String> = (0..TREES).map(|_| tree(&mut rng)).collect();
+    let trees: Vec<String> = (0..trees_n).map(|_| tree(&mut rng, depth)).collect();
     let json = format!(
         r#"{{"learner":{{"objective":{{"name":"binary:logistic"}},"learner_model_param":{{"base_score":"5E-1","num_class":"0","num_feature":"{FEATURES}","num_target":"1"}},"gradient_booster":{{"name":"gbtree","model":{{"tree_info":[{}],"trees":[{}]}}}}}}}}"#,
-        vec!["0"; TREES].join(","),
+        vec!["0"; trees_n].join(","),
         trees.join(",")
     );
     let model = TreeModel::from_bytes(json.as_bytes(), false, Device::Cpu)?;
@@ -98,6 +104,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         FEATURES,
         model.forest().nodes(),
         rayon::current_num_threads()
+    );
+    println!(
+        "forward walks with {:?} (the fastest here, timed at load)",
+        model.isa()
     );
     for isa in Isa::available() {
         for rows in [1usize, 64, 4096] {

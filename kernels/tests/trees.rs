@@ -576,3 +576,15 @@ fn malformed_and_unknown_files_are_typed_errors_naming_the_problem() {
         Err(LoadError::Io { .. })
     ));
 }
+
+#[test]
+fn forward_walks_with_an_instruction_set_this_cpu_has() {
+    let json = xgboost_json("reg:squarederror", "0E0", 1, &[&xgboost_stump(0, "0", 0)]);
+    let model = TreeModel::from_bytes(json.as_bytes(), false, Device::Cpu).unwrap();
+    assert!(model.isa().is_available());
+    assert_eq!(
+        model.isa() == Isa::Scalar,
+        Isa::available() == vec![Isa::Scalar],
+        "scalar is chosen only where there is no SIMD"
+    );
+}
