@@ -9,6 +9,12 @@
 //! None a NaN is read as 0.0; with Zero, NaN and zero (|x| ≤ 1e-35) take the default
 //! direction (bit 1 of `decision_type`); with NaN, NaN does; otherwise `x <= threshold`
 //! goes left. Scores add in f64 from 0, in tree order.
+//!
+//! One known gap: LightGBM's predictor also reads any |x| <= 1e-35 as exactly 0 before the
+//! split (it drops such values from its sparse row), under every missing type; here that
+//! happens only where the missing type is Zero. The two differ only for an input in
+//! (0, 1e-35] against a threshold in the same range, which LightGBM's binning does not
+//! produce (its bins around zero end at ±1e-35 exactly, where both agree).
 
 use super::forest::{Accumulate, Forest, ForestBuilder, Node, lightgbm_threshold};
 use super::{Objective, TreeError};
