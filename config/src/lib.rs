@@ -543,13 +543,15 @@ pub struct Model {
     /// Name clients ask for (`/v2/models/{name}`). Required; 1 to 128 of
     /// `A-Z a-z 0-9 _ . -`, not `.` or `..`, unique in the file.
     pub name: String,
-    /// What the model computes. Required: `"identity"`, `"mlp"` or `"embedding"`.
+    /// What the model computes. Required: `"identity"`, `"mlp"`, `"embedding"`
+    /// or `"trees"`.
     pub kind: ModelKind,
     /// Model directory in the Hugging Face layout (for `mlp`: `config.json`
     /// and `model.safetensors`; for `embedding`: a sentence-transformers
-    /// directory with `tokenizer.json` too). An `mlp` needs `path` or `demo`,
-    /// not both; an `embedding` needs `path`; `identity` takes neither.
-    /// Default none.
+    /// directory with `tokenizer.json` too; for `trees`: an XGBoost JSON or
+    /// LightGBM text model file, or a directory holding one `model.json` or
+    /// `model.txt`). An `mlp` needs `path` or `demo`, not both; an `embedding`
+    /// and `trees` need `path`; `identity` takes neither. Default none.
     pub path: Option<PathBuf>,
     /// `mlp` only, instead of `path`: deterministic demo weights
     /// (`[models.demo]`). Default none.
@@ -574,6 +576,11 @@ pub struct Model {
     /// `auto_truncate`; set on another kind it is an error. Default true
     /// (what every route did before it was a choice).
     pub auto_truncate: bool,
+    /// `trees` only: serve the raw scores (margins) instead of probabilities,
+    /// as XGBoost's `output_margin=True` and LightGBM's `raw_score=True`.
+    /// TOML `output_margin`; set on another kind it is an error. Default
+    /// false.
+    pub output_margin: bool,
     /// Most requests (rows) in one batch. TOML `max_batch_size`. Default 32,
     /// range 1..=4096.
     pub max_batch_size: u32,
@@ -671,6 +678,8 @@ impl Model {
     pub const DEFAULT_CPU_KERNELS: bool = true;
     /// Default of [`Model::auto_truncate`].
     pub const DEFAULT_AUTO_TRUNCATE: bool = true;
+    /// Default of [`Model::output_margin`].
+    pub const DEFAULT_OUTPUT_MARGIN: bool = false;
     /// Default of [`Model::max_batch_size`].
     pub const DEFAULT_MAX_BATCH_SIZE: u32 = 32;
     /// Default of [`Model::max_batch_tokens`].
@@ -704,6 +713,7 @@ impl Model {
             device: Model::DEFAULT_DEVICE.to_owned(),
             cpu_kernels: Model::DEFAULT_CPU_KERNELS,
             auto_truncate: Model::DEFAULT_AUTO_TRUNCATE,
+            output_margin: Model::DEFAULT_OUTPUT_MARGIN,
             max_batch_size: Model::DEFAULT_MAX_BATCH_SIZE,
             max_batch_tokens: Model::DEFAULT_MAX_BATCH_TOKENS,
             max_queue_delay: Model::DEFAULT_MAX_QUEUE_DELAY,
@@ -762,19 +772,28 @@ pub enum ModelKind {
     Mlp,
     /// A BERT-family sentence-embedding model (text in, a vector out).
     Embedding,
+    /// A gradient-boosted tree ensemble (XGBoost JSON or LightGBM text).
+    Trees,
 }
 
 impl ModelKind {
     /// Every kind, in the order of the error message that lists them.
-    pub const ALL: [ModelKind; 3] = [ModelKind::Identity, ModelKind::Mlp, ModelKind::Embedding];
+    pub const ALL: [ModelKind; 4] = [
+        ModelKind::Identity,
+        ModelKind::Mlp,
+        ModelKind::Embedding,
+        ModelKind::Trees,
+    ];
 
-    /// The spelling in the TOML file: `"identity"`, `"mlp"` or `"embedding"`.
+    /// The spelling in the TOML file: `"identity"`, `"mlp"`, `"embedding"` or
+    /// `"trees"`.
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
             ModelKind::Identity => "identity",
             ModelKind::Mlp => "mlp",
             ModelKind::Embedding => "embedding",
+            ModelKind::Trees => "trees",
         }
     }
 

@@ -408,7 +408,7 @@ fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Kn
         None => {
             errors.push(
                 at("kind"),
-                "required: \"identity\", \"mlp\" or \"embedding\"",
+                "required: \"identity\", \"mlp\", \"embedding\" or \"trees\"",
             );
             known.kind = false;
             ModelKind::Identity
@@ -416,7 +416,9 @@ fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Kn
         Some(text) => ModelKind::from_name(&text).unwrap_or_else(|| {
             errors.push(
                 at("kind"),
-                format!("must be \"identity\", \"mlp\" or \"embedding\", got \"{text}\""),
+                format!(
+                    "must be \"identity\", \"mlp\", \"embedding\" or \"trees\", got \"{text}\""
+                ),
             );
             known.kind = false;
             ModelKind::Identity
@@ -443,6 +445,13 @@ fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Kn
             errors.push(at("auto_truncate"), "only for kind \"embedding\"");
         }
         model.auto_truncate = auto_truncate;
+    }
+    if let Some(output_margin) = raw.output_margin {
+        // Only tree models have a margin distinct from their output's transform.
+        if known.kind && kind != ModelKind::Trees {
+            errors.push(at("output_margin"), "only for kind \"trees\"");
+        }
+        model.output_margin = output_margin;
     }
 
     let max_batch_size = errors.int(&at("max_batch_size"), raw.max_batch_size, MAX_BATCH_SIZE);
@@ -937,6 +946,17 @@ fn check_model(model: &Model, prefix: &str, known: Known, errors: &mut Errors) {
                     errors.push(
                         at("path"),
                         "required for kind \"embedding\" (a model directory)",
+                    );
+                }
+                if model.demo.is_some() {
+                    errors.push(at("demo"), "only for kind \"mlp\"");
+                }
+            }
+            ModelKind::Trees => {
+                if model.path.is_none() {
+                    errors.push(
+                        at("path"),
+                        "required for kind \"trees\" (an XGBoost JSON or LightGBM text model file)",
                     );
                 }
                 if model.demo.is_some() {

@@ -251,6 +251,7 @@ seed = 7
             device: "cuda:3".to_owned(),
             cpu_kernels: true,
             auto_truncate: true,
+            output_margin: false,
             max_batch_size: 8,
             max_batch_tokens: 512,
             max_queue_delay: Duration::ZERO,
@@ -667,7 +668,7 @@ fn model_kind_rules() {
         errors("[[models]]\nname = \"m\"\nkind = \"bert\"\n"),
         vec![error(
             "models[0].kind",
-            "must be \"identity\", \"mlp\" or \"embedding\", got \"bert\""
+            "must be \"identity\", \"mlp\", \"embedding\" or \"trees\", got \"bert\""
         )]
     );
     assert_eq!(
@@ -676,10 +677,35 @@ fn model_kind_rules() {
             error("models[0].name", "required"),
             error(
                 "models[0].kind",
-                "required: \"identity\", \"mlp\" or \"embedding\""
+                "required: \"identity\", \"mlp\", \"embedding\" or \"trees\""
             ),
         ]
     );
+}
+
+#[test]
+fn trees_needs_a_path_and_alone_takes_output_margin() {
+    let trees = "[[models]]\nname = \"fraud\"\nkind = \"trees\"\npath = \"/m/model.json\"\n";
+    let config = Config::parse(trees).unwrap();
+    assert_eq!(config.models[0].kind, ModelKind::Trees);
+    assert_eq!(ModelKind::from_name("trees"), Some(ModelKind::Trees));
+    assert!(!config.models[0].output_margin);
+    let margin = Config::parse(&format!("{trees}output_margin = true\n")).unwrap();
+    assert!(margin.models[0].output_margin);
+    assert_eq!(
+        errors("[[models]]\nname = \"fraud\"\nkind = \"trees\"\n"),
+        vec![error(
+            "models[0].path",
+            "required for kind \"trees\" (an XGBoost JSON or LightGBM text model file)"
+        )]
+    );
+    assert_eq!(
+        errors(&with_model("output_margin = true")),
+        vec![error("models[0].output_margin", "only for kind \"trees\"")]
+    );
+    let typed = errors(&format!("{trees}output_margin = 1\n"));
+    assert_eq!(typed.len(), 1, "{typed:?}");
+    assert_eq!(typed[0].path, "models[0].output_margin", "{typed:?}");
 }
 
 #[test]

@@ -971,6 +971,11 @@ pub fn load_model(
             cpu_kernels: m.cpu_kernels,
         },
         (ModelKind::Embedding, None, _) => anyhow::bail!("an embedding model needs a path"),
+        (ModelKind::Trees, Some(path), _) => ModelSpec::Trees {
+            path: path.clone(),
+            output_margin: m.output_margin,
+        },
+        (ModelKind::Trees, None, _) => anyhow::bail!("a trees model needs a path"),
     };
     let mut replicas = Vec::new();
     for device_name in m.device_list() {

@@ -408,10 +408,12 @@ fn model_for_dir(arg: &str) -> Result<quiver_config::Model, String> {
         .is_some_and(|v| v.get("layers").is_some())
     {
         ModelKind::Mlp
+    } else if dir.join("model.json").is_file() || dir.join("model.txt").is_file() {
+        ModelKind::Trees
     } else {
         return Err(format!(
             "{}: not a model directory (no tokenizer.json or modules.json for an embedding, \
-             no config.json with `layers` for an mlp)",
+             no config.json with `layers` for an mlp, no model.json or model.txt for trees)",
             dir.display()
         ));
     };

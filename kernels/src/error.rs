@@ -99,6 +99,15 @@ pub enum LoadError {
         /// The dtype in the file.
         got: String,
     },
+    /// A tree model file (`kind = "trees"`) is not one Quiver can evaluate exactly: not a
+    /// tree model, malformed, or using a feature it does not support (named).
+    #[error("{}: {source}", path.display())]
+    Trees {
+        /// The model file.
+        path: PathBuf,
+        /// What is wrong.
+        source: crate::trees::TreeError,
+    },
     /// The device cannot be used.
     #[error(transparent)]
     Device(#[from] DeviceError),

@@ -15,11 +15,14 @@
 //!   `quiver_protocol::tensor`).
 //! - [`cpu`]: vectorised, multi-threaded CPU kernels (GELU, softmax, layer norm, attention).
 //! - [`device`]: `cpu` / `cuda:N` and the mapping onto candle devices.
-//! - [`model`]: the [`Model`] trait, signatures, input validation and [`load`].
+//! - [`model`]: the [`Model`] trait, signatures and input validation; no family named.
+//! - [`loader`]: [`ModelSpec`] and [`load`], the one place that picks a family.
 //! - [`identity`]: the echo model (serving overhead alone).
 //! - [`mlp`]: dense layers from safetensors, and deterministic demo weights.
 //! - [`pool`]: fused masked mean pooling + L2 normalisation (a custom CUDA kernel with a
 //!   CPU reference).
+//! - [`trees`]: gradient-boosted trees from XGBoost JSON and LightGBM text, on a flat
+//!   CPU forest engine (scalar reference, AVX2 and AVX-512 walks).
 //! - [`text`]: BERT-family sentence embeddings (tokenizer on the front end, candle BERT).
 //! - [`error`]: the crate's error enums, one per kind of fault.
 
@@ -29,6 +32,7 @@ pub mod cpu;
 pub mod device;
 pub mod error;
 pub mod identity;
+pub mod loader;
 pub mod mlp;
 pub mod model;
 pub mod pool;
@@ -36,13 +40,14 @@ pub mod sim;
 /// Host tensors live in `quiver-protocol`, where the wire codecs decode them.
 pub use quiver_protocol::tensor;
 pub mod text;
+pub mod trees;
 
 pub use device::Device;
 pub use error::{DeviceError, InputError, LoadError, ModelError};
 pub use identity::Identity;
+pub use loader::{ModelSpec, load};
 pub use mlp::{Activation, Mlp, MlpConfig, write_mlp};
-pub use model::{
-    Model, ModelSpec, PrepareOptions, Prepared, Signature, TensorSpec, TruncationSide, load,
-};
+pub use model::{Model, PrepareOptions, Prepared, Signature, TensorSpec, TruncationSide};
 pub use tensor::{DataType, HostTensor, TensorData};
 pub use text::{Engine, Pooling, TextEmbedding, TextToken};
+pub use trees::{TreeError, TreeModel};

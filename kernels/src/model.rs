@@ -1,4 +1,8 @@
-//! The [`Model`] trait the gateway drives, the [`Signature`] it reports, and [`load`].
+//! The [`Model`] trait the gateway drives and the [`Signature`] it reports.
+//!
+//! This module names no family: each family (`identity`, `mlp`, `text`, …) implements
+//! [`Model`] in its own file, and [`crate::loader`] alone picks one by its spec. A new family
+//! therefore touches the loader and its own file, nothing here.
 //!
 //! A request meets a model twice (see `DESIGN.md`, "The data path"):
 //!
@@ -11,12 +15,8 @@
 //! The validation rules shared by all models live here ([`Signature::match_inputs`],
 //! [`Signature::check_shapes`], [`batch_rows`]), so each model states only what differs.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
 use crate::device::Device;
-use crate::error::{InputError, LoadError, ModelError};
-use crate::mlp::{Activation, Mlp};
+use crate::error::{InputError, ModelError};
 use crate::tensor::{DataType, HostTensor};
 
 /// One input or output of a model.
@@ -238,7 +238,7 @@ impl Default for PrepareOptions {
 /// A loaded model, shared between the front ends (`prepare`) and its device thread
 /// (`forward`).
 pub trait Model: Send + Sync + std::fmt::Debug {
-    /// The model family: `"identity"`, `"mlp"`, `"embedding"`.
+    /// The model family: `"identity"`, `"mlp"`, `"embedding"`, `"trees"`.
     fn kind(&self) -> &'static str;
 
     /// The inputs and outputs, for the metadata endpoints and validation.
@@ -276,74 +276,4 @@ pub trait Model: Send + Sync + std::fmt::Debug {
     /// concatenated along dim 0 where the model can, and split back. A [`Prepared`] not made
     /// by this model's `prepare` is [`ModelError::BadBatch`], not a panic.
     fn forward(&self, batch: &[Prepared]) -> Result<Vec<Vec<HostTensor>>, ModelError>;
-}
-
-/// What to load; built by the gateway from its configuration.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub enum ModelSpec {
-    /// The echo model: `OUTPUT0` = `INPUT0`.
-    Identity,
-    /// A dense MLP from a directory with `config.json` and `model.safetensors` (see
-    /// [`crate::mlp`]).
-    Mlp {
-        /// The model directory.
-        dir: PathBuf,
-    },
-    /// A BERT-family text-embedding model from a Hugging Face / sentence-transformers
-    /// directory (see [`crate::text`]).
-    TextEmbedding {
-        /// The model directory.
-        dir: PathBuf,
-        /// On the CPU device, run the encoder on Quiver's CPU kernels
-        /// ([`crate::text::Engine::CpuKernels`]) instead of candle-transformers' BERT.
-        /// Ignored on CUDA devices. The config's `cpu_kernels` (default true).
-        cpu_kernels: bool,
-    },
-    /// A demo MLP whose weights are drawn from `seed` (ChaCha8), so every start gives the
-    /// same outputs. For trying the gateway without model files; it computes nothing useful.
-    MlpDemo {
-        /// Input features.
-        inputs: usize,
-        /// Hidden layer widths, in order; may be empty (one layer).
-        hidden: Vec<usize>,
-        /// Output features.
-        outputs: usize,
-        /// Activation between layers.
-        activation: Activation,
-        /// Seed of the weights.
-        seed: u64,
-    },
-}
-
-/// Loads a model on a device. Opens the device first, so a `cuda:N` device in a build
-/// without the `cuda` feature is [`LoadError::Device`] for every model, `identity` included.
-pub fn load(spec: &ModelSpec, device: &Device) -> Result<Arc<dyn Model>, LoadError> {
-    let candle = device.to_candle()?;
-    Ok(match spec {
-        ModelSpec::Identity => Arc::new(crate::identity::Identity::new(device.clone())),
-        ModelSpec::Mlp { dir } => Arc::new(Mlp::load_dir(dir, device.clone(), candle)?),
-        ModelSpec::TextEmbedding { dir, cpu_kernels } => Arc::new(
-            crate::text::TextEmbedding::load_dir(dir, device.clone(), candle, *cpu_kernels)?,
-        ),
-        ModelSpec::MlpDemo {
-            inputs,
-            hidden,
-            outputs,
-            activation,
-            seed,
-        } => {
-            let mut layers = Vec::with_capacity(hidden.len() + 2);
-            layers.push(*inputs);
-            layers.extend_from_slice(hidden);
-            layers.push(*outputs);
-            Arc::new(Mlp::demo(
-                &layers,
-                *activation,
-                *seed,
-                device.clone(),
-                candle,
-            )?)
-        }
-    })
 }
