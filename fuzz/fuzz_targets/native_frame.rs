@@ -38,16 +38,8 @@ fn plain_reads_what_prost_reads(body: &[u8]) {
     if let Some(fast) = plain::decode_plain(body) {
         let req = <ModelInferRequest as prost::Message>::decode(body)
             .expect("a body the plain decoder takes, prost takes");
-        let inputs = kserve::inputs_from_proto(req.inputs, &req.raw_input_contents)
+        let generic = plain::PlainRequest::from_proto(req)
             .expect("tensors the plain decoder takes, inputs_from_proto takes");
-        let generic = plain::PlainRequest {
-            model_name: req.model_name,
-            model_version: req.model_version,
-            id: req.id,
-            parameters: req.parameters,
-            inputs,
-            outputs: req.outputs.into_iter().map(|o| o.name).collect(),
-        };
         assert!(
             same(&fast, &generic),
             "plain decode: {fast:?} != {generic:?}"

@@ -50,13 +50,7 @@ impl Model for Identity {
         // Any rank ≥ 1, so no `check_shapes`: `batch_rows` rejects rank 0.
         let inputs = self.signature.match_inputs(inputs)?;
         let rows = batch_rows(&inputs, &self.signature)?;
-        Ok(Prepared {
-            inputs,
-            rows,
-            tokens: 1,
-            token_ids: Vec::new(),
-            truncated: 0,
-        })
+        Ok(Prepared::rows(inputs, rows))
     }
 
     fn forward(&self, batch: &[Prepared]) -> Result<Vec<Vec<HostTensor>>, ModelError> {

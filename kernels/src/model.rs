@@ -204,6 +204,20 @@ pub struct Prepared {
     pub truncated: u32,
 }
 
+impl Prepared {
+    /// A request of `rows` rows without tokens: what a tabular model (and
+    /// `identity`) prepares.
+    pub fn rows(inputs: Vec<HostTensor>, rows: u32) -> Self {
+        Prepared {
+            inputs,
+            rows,
+            tokens: 1,
+            token_ids: Vec::new(),
+            truncated: 0,
+        }
+    }
+}
+
 /// Which end of a text truncation cuts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TruncationSide {

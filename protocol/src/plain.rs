@@ -37,6 +37,23 @@ pub struct PlainRequest {
     pub outputs: Vec<String>,
 }
 
+impl PlainRequest {
+    /// What the generic way makes of a message prost decoded: its inputs
+    /// as tensors by [`crate::kserve::inputs_from_proto`]. Where
+    /// [`decode_plain`] answers, it answers this.
+    pub fn from_proto(req: ModelInferRequest) -> Result<Self, crate::DecodeError> {
+        let inputs = crate::kserve::inputs_from_proto(req.inputs, &req.raw_input_contents)?;
+        Ok(PlainRequest {
+            model_name: req.model_name,
+            model_version: req.model_version,
+            id: req.id,
+            parameters: req.parameters,
+            inputs,
+            outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+        })
+    }
+}
+
 /// Inputs, and dimensions per input, that [`decode_plain`] holds on the
 /// stack; a message with more goes the generic way.
 const MAX_INPUTS: usize = 8;
@@ -217,7 +234,7 @@ impl<'a> Reader<'a> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::kserve::{inputs_from_proto, int_param, request_to_proto, string_param};
+    use crate::kserve::{int_param, request_to_proto, string_param};
     use crate::proto::inference::model_infer_request::{
         InferInputTensor, InferRequestedOutputTensor,
     };
@@ -225,16 +242,7 @@ mod tests {
 
     /// What prost and `inputs_from_proto` make of `body`.
     fn generic(body: &[u8]) -> Option<PlainRequest> {
-        let req = ModelInferRequest::decode(body).ok()?;
-        let inputs = inputs_from_proto(req.inputs, &req.raw_input_contents).ok()?;
-        Some(PlainRequest {
-            model_name: req.model_name,
-            model_version: req.model_version,
-            id: req.id,
-            parameters: req.parameters,
-            inputs,
-            outputs: req.outputs.into_iter().map(|o| o.name).collect(),
-        })
+        PlainRequest::from_proto(ModelInferRequest::decode(body).ok()?).ok()
     }
 
     fn tensors() -> Vec<HostTensor> {

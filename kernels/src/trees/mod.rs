@@ -379,13 +379,7 @@ impl Model for TreeModel {
 
     fn prepare(&self, inputs: Vec<HostTensor>) -> Result<Prepared, InputError> {
         let (inputs, rows) = self.signature.validate(inputs)?;
-        Ok(Prepared {
-            inputs,
-            rows,
-            tokens: 1,
-            token_ids: Vec::new(),
-            truncated: 0,
-        })
+        Ok(Prepared::rows(inputs, rows))
     }
 
     fn forward(&self, batch: &[Prepared]) -> Result<Vec<Vec<HostTensor>>, ModelError> {
