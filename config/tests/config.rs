@@ -1429,3 +1429,16 @@ fn several_devices_and_simulated_ones_are_checked() {
         ]
     );
 }
+
+#[test]
+fn fraud_example_serves_one_trees_model_from_the_demo_path() {
+    let config = Config::parse(include_str!("../examples/fraud.toml")).unwrap();
+    let [model] = config.models.as_slice() else {
+        panic!("one model, got {:?}", config.models);
+    };
+    assert_eq!((model.name.as_str(), model.kind), ("fraud", ModelKind::Trees));
+    // Where `scripts/fraud-demo train` writes it.
+    assert_eq!(model.path, Some(PathBuf::from("models/fraud/model.json")));
+    assert!(!model.output_margin);
+    assert_eq!(model.max_batch_size, 64);
+}
