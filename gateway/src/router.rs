@@ -195,9 +195,26 @@ impl Router {
         req: InferRequest,
         cancel: CancelToken,
     ) -> Result<InferResponse, GatewayError> {
+        self.infer_on(None, req, cancel).await
+    }
+
+    /// [`infer`](Self::infer) with the model's newest instance already
+    /// looked up by the front end ([`model`](Self::model)): used when the
+    /// request asks for no particular version, so a request is looked up
+    /// once. A swap between the two steps serves it on the instance the
+    /// front end saw, which is held until the answer like any other.
+    pub async fn infer_on(
+        &self,
+        newest: Option<Arc<ModelEntry>>,
+        req: InferRequest,
+        cancel: CancelToken,
+    ) -> Result<InferResponse, GatewayError> {
         // The instance is held until the answer: a swap or unload meanwhile
         // drains it instead of pulling it away.
-        let entry = self.registry.get(&req.model, &req.version)?;
+        let entry = match newest {
+            Some(entry) if req.version.is_empty() && entry.name == req.model => entry,
+            _ => self.registry.get(&req.model, &req.version)?,
+        };
         let entry = entry.as_ref();
         entry.series.admitted(&self.metrics, entry).inc();
         // Each admitted request is counted once in `routed`: with its

@@ -388,7 +388,7 @@ async fn serve_stream(
         // is seen, so a cancelled request always ends in the scheduler,
         // which counts it and never computes it.
         biased;
-        result = ctx.router.infer(req, cancel.clone()) => result,
+        result = ctx.router.infer_on(entry.clone(), req, cancel.clone()) => result,
         _ = stopped => {
             cancel.cancel();
             ctx.metrics.record_request(model, "", PROTOCOL, "cancelled", started.elapsed());
