@@ -6,6 +6,7 @@
 //! ```text
 //! predict PATH          -> "ok N": writes the outputs for all n rows to PATH (f32 LE)
 //! time ROWS SECONDS     -> "ok CALLS MEDIAN_S": calls on the first ROWS rows for SECONDS
+//! repeat ROWS CALLS     -> "ok CALLS": exactly CALLS calls, untimed (for a profiler)
 //! quit
 //! ```
 //!
@@ -81,6 +82,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         std::hint::black_box(model.predict(isa, std::hint::black_box(x)).ok());
                     });
                     writeln!(out, "ok {calls} {:.9e}", median.as_secs_f64())?;
+                }
+            }
+            ["repeat", rows, calls] => {
+                let rows: usize = rows.parse()?;
+                let calls: usize = calls.parse()?;
+                if rows == 0 || rows > n {
+                    writeln!(out, "error rows must be 1..={n}")?;
+                } else {
+                    let x = &x[..rows * features];
+                    for _ in 0..calls {
+                        std::hint::black_box(model.predict(isa, std::hint::black_box(x)).ok());
+                    }
+                    writeln!(out, "ok {calls}")?;
                 }
             }
             ["quit"] => break,
