@@ -1436,7 +1436,10 @@ fn fraud_example_serves_one_trees_model_from_the_demo_path() {
     let [model] = config.models.as_slice() else {
         panic!("one model, got {:?}", config.models);
     };
-    assert_eq!((model.name.as_str(), model.kind), ("fraud", ModelKind::Trees));
+    assert_eq!(
+        (model.name.as_str(), model.kind),
+        ("fraud", ModelKind::Trees)
+    );
     // Where `scripts/fraud-demo train` writes it.
     assert_eq!(model.path, Some(PathBuf::from("models/fraud/model.json")));
     assert!(!model.output_margin);
