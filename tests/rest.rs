@@ -160,31 +160,17 @@ async fn binary_tensors_in_and_out() {
         "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": true}}],
     })
     .to_string();
-    let mut body = head.clone().into_bytes();
-    body.extend_from_slice(&f32_bytes(&data));
-    let r = c
-        .post(format!("{base}/v2/models/mlp/infer"))
-        .bearer_auth(TOKEN)
-        .header("Inference-Header-Content-Length", head.len())
-        .header("content-type", "application/octet-stream")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let json_len: usize = r
-        .headers()
-        .get("inference-header-content-length")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let bytes = r.bytes().await.unwrap();
-    let v: Value = serde_json::from_slice(&bytes[..json_len]).unwrap();
+    let (v, binary) = support::post_binary(
+        &c,
+        format!("{base}/v2/models/mlp/infer"),
+        TOKEN,
+        &head,
+        &f32_bytes(&data),
+    )
+    .await;
     assert_eq!(v["outputs"][0]["parameters"]["binary_data_size"], 2 * 4 * 4);
     assert!(v["outputs"][0].get("data").is_none());
-    assert_close(&f32s_of(&bytes[json_len..]), &mlp_expected(&data));
+    assert_close(&f32s_of(&binary), &mlp_expected(&data));
 
     // `binary_data_output` asks for every output in binary, JSON inputs.
     let r = c

@@ -139,32 +139,17 @@ default_timeout_ms = 10000
         "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": true}}],
     })
     .to_string();
-    let mut body = head.clone().into_bytes();
-    body.extend_from_slice(&f32_bytes(data));
-    let r = c
-        .post(format!("{base}/v2/models/classes/infer"))
-        .bearer_auth(TOKEN)
-        .header("Inference-Header-Content-Length", head.len())
-        .header("content-type", "application/octet-stream")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let json_len: usize = r.headers()["inference-header-content-length"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let bytes = r.bytes().await.unwrap();
-    let v: Value = serde_json::from_slice(&bytes[..json_len]).unwrap();
+    let (v, binary) = support::post_binary(
+        &c,
+        format!("{base}/v2/models/classes/infer"),
+        TOKEN,
+        &head,
+        &f32_bytes(data),
+    )
+    .await;
     assert_eq!(v["outputs"][0]["shape"], json!([n, 4]), "{v}");
     let margin = f64s("lgb_multiclass.margin.f64");
-    assert_within(
-        &f32s_of(&bytes[json_len..]),
-        &margin[..n * 4],
-        "classes (binary)",
-    );
+    assert_within(&f32s_of(&binary), &margin[..n * 4], "classes (binary)");
 
     // A row of the wrong width is the client's error, named.
     let (s, _, v) = support::post_json_with(

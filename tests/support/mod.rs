@@ -532,3 +532,41 @@ pub async fn post_json_with(
     let headers = r.headers().clone();
     (status, headers, r.json().await.expect("a JSON answer"))
 }
+
+/// POSTs a KServe v2 binary-data request (the JSON `head`, then `raw`) to
+/// `url` with `token` and expects 200: the answer's JSON header and the
+/// binary bytes after it.
+pub async fn post_binary(
+    c: &reqwest::Client,
+    url: String,
+    token: &str,
+    head: &str,
+    raw: &[u8],
+) -> (serde_json::Value, Vec<u8>) {
+    let mut body = head.as_bytes().to_vec();
+    body.extend_from_slice(raw);
+    let r = c
+        .post(url)
+        .bearer_auth(token)
+        .header("Inference-Header-Content-Length", head.len())
+        .header("content-type", "application/octet-stream")
+        .body(body)
+        .send()
+        .await
+        .expect("the request is sent");
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    let json_len: usize = r
+        .headers()
+        .get("inference-header-content-length")
+        .expect("a binary answer names its JSON header's length")
+        .to_str()
+        .expect("an ASCII header")
+        .parse()
+        .expect("a length");
+    let bytes = r.bytes().await.expect("the answer's body");
+    let (json, binary) = bytes.split_at(json_len);
+    (
+        serde_json::from_slice(json).expect("a JSON header"),
+        binary.to_vec(),
+    )
+}
