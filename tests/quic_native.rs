@@ -455,3 +455,48 @@ async fn requests_on_an_idle_device_run_inline_unless_turned_off() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_kept_as_bytes_reads_as_the_decoded_message() {
+    let server = Server::start(SMALL);
+    let client = server.client().await;
+    let data: Vec<f32> = (0..8).map(|k| k as f32).collect();
+    let input = f32_tensor("INPUT0", vec![1, 8], data.clone());
+    let req = request_to_proto("identity", "raw-1", &[input], HashMap::new());
+    let frame = quiver_gateway::framing::encode(&req);
+    let raw = client.send_frame_raw(frame.clone()).await.unwrap();
+    let peek = raw.peek().expect("a local answer is read in place");
+    let resp = raw.decode().unwrap();
+    assert!(peek.reads_as(&resp), "{peek:?} against {resp:?}");
+    assert_eq!(
+        (peek.model_name, peek.id, peek.outputs),
+        ("identity", "raw-1", 1)
+    );
+    assert_eq!(
+        peek.parameter(params::PATH),
+        Some(quiver_gateway::tensor::ParamRef::Str("local"))
+    );
+    assert_eq!(
+        peek.parameter(params::BATCH_SIZE),
+        Some(quiver_gateway::tensor::ParamRef::Int(1))
+    );
+    assert_eq!(
+        f32s(&outputs_from_proto(&resp).unwrap()[0]),
+        data.as_slice()
+    );
+    // A status reply is the same error as from `send_frame`.
+    let unknown = request_to_proto("nope", "raw-2", &[], HashMap::new());
+    let frame = quiver_gateway::framing::encode(&unknown);
+    match client.send_frame_raw(frame.clone()).await {
+        Err(quiver_gateway::client::ClientError::Status { code, .. }) => {
+            assert_eq!(code, Code::NotFound);
+        }
+        other => panic!("expected NOT_FOUND, got {other:?}"),
+    }
+    match client.send_frame(frame).await {
+        Err(quiver_gateway::client::ClientError::Status { code, .. }) => {
+            assert_eq!(code, Code::NotFound);
+        }
+        other => panic!("expected NOT_FOUND, got {other:?}"),
+    }
+}

@@ -3,7 +3,8 @@
 //! (encode, then decode, gives the same message; the tensors a request
 //! carries re-encode to the same raw bytes); and where the plain decoder
 //! (`quiver_protocol::plain`) takes a body, it reads what prost and
-//! `inputs_from_proto` read.
+//! `inputs_from_proto` read, and where its reply peek takes one, what prost
+//! reads of the reply.
 #![no_main]
 
 use bytes::Bytes;
@@ -47,10 +48,30 @@ fn plain_reads_what_prost_reads(body: &[u8]) {
     }
 }
 
+/// Where the reply peek (`plain::peek_reply`) takes `body`, prost takes it
+/// too and reads the same reply.
+fn peek_reads_what_prost_reads(body: &[u8]) {
+    use quiver_protocol::proto::native::reply;
+    if let Some(peek) = plain::peek_reply(body) {
+        let reply = <Reply as prost::Message>::decode(body)
+            .expect("a reply the peek takes, prost takes");
+        match (peek, reply.result) {
+            (plain::ReplyPeek::Response(p), Some(reply::Result::Response(m))) => {
+                assert!(p.reads_as(&m), "reply peek: {p:?} != {m:?}");
+            }
+            (plain::ReplyPeek::Status { code, message }, Some(reply::Result::Status(s))) => {
+                assert_eq!((code, message), (s.code, s.message.as_str()), "status peek");
+            }
+            (peek, result) => panic!("reply peek: {peek:?} != {result:?}"),
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     // The corpus holds frames: their bodies are after the header.
     for body in [data, data.get(frame::HEADER_LEN..).unwrap_or_default()] {
         plain_reads_what_prost_reads(body);
+        peek_reads_what_prost_reads(body);
     }
     let stream = Bytes::copy_from_slice(data);
     if let Ok(req) = frame::decode::<ModelInferRequest>(stream.clone(), LIMIT) {

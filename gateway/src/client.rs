@@ -21,6 +21,7 @@ use crate::proto::native::Reply;
 use crate::proto::{ModelInferRequest, ModelInferResponse};
 use crate::tls::{self, Trust};
 use quiver_protocol::frame::ReplyError;
+use quiver_protocol::plain::{ReplyPeek, ResponsePeek};
 
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +184,27 @@ impl Client {
         })
     }
 
+    /// [`send_frame`](Self::send_frame), with the reply kept as its bytes:
+    /// for callers that read a few fields of many replies (the benchmark
+    /// harness reads where each was served), which
+    /// [`RawResponse::peek`] gives without building the message. A reply
+    /// that starts with a response is returned as it is and checked when
+    /// read ([`peek`](RawResponse::peek) or [`decode`](RawResponse::decode));
+    /// any other is decoded here, and a status is an error as for
+    /// `send_frame`.
+    pub async fn send_frame_raw(&self, bytes: Bytes) -> Result<RawResponse, ClientError> {
+        let (mut send, mut recv) = self.connection.open_bi().await?;
+        send.write_all(&bytes).await?;
+        let _ = send.finish();
+        let len = framing::read_header(&mut recv, self.max_reply_bytes).await?;
+        let body = RawResponse(framing::read_bytes(&mut recv, len).await?);
+        // `Reply.response`'s key: field 1, length-delimited.
+        if body.0.first() == Some(&0x0a) {
+            return Ok(body);
+        }
+        body.decode().map(|_| body)
+    }
+
     /// The underlying QUIC connection, for callers that drive streams
     /// themselves.
     pub fn connection(&self) -> &quinn::Connection {
@@ -193,6 +215,33 @@ impl Client {
     pub async fn close(self) {
         self.connection.close(0u32.into(), b"done");
         self.endpoint.wait_idle().await;
+    }
+}
+
+/// A reply from [`Client::send_frame_raw`], kept as its bytes.
+#[derive(Debug, Clone)]
+pub struct RawResponse(Bytes);
+
+impl RawResponse {
+    /// The response's names, output count and parameters, read in place;
+    /// `None` for a reply not in the common shape
+    /// ([`peek_reply`](quiver_protocol::plain::peek_reply)) or not a
+    /// response: [`decode`](Self::decode) it.
+    pub fn peek(&self) -> Option<ResponsePeek<'_>> {
+        match quiver_protocol::plain::peek_reply(&self.0) {
+            Some(ReplyPeek::Response(r)) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The whole message, as [`Client::send_frame`] gives it (a malformed
+    /// reply, or a status, is the same error).
+    pub fn decode(&self) -> Result<ModelInferResponse, ClientError> {
+        let reply: Reply = framing::decode_body(self.0.clone())?;
+        framing::open_reply(reply).map_err(|e| match e {
+            ReplyError::Status { code, message } => ClientError::Status { code, message },
+            _ => ClientError::EmptyReply,
+        })
     }
 }
 

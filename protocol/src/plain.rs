@@ -14,11 +14,15 @@
 //! the caller decodes with prost and reports errors as it always has.
 //! Where it answers, the answer is what the generic way gives (the
 //! `native_frame` fuzz target compares them on every input).
+//!
+//! [`peek_reply`] is the same for the other direction: a client reads a
+//! reply's names and parameters in place instead of building the message.
 
 use std::collections::HashMap;
 
 use prost::Message;
 
+use crate::frame::ParamRef;
 use crate::proto::ModelInferRequest;
 use crate::proto::inference::InferParameter;
 use crate::tensor::{DataType, HostTensor};
@@ -191,6 +195,197 @@ fn requested_output(body: &[u8]) -> Option<String> {
     Some(name.to_owned())
 }
 
+/// Parameters of a reply that [`peek_reply`] holds on the stack (a local
+/// answer carries nine at most); a reply with more goes the generic way.
+const MAX_REPLY_PARAMETERS: usize = 16;
+
+/// A `Reply` frame's body read in place by [`peek_reply`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+// A response's parameters are held on the stack for the one read: boxing
+// them would allocate, which is what the peek is for avoiding.
+#[allow(clippy::large_enum_variant)]
+pub enum ReplyPeek<'a> {
+    /// `result.response`.
+    Response(ResponsePeek<'a>),
+    /// `result.status`: the gRPC code number and the message.
+    Status { code: i32, message: &'a str },
+}
+
+/// A `ModelInferResponse` read in place: its names and parameters borrowed
+/// from the body, its outputs counted. For a client that wants to know how
+/// a request was served without building the message (prost's decode of a
+/// local answer builds a map of nine parameters, a string each).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResponsePeek<'a> {
+    pub model_name: &'a str,
+    pub model_version: &'a str,
+    pub id: &'a str,
+    /// `outputs` entries (each checked as prost checks it).
+    pub outputs: usize,
+    /// `raw_output_contents` entries.
+    pub raw_outputs: usize,
+    parameters: [(&'a str, ParamRef<'a>); MAX_REPLY_PARAMETERS],
+    n_parameters: usize,
+}
+
+impl<'a> ResponsePeek<'a> {
+    /// The parameter `name`, as prost's map holds it (a name sent twice:
+    /// the later value).
+    pub fn parameter(&self, name: &str) -> Option<ParamRef<'a>> {
+        self.parameters
+            .get(..self.n_parameters)?
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == name)
+            .map(|&(_, v)| v)
+    }
+
+    /// Every parameter entry in the order sent (a name sent twice appears
+    /// twice; [`parameter`](Self::parameter) takes the later).
+    pub fn parameter_entries(&self) -> &[(&'a str, ParamRef<'a>)] {
+        self.parameters.get(..self.n_parameters).unwrap_or_default()
+    }
+}
+
+impl ResponsePeek<'_> {
+    /// Whether this is what prost decodes the same body into: the names, the
+    /// counts of outputs and raw contents, and every parameter (the map's
+    /// names and values). What the tests and the `native_frame` fuzz target
+    /// check wherever [`peek_reply`] answers.
+    pub fn reads_as(&self, m: &crate::proto::ModelInferResponse) -> bool {
+        use crate::proto::inference::infer_parameter::ParameterChoice;
+        let same_value =
+            |peeked: ParamRef<'_>, p: &InferParameter| match (peeked, &p.parameter_choice) {
+                (ParamRef::Bool(a), Some(ParameterChoice::BoolParam(b))) => a == *b,
+                (ParamRef::Int(a), Some(ParameterChoice::Int64Param(b))) => a == *b,
+                (ParamRef::Str(a), Some(ParameterChoice::StringParam(b))) => a == b,
+                _ => false,
+            };
+        self.model_name == m.model_name
+            && self.model_version == m.model_version
+            && self.id == m.id
+            && self.outputs == m.outputs.len()
+            && self.raw_outputs == m.raw_output_contents.len()
+            && self
+                .parameter_entries()
+                .iter()
+                .all(|(k, _)| m.parameters.contains_key(*k))
+            && m.parameters
+                .iter()
+                .all(|(k, v)| self.parameter(k).is_some_and(|p| same_value(p, v)))
+    }
+}
+
+/// Reads `body` (a `quiver/1` `Reply`) in place when it has the common
+/// shape: one result, a response whose fields are `ModelInferResponse`'s own,
+/// outputs without parameters or typed contents, at most sixteen parameters,
+/// each a bool, an int64 or a string. What it answers is what prost's decode
+/// holds (the `native_frame` fuzz target compares them). `None` otherwise,
+/// for anything malformed too: decode it with prost, which says what is
+/// wrong.
+pub fn peek_reply(body: &[u8]) -> Option<ReplyPeek<'_>> {
+    let mut r = Reader(body);
+    let (tag, wire_type) = r.key()?;
+    if wire_type != LENGTH_DELIMITED {
+        return None;
+    }
+    let field = r.delimited()?;
+    // A second result merges into or replaces the first: prost's to read.
+    if !r.0.is_empty() {
+        return None;
+    }
+    match tag {
+        1 => peek_response(field).map(ReplyPeek::Response),
+        2 => peek_status(field),
+        _ => None,
+    }
+}
+
+fn peek_status(body: &[u8]) -> Option<ReplyPeek<'_>> {
+    let (mut code, mut message) = (0, "");
+    let mut r = Reader(body);
+    while !r.0.is_empty() {
+        match r.key()? {
+            // int32 on the wire: the low 32 bits of the varint.
+            (1, VARINT) => code = r.varint()? as i32,
+            (2, LENGTH_DELIMITED) => message = std::str::from_utf8(r.delimited()?).ok()?,
+            _ => return None,
+        }
+    }
+    Some(ReplyPeek::Status { code, message })
+}
+
+fn peek_response(body: &[u8]) -> Option<ResponsePeek<'_>> {
+    let mut peek = ResponsePeek {
+        model_name: "",
+        model_version: "",
+        id: "",
+        outputs: 0,
+        raw_outputs: 0,
+        parameters: [("", ParamRef::Bool(false)); MAX_REPLY_PARAMETERS],
+        n_parameters: 0,
+    };
+    let mut r = Reader(body);
+    while !r.0.is_empty() {
+        let (tag, wire_type) = r.key()?;
+        if wire_type != LENGTH_DELIMITED {
+            return None;
+        }
+        let field = r.delimited()?;
+        match tag {
+            1 => peek.model_name = std::str::from_utf8(field).ok()?,
+            2 => peek.model_version = std::str::from_utf8(field).ok()?,
+            3 => peek.id = std::str::from_utf8(field).ok()?,
+            4 => {
+                let slot = peek.parameters.get_mut(peek.n_parameters)?;
+                *slot = parameter_entry(field)?;
+                peek.n_parameters += 1;
+            }
+            5 => {
+                // Name, datatype and shape, as a request's input is read.
+                Input::read(field)?;
+                peek.outputs += 1;
+            }
+            6 => peek.raw_outputs += 1,
+            _ => return None,
+        }
+    }
+    Some(peek)
+}
+
+/// A parameters map entry: its key once, its value once with one choice.
+fn parameter_entry(body: &[u8]) -> Option<(&str, ParamRef<'_>)> {
+    let mut r = Reader(body);
+    let (mut key, mut value) = (None, None);
+    while !r.0.is_empty() {
+        match r.key()? {
+            (1, LENGTH_DELIMITED) if key.is_none() => {
+                key = Some(std::str::from_utf8(r.delimited()?).ok()?);
+            }
+            (2, LENGTH_DELIMITED) if value.is_none() => {
+                value = Some(parameter_value(r.delimited()?)?);
+            }
+            _ => return None,
+        }
+    }
+    // An entry without its key or value (prost fills in the defaults) goes
+    // the generic way.
+    Some((key?, value?))
+}
+
+/// An `InferParameter` with one choice of bool, int64 or string.
+fn parameter_value(body: &[u8]) -> Option<ParamRef<'_>> {
+    let mut r = Reader(body);
+    let value = match r.key()? {
+        (1, VARINT) => ParamRef::Bool(r.varint()? != 0),
+        // int64 on the wire: the varint is the two's complement.
+        (2, VARINT) => ParamRef::Int(r.varint()? as i64),
+        (3, LENGTH_DELIMITED) => ParamRef::Str(std::str::from_utf8(r.delimited()?).ok()?),
+        _ => return None,
+    };
+    r.0.is_empty().then_some(value)
+}
+
 /// The protobuf wire format read from a slice; `None` on anything
 /// malformed (the generic decoder then says what).
 struct Reader<'a>(&'a [u8]);
@@ -354,6 +549,191 @@ mod tests {
             ("nothing", Vec::new()),
         ] {
             assert_eq!(decode_plain(&bytes), None, "{what}");
+        }
+    }
+
+    /// Where `peek_reply` answers, prost reads the same reply.
+    fn peek_reads_as_prost(body: &[u8]) -> bool {
+        use crate::proto::native::{Reply, reply};
+        let Some(peek) = peek_reply(body) else {
+            return true;
+        };
+        let Ok(reply) = Reply::decode(body) else {
+            return false;
+        };
+        match (peek, reply.result) {
+            (ReplyPeek::Response(p), Some(reply::Result::Response(m))) => p.reads_as(&m),
+            (ReplyPeek::Status { code, message }, Some(reply::Result::Status(s))) => {
+                code == s.code && message == s.message
+            }
+            _ => false,
+        }
+    }
+
+    /// A local answer's reply, as the gateway writes it.
+    fn local_reply() -> Vec<u8> {
+        let outputs = [
+            HostTensor::new("OUTPUT0", vec![1, 4], TensorData::F32(vec![0.5; 4])).unwrap(),
+            HostTensor::new("ids", vec![2], TensorData::I64(vec![-1, 300])).unwrap(),
+        ];
+        let view = crate::frame::ResponseRef {
+            model_name: "identity",
+            model_version: "3",
+            id: "req-7",
+            outputs: &outputs,
+        };
+        let params = [
+            ("quiver_batch_size", ParamRef::Int(1)),
+            ("quiver_queue_time_us", ParamRef::Int(0)),
+            ("quiver_rtt_reserved_us", ParamRef::Int(-5)),
+            ("quiver_path", ParamRef::Str("local")),
+            ("quiver_truncated", ParamRef::Bool(true)),
+        ];
+        let frame = crate::frame::encode_response(&view, &params).unwrap();
+        frame[crate::frame::HEADER_LEN..].to_vec()
+    }
+
+    #[test]
+    fn a_local_answer_peeks_as_prost_decodes_it() {
+        let body = local_reply();
+        let Some(ReplyPeek::Response(peek)) = peek_reply(&body) else {
+            panic!("a local answer is in the common shape");
+        };
+        assert_eq!(
+            (
+                peek.model_name,
+                peek.model_version,
+                peek.id,
+                peek.outputs,
+                peek.raw_outputs
+            ),
+            ("identity", "3", "req-7", 2, 2)
+        );
+        assert_eq!(peek.parameter("quiver_path"), Some(ParamRef::Str("local")));
+        assert_eq!(
+            peek.parameter("quiver_rtt_reserved_us"),
+            Some(ParamRef::Int(-5))
+        );
+        assert_eq!(
+            peek.parameter("quiver_truncated"),
+            Some(ParamRef::Bool(true))
+        );
+        assert_eq!(peek.parameter("absent"), None);
+        assert_eq!(peek.parameter_entries().len(), 5);
+        assert!(peek_reads_as_prost(&body));
+    }
+
+    #[test]
+    fn a_status_reply_peeks_as_prost_decodes_it() {
+        use crate::proto::native::{Reply, Status, reply};
+        for code in [5, 0, -1] {
+            let body = Reply {
+                result: Some(reply::Result::Status(Status {
+                    code,
+                    message: "model 'x' is not served here".into(),
+                })),
+            }
+            .encode_to_vec();
+            assert_eq!(
+                peek_reply(&body),
+                Some(ReplyPeek::Status {
+                    code,
+                    message: "model 'x' is not served here"
+                })
+            );
+            assert!(peek_reads_as_prost(&body));
+        }
+    }
+
+    #[test]
+    fn a_name_sent_twice_reads_as_the_later_value_as_in_prost() {
+        use crate::proto::ModelInferResponse;
+        use crate::proto::native::Reply;
+        let one = |v: i64| ModelInferResponse {
+            parameters: [("n".to_owned(), int_param(v))].into(),
+            ..Default::default()
+        };
+        // Two encodings of the response's fields, concatenated inside one
+        // result: the map entries of both, the later `n` wins.
+        let mut inner = one(1).encode_to_vec();
+        inner.extend(one(2).encode_to_vec());
+        let mut body = Vec::new();
+        prost::encoding::bytes::encode(1, &inner, &mut body);
+        let Some(ReplyPeek::Response(peek)) = peek_reply(&body) else {
+            panic!("two entries are in the common shape");
+        };
+        assert_eq!(peek.parameter("n"), Some(ParamRef::Int(2)));
+        assert!(peek_reads_as_prost(&body));
+        assert!(Reply::decode(&body[..]).is_ok());
+    }
+
+    #[test]
+    fn a_reply_it_does_not_read_goes_the_generic_way() {
+        use crate::proto::ModelInferResponse;
+        use crate::proto::inference::InferParameter;
+        use crate::proto::inference::infer_parameter::ParameterChoice;
+        use crate::proto::inference::model_infer_response::InferOutputTensor;
+        use crate::proto::native::{Reply, reply};
+        let wrap = |m: ModelInferResponse| {
+            Reply {
+                result: Some(reply::Result::Response(m)),
+            }
+            .encode_to_vec()
+        };
+        let double = ModelInferResponse {
+            parameters: [(
+                "d".to_owned(),
+                InferParameter {
+                    parameter_choice: Some(ParameterChoice::DoubleParam(0.5)),
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let output_params = ModelInferResponse {
+            outputs: vec![InferOutputTensor {
+                name: "o".into(),
+                parameters: [("x".to_owned(), int_param(1))].into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let many = ModelInferResponse {
+            parameters: (0..=MAX_REPLY_PARAMETERS)
+                .map(|i| (format!("p{i}"), int_param(1)))
+                .collect(),
+            ..Default::default()
+        };
+        let body = local_reply();
+        let mut two_results = body.clone();
+        two_results.extend(&body);
+        let mut unknown = body.clone();
+        unknown.extend([0x18, 0x01]);
+        for (what, bytes) in [
+            ("a double parameter", wrap(double)),
+            ("output parameters", wrap(output_params)),
+            ("more parameters than the stack holds", wrap(many)),
+            ("two results", two_results),
+            ("a field Reply does not have", unknown),
+            ("an empty reply", Vec::new()),
+            ("a truncated reply", body[..body.len() - 1].to_vec()),
+        ] {
+            assert_eq!(peek_reply(&bytes), None, "{what}");
+        }
+    }
+
+    #[test]
+    fn every_cut_and_flipped_byte_of_a_reply_peeks_as_prost_or_not_at_all() {
+        let body = local_reply();
+        for end in 0..=body.len() {
+            assert!(peek_reads_as_prost(&body[..end]), "cut at {end}");
+        }
+        for i in 0..body.len() {
+            for bit in 0..8 {
+                let mut flipped = body.clone();
+                flipped[i] ^= 1 << bit;
+                assert!(peek_reads_as_prost(&flipped), "byte {i} bit {bit}");
+            }
         }
     }
 }
