@@ -350,10 +350,9 @@ impl Router {
         path: &PathCell,
         usage: &mut Option<crate::request::TextUsage>,
     ) -> Result<Local, GatewayError> {
-        let now = Instant::now();
         if !entry.healthy() {
             if let Some(up) = upstream
-                && up.fits(now, routed.deadline)
+                && up.fits(Instant::now(), routed.deadline)
             {
                 path.set("upstream");
                 return self
