@@ -196,7 +196,15 @@ fn simd_walks_match_the_scalar_reference_bit_for_bit() {
                 forest.margins_here(isa, x, &mut here);
                 let mut pooled = vec![0.0; reference.len()];
                 forest.margins(isa, x, &mut pooled);
-                for (what, got) in [("margins_here", &here), ("margins", &pooled)] {
+                // The keyed walk (what margins_here runs below a vector of rows), on any
+                // number of rows: it is the same code whatever the instruction set.
+                let mut keyed = vec![0.0; reference.len()];
+                forest.margins_keyed(x, &mut keyed);
+                for (what, got) in [
+                    ("margins_here", &here),
+                    ("margins", &pooled),
+                    ("margins_keyed", &keyed),
+                ] {
                     let same = got
                         .iter()
                         .zip(&reference)
@@ -336,7 +344,8 @@ fn margins(model: &TreeModel, x: &[f32]) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// Each row's margin on every instruction set (they must agree) as one list.
+/// Each row's margin on every instruction set (they must agree) as one list; each row is
+/// also predicted alone (the keyed walk) and must agree with the rest.
 fn agreed(model: &TreeModel, x: &[f32]) -> Vec<f32> {
     // Repeat the rows so the SIMD paths (by rows and by trees) both run.
     let reps = 40;
@@ -347,6 +356,12 @@ fn agreed(model: &TreeModel, x: &[f32]) -> Vec<f32> {
     for (isa, m) in Isa::available().into_iter().zip(&all) {
         for rep in 0..reps {
             assert_eq!(&m[rep * n..(rep + 1) * n], &first[..], "{isa:?}");
+        }
+    }
+    let features = model.forest().features();
+    for (r, row) in x.chunks_exact(features).enumerate() {
+        for (isa, alone) in Isa::available().into_iter().zip(margins(model, row)) {
+            assert_eq!(alone, [first[r]], "row {r} alone on {isa:?}");
         }
     }
     first

@@ -29,7 +29,7 @@ pub const MAX_CUDA_FEATURES: usize = 48 * 1024 / 4;
 /// A forest in device memory.
 pub struct CudaForest {
     device: CudaDevice,
-    /// 4 × u32 per node: meta, threshold bits, left, unused (`PackedNode`).
+    /// 4 × u32 per node: meta, threshold bits, left, key (`PackedNode`; the kernel does not read the key).
     nodes: CudaSlice<u32>,
     values: CudaSlice<f64>,
     roots: CudaSlice<u32>,

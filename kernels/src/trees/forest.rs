@@ -12,17 +12,18 @@
 //! - a leaf points at itself (`left == i`) and can never go right: its threshold is NaN
 //!   (`x > NaN` is false) and its default is left. A walk may therefore run a fixed number
 //!   of steps (the tree's depth) and every lane ends on its leaf, which is what lets the SIMD
-//!   evaluators step 8 or 16 rows (or trees) in lockstep without per-lane exits;
+//!   evaluators step 8 or 16 rows, and the keyed walk 16 trees, in lockstep without per-lane exits;
 //! - `meta` packs the feature index with two flag bits, so one load gets all three.
 //!
 //! Every library's split is brought to one rule at load time: for a present
 //! value `x`, go right iff `x > threshold` (f32); a missing value (NaN, or a near-zero value
 //! where the split treats zero as missing) takes the default direction. The scalar walk
-//! ([`Forest::leaf_scalar`]) is the reference; the SIMD walks in `simd.rs` must find the same
-//! leaf, and the sums are then added in the same order, so all evaluators agree bit for bit.
+//! ([`Forest::leaf_scalar`]) is the reference; the SIMD walks in `simd.rs` and the keyed walk
+//! in `keyed.rs` must find the same leaf, and the sums are then added in the same order, so all evaluators agree bit for bit.
 
 use rayon::prelude::*;
 
+use super::keyed;
 use crate::cpu::Isa;
 
 /// `meta` bit: a missing value goes left.
@@ -98,8 +99,10 @@ pub(crate) struct PackedNode {
     pub threshold: f32,
     /// The left child's index (the right child follows it); a leaf's own index.
     pub left: u32,
-    /// Padding to 16 bytes.
-    pub unused: u32,
+    /// The split for the keyed walk (`keyed.rs`): right iff the row's key for this node's
+    /// feature and flags is above it ([`keyed::node_key`] of the threshold; `u32::MAX` at a
+    /// leaf, never right).
+    pub key: u32,
 }
 
 /// How a forest adds its leaves: as its library does, so the sums match the library's.
@@ -189,7 +192,7 @@ impl ForestBuilder {
                         meta: DEFAULT_LEFT,
                         threshold: f32::NAN,
                         left: slot as u32,
-                        unused: 0,
+                        key: keyed::KEY_LEAF,
                     };
                     f.value[slot] = v;
                 }
@@ -236,7 +239,7 @@ impl ForestBuilder {
                         meta,
                         threshold,
                         left: next_free as u32,
-                        unused: 0,
+                        key: keyed::node_key(threshold),
                     };
                     queue.push_back((first, next_free, d + 1));
                     queue.push_back((second, next_free + 1, d + 1));
@@ -370,23 +373,28 @@ impl Forest {
         }
         let lanes = super::simd::lanes(isa);
         if rows < lanes {
-            // Too few rows to fill the lanes: walk the trees of each row side by side instead.
-            for r in 0..rows {
-                let row = &x[r * self.features..(r + 1) * self.features];
-                super::simd::row_by_trees(
-                    self,
-                    isa,
-                    row,
-                    &mut out[r * self.groups..][..self.groups],
-                );
-            }
-            return;
+            // Too few rows to fill the lanes: each row alone, its trees side by side.
+            return self.margins_keyed(x, out);
         }
         for (xb, ob) in x
             .chunks(ROW_BLOCK * self.features)
             .zip(out.chunks_mut(ROW_BLOCK * self.groups))
         {
             super::simd::block_by_rows(self, isa, xb, ob);
+        }
+    }
+
+    /// [`Forest::margins_scalar`] on the keyed walk (`keyed.rs`): each row alone, its trees
+    /// side by side in plain scalar code, for any instruction set. Bit-identical to the
+    /// scalar walk.
+    pub fn margins_keyed(&self, x: &[f32], out: &mut [f64]) {
+        let rows = self.check_lengths(x, out);
+        let mut keys = vec![0u32; keyed::KEYS_PER_FEATURE * self.features];
+        for r in 0..rows {
+            keyed::row_keys(&x[r * self.features..(r + 1) * self.features], &mut keys);
+            let acc = &mut out[r * self.groups..(r + 1) * self.groups];
+            acc.copy_from_slice(&self.base);
+            keyed::add_row(self, &keys, acc);
         }
     }
 

@@ -38,6 +38,7 @@ use crate::tensor::{DataType, HostTensor, TensorData};
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod forest;
+mod keyed;
 pub mod lightgbm;
 mod simd;
 pub mod xgboost;
