@@ -2,7 +2,7 @@
 //! the small image classifier that `scripts/make-onnx` built, its metadata read from the
 //! graph, driven over KServe v2 REST (binary tensors, two outputs) and the QUIC native
 //! protocol; every answer must be ONNX Runtime's output within 1e-4. A graph with op types
-//! candle-onnx cannot run stops `quiver config check`-passing start-up with their names.
+//! candle-onnx cannot run passes the configuration's checks but stops start-up, naming them.
 //!
 //! The graphs come from `scripts/make-onnx` (scripts/test runs it); without them these tests
 //! fail and say so.
