@@ -543,15 +543,17 @@ pub struct Model {
     /// Name clients ask for (`/v2/models/{name}`). Required; 1 to 128 of
     /// `A-Z a-z 0-9 _ . -`, not `.` or `..`, unique in the file.
     pub name: String,
-    /// What the model computes. Required: `"identity"`, `"mlp"`, `"embedding"`
-    /// or `"trees"`.
+    /// What the model computes. Required: `"identity"`, `"mlp"`, `"embedding"`,
+    /// `"trees"` or `"onnx"`.
     pub kind: ModelKind,
     /// Model directory in the Hugging Face layout (for `mlp`: `config.json`
     /// and `model.safetensors`; for `embedding`: a sentence-transformers
     /// directory with `tokenizer.json` too; for `trees`: an XGBoost JSON or
     /// LightGBM text model file, or a directory holding one `model.json` or
-    /// `model.txt`). An `mlp` needs `path` or `demo`, not both; an `embedding`
-    /// and `trees` need `path`; `identity` takes neither. Default none.
+    /// `model.txt`; for `onnx`: a `.onnx` file, or a directory holding
+    /// `model.onnx`). An `mlp` needs `path` or `demo`, not both; an
+    /// `embedding`, `trees` and `onnx` need `path`; `identity` takes neither.
+    /// Default none.
     pub path: Option<PathBuf>,
     /// `mlp` only, instead of `path`: deterministic demo weights
     /// (`[models.demo]`). Default none.
@@ -774,19 +776,22 @@ pub enum ModelKind {
     Embedding,
     /// A gradient-boosted tree ensemble (XGBoost JSON or LightGBM text).
     Trees,
+    /// An ONNX graph (`model.onnx`), run by candle-onnx on any device.
+    Onnx,
 }
 
 impl ModelKind {
     /// Every kind, in the order of the error message that lists them.
-    pub const ALL: [ModelKind; 4] = [
+    pub const ALL: [ModelKind; 5] = [
         ModelKind::Identity,
         ModelKind::Mlp,
         ModelKind::Embedding,
         ModelKind::Trees,
+        ModelKind::Onnx,
     ];
 
-    /// The spelling in the TOML file: `"identity"`, `"mlp"`, `"embedding"` or
-    /// `"trees"`.
+    /// The spelling in the TOML file: `"identity"`, `"mlp"`, `"embedding"`,
+    /// `"trees"` or `"onnx"`.
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -794,6 +799,7 @@ impl ModelKind {
             ModelKind::Mlp => "mlp",
             ModelKind::Embedding => "embedding",
             ModelKind::Trees => "trees",
+            ModelKind::Onnx => "onnx",
         }
     }
 

@@ -408,7 +408,7 @@ fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Kn
         None => {
             errors.push(
                 at("kind"),
-                "required: \"identity\", \"mlp\", \"embedding\" or \"trees\"",
+                "required: \"identity\", \"mlp\", \"embedding\", \"trees\" or \"onnx\"",
             );
             known.kind = false;
             ModelKind::Identity
@@ -417,7 +417,7 @@ fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Kn
             errors.push(
                 at("kind"),
                 format!(
-                    "must be \"identity\", \"mlp\", \"embedding\" or \"trees\", got \"{text}\""
+                    "must be \"identity\", \"mlp\", \"embedding\", \"trees\" or \"onnx\", got \"{text}\""
                 ),
             );
             known.kind = false;
@@ -957,6 +957,17 @@ fn check_model(model: &Model, prefix: &str, known: Known, errors: &mut Errors) {
                     errors.push(
                         at("path"),
                         "required for kind \"trees\" (an XGBoost JSON or LightGBM text model file)",
+                    );
+                }
+                if model.demo.is_some() {
+                    errors.push(at("demo"), "only for kind \"mlp\"");
+                }
+            }
+            ModelKind::Onnx => {
+                if model.path.is_none() {
+                    errors.push(
+                        at("path"),
+                        "required for kind \"onnx\" (a .onnx file, or a directory with model.onnx)",
                     );
                 }
                 if model.demo.is_some() {

@@ -668,7 +668,7 @@ fn model_kind_rules() {
         errors("[[models]]\nname = \"m\"\nkind = \"bert\"\n"),
         vec![error(
             "models[0].kind",
-            "must be \"identity\", \"mlp\", \"embedding\" or \"trees\", got \"bert\""
+            "must be \"identity\", \"mlp\", \"embedding\", \"trees\" or \"onnx\", got \"bert\""
         )]
     );
     assert_eq!(
@@ -677,7 +677,7 @@ fn model_kind_rules() {
             error("models[0].name", "required"),
             error(
                 "models[0].kind",
-                "required: \"identity\", \"mlp\", \"embedding\" or \"trees\""
+                "required: \"identity\", \"mlp\", \"embedding\", \"trees\" or \"onnx\""
             ),
         ]
     );
@@ -706,6 +706,38 @@ fn trees_needs_a_path_and_alone_takes_output_margin() {
     let typed = errors(&format!("{trees}output_margin = 1\n"));
     assert_eq!(typed.len(), 1, "{typed:?}");
     assert_eq!(typed[0].path, "models[0].output_margin", "{typed:?}");
+}
+
+#[test]
+fn onnx_needs_a_path_and_takes_no_other_kinds_knobs() {
+    let onnx = "[[models]]\nname = \"classifier\"\nkind = \"onnx\"\npath = \"/m/model.onnx\"\n";
+    let config = Config::parse(onnx).unwrap();
+    assert_eq!(config.models[0].kind, ModelKind::Onnx);
+    assert_eq!(ModelKind::from_name("onnx"), Some(ModelKind::Onnx));
+    assert_eq!(ModelKind::Onnx.as_str(), "onnx");
+    assert_eq!(config.models[0].path, Some(PathBuf::from("/m/model.onnx")));
+    assert_eq!(
+        errors("[[models]]\nname = \"classifier\"\nkind = \"onnx\"\n"),
+        vec![error(
+            "models[0].path",
+            "required for kind \"onnx\" (a .onnx file, or a directory with model.onnx)"
+        )]
+    );
+    assert_eq!(
+        errors(&format!(
+            "{onnx}output_margin = true\ncpu_kernels = false\n"
+        )),
+        vec![
+            error("models[0].cpu_kernels", "only for kind \"embedding\""),
+            error("models[0].output_margin", "only for kind \"trees\""),
+        ]
+    );
+    assert_eq!(
+        errors(&format!(
+            "{onnx}[models.demo]\ninputs = 4\nhidden = []\noutputs = 2\n"
+        )),
+        vec![error("models[0].demo", "only for kind \"mlp\"")]
+    );
 }
 
 #[test]

@@ -830,6 +830,10 @@ fn synthetic_inputs(
                 DataType::Fp64 => TensorData::F64(vec![0.0; n]),
                 DataType::Int64 => TensorData::I64(vec![0; n]),
                 DataType::Int32 => TensorData::I32(vec![0; n]),
+                // ONNX graphs take these too.
+                DataType::Uint8 => TensorData::U8(vec![0; n]),
+                DataType::Uint32 => TensorData::U32(vec![0; n]),
+                DataType::Bool => TensorData::Bool(vec![false; n]),
                 DataType::Bytes => TensorData::Bytes(vec![text.clone(); n]),
                 other => {
                     return Err(format!(

@@ -976,6 +976,8 @@ pub fn load_model(
             output_margin: m.output_margin,
         },
         (ModelKind::Trees, None, _) => anyhow::bail!("a trees model needs a path"),
+        (ModelKind::Onnx, Some(path), _) => ModelSpec::Onnx { path: path.clone() },
+        (ModelKind::Onnx, None, _) => anyhow::bail!("an onnx model needs a path"),
     };
     let mut replicas = Vec::new();
     for device_name in m.device_list() {

@@ -410,10 +410,13 @@ fn model_for_dir(arg: &str) -> Result<quiver_config::Model, String> {
         ModelKind::Mlp
     } else if dir.join("model.json").is_file() || dir.join("model.txt").is_file() {
         ModelKind::Trees
+    } else if dir.join("model.onnx").is_file() {
+        ModelKind::Onnx
     } else {
         return Err(format!(
             "{}: not a model directory (no tokenizer.json or modules.json for an embedding, \
-             no config.json with `layers` for an mlp, no model.json or model.txt for trees)",
+             no config.json with `layers` for an mlp, no model.json or model.txt for trees, \
+             no model.onnx for onnx)",
             dir.display()
         ));
     };

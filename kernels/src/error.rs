@@ -108,6 +108,15 @@ pub enum LoadError {
         /// What is wrong.
         source: crate::trees::TreeError,
     },
+    /// An ONNX model (`kind = "onnx"`) cannot be served: not ONNX, op types candle-onnx
+    /// cannot run (listed), an input or output it cannot batch, or a failed load-time run.
+    #[error("{}: {source}", path.display())]
+    Onnx {
+        /// The `.onnx` file.
+        path: PathBuf,
+        /// What is wrong.
+        source: crate::onnx::OnnxError,
+    },
     /// The device cannot be used.
     #[error(transparent)]
     Device(#[from] DeviceError),

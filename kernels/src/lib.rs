@@ -23,6 +23,8 @@
 //!   CPU reference).
 //! - [`trees`]: gradient-boosted trees from XGBoost JSON and LightGBM text, on a flat
 //!   CPU forest engine (scalar reference, AVX2 and AVX-512 walks).
+//! - [`onnx`]: ONNX graphs (`model.onnx`) on candle-onnx, checked at load (op types, a
+//!   one-row run).
 //! - [`text`]: BERT-family sentence embeddings (tokenizer on the front end, candle BERT).
 //! - [`error`]: the crate's error enums, one per kind of fault.
 
@@ -35,6 +37,7 @@ pub mod identity;
 pub mod loader;
 pub mod mlp;
 pub mod model;
+pub mod onnx;
 pub mod pool;
 pub mod sim;
 /// Host tensors live in `quiver-protocol`, where the wire codecs decode them.
@@ -48,6 +51,7 @@ pub use identity::Identity;
 pub use loader::{ModelSpec, load};
 pub use mlp::{Activation, Mlp, MlpConfig, write_mlp};
 pub use model::{Model, PrepareOptions, Prepared, Signature, TensorSpec, TruncationSide};
+pub use onnx::{OnnxError, OnnxModel};
 pub use tensor::{DataType, HostTensor, TensorData};
 pub use text::{Engine, Pooling, TextEmbedding, TextToken};
 pub use trees::{TreeError, TreeModel};

@@ -46,6 +46,12 @@ pub enum ModelSpec {
         /// (default false).
         output_margin: bool,
     },
+    /// An ONNX graph: a `.onnx` file, or a directory holding `model.onnx` (see
+    /// [`crate::onnx`]). Runs on candle-onnx, on every device.
+    Onnx {
+        /// The model file, or a directory with `model.onnx`.
+        path: PathBuf,
+    },
     /// A demo MLP whose weights are drawn from `seed` (ChaCha8), so every start gives the
     /// same outputs. For trying the gateway without model files; it computes nothing useful.
     MlpDemo {
@@ -80,6 +86,9 @@ pub fn load(spec: &ModelSpec, device: &Device) -> Result<Arc<dyn Model>, LoadErr
             *output_margin,
             device.clone(),
         )?),
+        ModelSpec::Onnx { path } => {
+            Arc::new(crate::onnx::OnnxModel::load(path, device.clone(), candle)?)
+        }
         ModelSpec::MlpDemo {
             inputs,
             hidden,

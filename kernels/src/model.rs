@@ -252,7 +252,7 @@ impl Default for PrepareOptions {
 /// A loaded model, shared between the front ends (`prepare`) and its device thread
 /// (`forward`).
 pub trait Model: Send + Sync + std::fmt::Debug {
-    /// The model family: `"identity"`, `"mlp"`, `"embedding"`, `"trees"`.
+    /// The model family: `"identity"`, `"mlp"`, `"embedding"`, `"trees"`, `"onnx"`.
     fn kind(&self) -> &'static str;
 
     /// The inputs and outputs, for the metadata endpoints and validation.

@@ -1,0 +1,952 @@
+//! ONNX graphs (`kind = "onnx"`): a `model.onnx` run by candle-onnx, so the same graph runs
+//! on the `cpu` and `cuda:N` devices like the other families (`DESIGN.md`, "Models").
+//!
+//! The signature comes from the graph: its inputs (less the initializers, which some
+//! exporters list as inputs too) and outputs, with their element types and shapes. A
+//! symbolic or missing dimension is free (`-1`); the first dimension of every input and
+//! output must be free, since it is the batch dimension the batcher fills.
+//!
+//! Loading does what can fail once, so that nothing fails at the first request:
+//!
+//! 1. every node's op type (in `If` branches too) is checked against the ops that
+//!    candle-onnx 0.11.1's `simple_eval` runs ([`SUPPORTED_OPS`]); a graph using others is
+//!    refused with the list of them ([`OnnxError::UnsupportedOps`]);
+//! 2. the initializers and `Constant` nodes become tensors on the model's device once
+//!    (candle-onnx would otherwise rebuild them on the CPU from the protobuf at every call,
+//!    and a CUDA graph would mix devices);
+//! 3. `Gemm` nodes become `MatMul` and `Add` on weights transposed and scaled once
+//!    (candle-onnx's `Gemm` builds its `alpha` and `beta` on the CPU at every call, and
+//!    cannot run without its optional `C`);
+//! 4. the graph runs once on a one-row batch of zeros (free dimensions 1), and its outputs
+//!    must have the declared element types, ranks and one row.
+//!
+//! `forward` concatenates the requests whose inputs agree past the batch dimension into one
+//! run of the graph, so a batch of fixed-shape requests costs one evaluation; requests of
+//! other shapes (e.g. another sequence length) run in their own group.
+//!
+//! Element types: FP32, FP64, INT64, INT32, UINT8, UINT32 and BOOL. candle-onnx computes
+//! INT32 as INT64 (its initializers and casts do), so an INT32 input is fed as INT64 and an
+//! INT32 output converted back; FLOAT16 and the others have no wire type here or no candle
+//! type, and are refused at load. Weights stored outside the file (ONNX external data) are
+//! refused too.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use candle_onnx::onnx::{
+    self, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
+    attribute_proto::AttributeType, tensor_proto::DataLocation, tensor_shape_proto::dimension,
+    type_proto,
+};
+use prost::Message;
+
+use crate::device::Device;
+use crate::error::{InputError, LoadError, ModelError};
+use crate::model::{Model, Prepared, Signature, TensorSpec};
+use crate::tensor::{DataType, HostTensor, TensorData};
+
+/// The file a model directory holds.
+pub const MODEL_FILE: &str = "model.onnx";
+
+/// The op types of the default ONNX domain that candle-onnx 0.11.1's `simple_eval` runs: the
+/// arms of its `match node.op_type` (`src/eval.rs`). A graph with any other op is refused at
+/// load. Keep in step with the `candle-onnx` version in Cargo.toml.
+pub const SUPPORTED_OPS: &[&str] = &[
+    "Abs",
+    "Add",
+    "And",
+    "ArgMax",
+    "ArgMin",
+    "AveragePool",
+    "BatchNormalization",
+    "Cast",
+    "Ceil",
+    "Clip",
+    "Concat",
+    "Constant",
+    "ConstantOfShape",
+    "Conv",
+    "Cos",
+    "CumSum",
+    "Div",
+    "Dropout",
+    "Equal",
+    "Erf",
+    "Exp",
+    "Expand",
+    "Flatten",
+    "Floor",
+    "Gather",
+    "GatherElements",
+    "Gelu",
+    "Gemm",
+    "Greater",
+    "GreaterOrEqual",
+    "HardSwish",
+    "Identity",
+    "If",
+    "LSTM",
+    "LeakyRelu",
+    "Less",
+    "LessOrEqual",
+    "Log",
+    "LogSoftmax",
+    "MatMul",
+    "MaxPool",
+    "Min",
+    "Mul",
+    "Neg",
+    "Not",
+    "OneHot",
+    "Or",
+    "PRelu",
+    "Pad",
+    "Pow",
+    "RNN",
+    "RandomNormal",
+    "RandomUniform",
+    "Range",
+    "ReduceL2",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceSum",
+    "Relu",
+    "Reshape",
+    "Resize",
+    "ScatterND",
+    "Selu",
+    "Shape",
+    "Sigmoid",
+    "Sign",
+    "Sin",
+    "Size",
+    "Slice",
+    "Softmax",
+    "Split",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Tanh",
+    "Tile",
+    "Transpose",
+    "Trilu",
+    "Unsqueeze",
+    "Where",
+    "Xor",
+];
+
+/// Why an ONNX file cannot be served. Wrapped in [`LoadError::Onnx`] with the file's path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OnnxError {
+    /// The file is not an ONNX model (protobuf `ModelProto`), or has no graph.
+    #[error("not an ONNX model: {message}")]
+    Parse {
+        /// The decoder's message.
+        message: String,
+    },
+    /// The graph uses op types that candle-onnx cannot run.
+    #[error(
+        "the graph uses op types that candle-onnx {version} cannot run: {}; \
+         re-export without them (e.g. another opset) or serve it from an upstream",
+        ops.join(", "),
+        version = CANDLE_ONNX_VERSION
+    )]
+    UnsupportedOps {
+        /// The op types, sorted, each once; `domain:Op` for ops outside the default domain.
+        ops: Vec<String>,
+    },
+    /// An input or output cannot be served: its element type, a missing shape, or a first
+    /// dimension that is not free.
+    #[error("{what} `{name}`: {message}")]
+    Signature {
+        /// `input` or `output`.
+        what: &'static str,
+        /// The tensor's name in the graph.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// An initializer or constant cannot be read (external data, an unsupported element type).
+    #[error("tensor `{name}`: {message}")]
+    Weight {
+        /// The tensor's name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The graph failed on the load-time check (a one-row batch of zeros), or gave outputs
+    /// that do not match its declared outputs.
+    #[error("the graph fails on a one-row batch of zeros (free dimensions 1): {message}")]
+    Check {
+        /// What failed.
+        message: String,
+    },
+}
+
+/// The candle-onnx version whose op set [`SUPPORTED_OPS`] lists.
+pub const CANDLE_ONNX_VERSION: &str = "0.11.1";
+
+/// How one signature input is fed to the graph.
+#[derive(Clone, Debug)]
+struct Port {
+    /// The graph's name for it (also the signature's).
+    name: String,
+    /// The wire type (INT32 is computed as INT64, BOOL as UINT8).
+    datatype: DataType,
+}
+
+/// A loaded ONNX graph on one device.
+#[derive(Debug)]
+pub struct OnnxModel {
+    path: PathBuf,
+    signature: Signature,
+    device: Device,
+    candle: candle_core::Device,
+    /// The graph without its initializers and `Constant` nodes, `Gemm` rewritten.
+    model: ModelProto,
+    /// The initializers and constants, on the device.
+    weights: HashMap<String, Tensor>,
+    inputs: Vec<Port>,
+    outputs: Vec<Port>,
+    ops: BTreeSet<String>,
+}
+
+impl OnnxModel {
+    /// Loads `path` (a `.onnx` file, or a directory holding [`MODEL_FILE`]) onto `candle`
+    /// (the opened `device`) and checks it (see the module docs).
+    pub fn load(
+        path: &Path,
+        device: Device,
+        candle: candle_core::Device,
+    ) -> Result<Self, LoadError> {
+        let file = if path.is_dir() {
+            path.join(MODEL_FILE)
+        } else {
+            path.to_owned()
+        };
+        let bytes = std::fs::read(&file).map_err(|source| LoadError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        let onnx_error = |source| LoadError::Onnx {
+            path: file.clone(),
+            source,
+        };
+        let model = ModelProto::decode(bytes.as_slice()).map_err(|e| {
+            onnx_error(OnnxError::Parse {
+                message: e.to_string(),
+            })
+        })?;
+        Self::from_proto(model, &file, device, candle).map_err(onnx_error)
+    }
+
+    /// [`OnnxModel::load`] on a decoded model; `path` names it in messages.
+    pub fn from_proto(
+        mut model: ModelProto,
+        path: &Path,
+        device: Device,
+        candle: candle_core::Device,
+    ) -> Result<Self, OnnxError> {
+        let Some(graph) = model.graph.as_mut() else {
+            return Err(OnnxError::Parse {
+                message: "the model has no graph".into(),
+            });
+        };
+        let mut ops = BTreeSet::new();
+        let mut unsupported = BTreeSet::new();
+        collect_ops(graph, &mut ops, &mut unsupported);
+        if !unsupported.is_empty() {
+            return Err(OnnxError::UnsupportedOps {
+                ops: unsupported.into_iter().collect(),
+            });
+        }
+
+        // Weights: initializers and constants, once, on the device.
+        let mut weights = HashMap::new();
+        for t in std::mem::take(&mut graph.initializer) {
+            let tensor =
+                weight(&t, &t.name)?
+                    .to_device(&candle)
+                    .map_err(|e| OnnxError::Weight {
+                        name: t.name.clone(),
+                        message: e.to_string(),
+                    })?;
+            weights.insert(t.name, tensor);
+        }
+        let mut nodes = Vec::with_capacity(graph.node.len());
+        for node in std::mem::take(&mut graph.node) {
+            match constant(&node)? {
+                Some(t) => {
+                    let name = node.output.first().cloned().unwrap_or_default();
+                    let t = t.to_device(&candle).map_err(|e| OnnxError::Weight {
+                        name: name.clone(),
+                        message: e.to_string(),
+                    })?;
+                    weights.insert(name, t);
+                }
+                None => nodes.push(node),
+            }
+        }
+        graph.node = rewrite_gemms(nodes, &mut weights)?;
+        // Initializers that an older IR lists among the inputs are not inputs to fill.
+        graph.input.retain(|i| !weights.contains_key(&i.name));
+
+        let mut inputs = Vec::with_capacity(graph.input.len());
+        let mut input_specs = Vec::with_capacity(graph.input.len());
+        for info in &mut graph.input {
+            let (port, spec) = port(info, "input")?;
+            if port.datatype == DataType::Int32 {
+                // candle-onnx computes INT32 as INT64: the graph is fed INT64.
+                set_elem_type(info, onnx::tensor_proto::DataType::Int64);
+            }
+            inputs.push(port);
+            input_specs.push(spec);
+        }
+        let mut outputs = Vec::with_capacity(graph.output.len());
+        let mut output_specs = Vec::with_capacity(graph.output.len());
+        for info in &graph.output {
+            let (port, spec) = port(info, "output")?;
+            outputs.push(port);
+            output_specs.push(spec);
+        }
+        if inputs.is_empty() {
+            return Err(OnnxError::Signature {
+                what: "input",
+                name: String::new(),
+                message: "the graph has no inputs to batch".into(),
+            });
+        }
+        let loaded = OnnxModel {
+            path: path.to_owned(),
+            signature: Signature {
+                inputs: input_specs,
+                outputs: output_specs,
+            },
+            device,
+            candle,
+            model,
+            weights,
+            inputs,
+            outputs,
+            ops,
+        };
+        loaded.check()?;
+        Ok(loaded)
+    }
+
+    /// The file the graph was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The op types the graph uses (before `Gemm` and `Constant` were rewritten), sorted.
+    pub fn ops(&self) -> impl Iterator<Item = &str> {
+        self.ops.iter().map(String::as_str)
+    }
+
+    /// Runs the graph once on a one-row batch of zeros and checks its outputs.
+    fn check(&self) -> Result<(), OnnxError> {
+        let inputs: Vec<HostTensor> = self
+            .signature
+            .inputs
+            .iter()
+            .map(|spec| {
+                let shape: Vec<usize> = spec
+                    .shape
+                    .iter()
+                    .map(|&d| usize::try_from(d).unwrap_or(1))
+                    .collect();
+                let n = shape.iter().product();
+                HostTensor {
+                    name: spec.name.clone(),
+                    shape,
+                    data: zeros(spec.datatype, n),
+                }
+            })
+            .collect();
+        let prepared = self.prepare(inputs).map_err(|e| OnnxError::Check {
+            message: e.to_string(),
+        })?;
+        self.forward(std::slice::from_ref(&prepared))
+            .map_err(|e| OnnxError::Check {
+                message: e.to_string(),
+            })?;
+        Ok(())
+    }
+
+    /// Runs the graph on one group of requests whose inputs agree past dim 0: one tensor per
+    /// input, their rows concatenated. Returns the outputs in signature order, on the host.
+    fn run_group(
+        &self,
+        group: &[Prepared],
+        rows: usize,
+    ) -> Result<Vec<(Vec<usize>, TensorData)>, ModelError> {
+        let mut values = self.weights.clone();
+        for (i, port) in self.inputs.iter().enumerate() {
+            let first = &group[0].inputs[i];
+            let mut shape = first.shape.clone();
+            shape[0] = rows;
+            let tensor = if group.len() == 1 {
+                to_tensor(&first.data, port, &shape, &self.candle)?
+            } else {
+                let data = concat(group.iter().map(|p| &p.inputs[i].data), port.datatype)?;
+                to_tensor(&data, port, &shape, &self.candle)?
+            };
+            values.insert(port.name.clone(), tensor);
+        }
+        let mut results = candle_onnx::simple_eval(&self.model, values)?;
+        self.outputs
+            .iter()
+            .map(|port| {
+                let t = results
+                    .remove(&port.name)
+                    .ok_or_else(|| ModelError::BadBatch {
+                        message: format!("the graph gave no output `{}`", port.name),
+                    })?;
+                let shape = t.dims().to_vec();
+                if shape.first() != Some(&rows) {
+                    return Err(ModelError::BadBatch {
+                        message: format!(
+                            "output `{}` has shape {shape:?} for a batch of {rows} rows",
+                            port.name
+                        ),
+                    });
+                }
+                let spec_rank = self
+                    .signature
+                    .outputs
+                    .iter()
+                    .find(|s| s.name == port.name)
+                    .map_or(shape.len(), |s| s.shape.len());
+                if spec_rank != shape.len() {
+                    return Err(ModelError::BadBatch {
+                        message: format!(
+                            "output `{}` has shape {shape:?}, the graph declares rank {spec_rank}",
+                            port.name
+                        ),
+                    });
+                }
+                Ok((shape, to_host(&t, port)?))
+            })
+            .collect()
+    }
+}
+
+impl Model for OnnxModel {
+    fn kind(&self) -> &'static str {
+        "onnx"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn prepare(&self, inputs: Vec<HostTensor>) -> Result<Prepared, InputError> {
+        let (inputs, rows) = self.signature.validate(inputs)?;
+        Ok(Prepared::rows(inputs, rows))
+    }
+
+    fn forward(&self, batch: &[Prepared]) -> Result<Vec<Vec<HostTensor>>, ModelError> {
+        for p in batch {
+            let fits = p.inputs.len() == self.inputs.len()
+                && p.inputs.iter().zip(&self.inputs).all(|(t, port)| {
+                    t.name == port.name
+                        && t.data.datatype() == port.datatype
+                        && !t.shape.is_empty()
+                        && t.shape.iter().product::<usize>() == t.data.len()
+                });
+            if !fits {
+                return Err(ModelError::BadBatch {
+                    message: "a request's inputs do not match the graph's signature".into(),
+                });
+            }
+        }
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut start = 0;
+        while start < batch.len() {
+            // The longest run of requests whose inputs agree past the batch dimension.
+            let first = &batch[start];
+            let end = start
+                + batch[start..]
+                    .iter()
+                    .take_while(|p| {
+                        p.inputs
+                            .iter()
+                            .zip(&first.inputs)
+                            .all(|(a, b)| a.shape[1..] == b.shape[1..])
+                    })
+                    .count();
+            let group = &batch[start..end];
+            let rows: usize = group.iter().map(|p| p.inputs[0].shape[0]).sum();
+            let outputs = self.run_group(group, rows)?;
+            let mut offset = 0;
+            for p in group {
+                let r = p.inputs[0].shape[0];
+                answers.push(
+                    self.outputs
+                        .iter()
+                        .zip(&outputs)
+                        .map(|(port, (shape, data))| {
+                            let per_row: usize = shape[1..].iter().product();
+                            let mut out_shape = shape.clone();
+                            out_shape[0] = r;
+                            HostTensor {
+                                name: port.name.clone(),
+                                shape: out_shape,
+                                data: slice(data, offset * per_row, r * per_row),
+                            }
+                        })
+                        .collect(),
+                );
+                offset += r;
+            }
+            start = end;
+        }
+        Ok(answers)
+    }
+}
+
+/// Walks `graph` (and the subgraphs of its nodes' attributes): every op type into `ops`, and
+/// those candle-onnx cannot run into `unsupported`.
+fn collect_ops(graph: &GraphProto, ops: &mut BTreeSet<String>, unsupported: &mut BTreeSet<String>) {
+    for node in &graph.node {
+        let default_domain = node.domain.is_empty() || node.domain == "ai.onnx";
+        let name = if default_domain {
+            node.op_type.clone()
+        } else {
+            format!("{}:{}", node.domain, node.op_type)
+        };
+        if !default_domain || !SUPPORTED_OPS.contains(&node.op_type.as_str()) {
+            unsupported.insert(name.clone());
+        }
+        ops.insert(name);
+        for attr in &node.attribute {
+            if let Some(g) = &attr.g {
+                collect_ops(g, ops, unsupported);
+            }
+            for g in &attr.graphs {
+                collect_ops(g, ops, unsupported);
+            }
+        }
+    }
+}
+
+/// An initializer as a CPU tensor of its declared shape.
+fn weight(t: &TensorProto, name: &str) -> Result<Tensor, OnnxError> {
+    let error = |message: String| OnnxError::Weight {
+        name: name.to_owned(),
+        message,
+    };
+    if t.data_location == DataLocation::External as i32 || !t.external_data.is_empty() {
+        return Err(error(
+            "stored outside the .onnx file (external data), which candle-onnx cannot read; \
+             save the model with its weights inside"
+                .into(),
+        ));
+    }
+    let dims: Vec<usize> = t
+        .dims
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| error(format!("negative dimension {d}"))))
+        .collect::<Result<_, _>>()?;
+    let tensor = candle_onnx::eval::get_tensor(t, name).map_err(|e| error(e.to_string()))?;
+    // candle-onnx reads INT32 data as a flat INT64 vector; give it its shape back.
+    if tensor.elem_count() != dims.iter().product::<usize>() {
+        return Err(error(format!(
+            "{} values for dimensions {dims:?}",
+            tensor.elem_count()
+        )));
+    }
+    tensor.reshape(dims).map_err(|e| error(e.to_string()))
+}
+
+/// A `Constant` node's value as a CPU tensor; `None` for other nodes.
+fn constant(node: &NodeProto) -> Result<Option<Tensor>, OnnxError> {
+    if node.op_type != "Constant" || !(node.domain.is_empty() || node.domain == "ai.onnx") {
+        return Ok(None);
+    }
+    let name = node.output.first().cloned().unwrap_or_default();
+    let error = |message: String| OnnxError::Weight {
+        name: name.clone(),
+        message,
+    };
+    let Some(attr) = node.attribute.first() else {
+        return Err(error("a Constant without a value".into()));
+    };
+    let cpu = &candle_core::Device::Cpu;
+    let t = match (attr.name.as_str(), attr.r#type()) {
+        ("value", AttributeType::Tensor) => match &attr.t {
+            Some(t) => weight(t, &name)?,
+            None => return Err(error("a Constant `value` without a tensor".into())),
+        },
+        ("value_float", _) => Tensor::new(attr.f, cpu).map_err(|e| error(e.to_string()))?,
+        ("value_floats", _) => {
+            Tensor::new(attr.floats.as_slice(), cpu).map_err(|e| error(e.to_string()))?
+        }
+        ("value_int", _) => Tensor::new(attr.i, cpu).map_err(|e| error(e.to_string()))?,
+        ("value_ints", _) => {
+            Tensor::new(attr.ints.as_slice(), cpu).map_err(|e| error(e.to_string()))?
+        }
+        (other, _) => {
+            return Err(error(format!(
+                "a Constant with `{other}`, which candle-onnx cannot read"
+            )));
+        }
+    };
+    Ok(Some(t))
+}
+
+/// Rewrites each `Gemm` (`Y = alpha · A' · B' + beta · C`, `A'` and `B'` optionally
+/// transposed) into `MatMul` and `Add`: a `B` or `C` among the weights is transposed and
+/// scaled once here; otherwise `Transpose` and `Mul` nodes do it at run time.
+fn rewrite_gemms(
+    nodes: Vec<NodeProto>,
+    weights: &mut HashMap<String, Tensor>,
+) -> Result<Vec<NodeProto>, OnnxError> {
+    let mut out = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let is_gemm =
+            node.op_type == "Gemm" && (node.domain.is_empty() || node.domain == "ai.onnx");
+        if !is_gemm {
+            out.push(node);
+            continue;
+        }
+        let Some(y) = node.output.first().cloned() else {
+            return Err(OnnxError::Check {
+                message: format!("Gemm `{}` has no output", node.name),
+            });
+        };
+        let error = |message: String| OnnxError::Weight {
+            name: y.clone(),
+            message,
+        };
+        let int = |name: &str, default: i64| {
+            node.attribute
+                .iter()
+                .find(|a| a.name == name)
+                .map_or(default, |a| a.i)
+        };
+        let float = |name: &str| {
+            node.attribute
+                .iter()
+                .find(|a| a.name == name)
+                .map_or(1.0, |a| a.f)
+        };
+        let (alpha, beta) = (float("alpha"), float("beta"));
+        let (trans_a, trans_b) = (int("transA", 0) != 0, int("transB", 0) != 0);
+        let input = |i: usize| node.input.get(i).filter(|s| !s.is_empty()).cloned();
+        let (Some(a), Some(b)) = (input(0), input(1)) else {
+            return Err(OnnxError::Check {
+                message: format!("Gemm `{}` needs inputs A and B", node.name),
+            });
+        };
+        let c = input(2);
+        let fresh = |what: &str| format!("{y}::quiver_gemm_{what}");
+        let base = node.name.clone();
+        let a = if trans_a {
+            transpose(&mut out, &base, a, &y)
+        } else {
+            a
+        };
+        // B' (transposed and times alpha when B is a weight).
+        let (b, alpha_left) = match weights.get(&b) {
+            Some(w) => {
+                let mut w = if trans_b { w.t() } else { Ok(w.clone()) }
+                    .and_then(|w| w.contiguous())
+                    .map_err(|e| error(e.to_string()))?;
+                if alpha != 1.0 {
+                    w = w
+                        .affine(f64::from(alpha), 0.0)
+                        .map_err(|e| error(e.to_string()))?;
+                }
+                let name = fresh("b");
+                weights.insert(name.clone(), w);
+                (name, 1.0)
+            }
+            None if trans_b => (transpose(&mut out, &base, b, &y), alpha),
+            None => (b, alpha),
+        };
+        let dtype = weights.get(&b).map_or(DType::F32, |w| w.dtype());
+        let device = weights
+            .get(&b)
+            .map_or(candle_core::Device::Cpu, |w| w.device().clone());
+        let scalar = |weights: &mut HashMap<String, Tensor>,
+                      v: f32,
+                      what: &str|
+         -> Result<String, OnnxError> {
+            let t = Tensor::new(v, &device)
+                .and_then(|t| t.to_dtype(dtype))
+                .map_err(|e| error(e.to_string()))?;
+            let name = fresh(what);
+            weights.insert(name.clone(), t);
+            Ok(name)
+        };
+        let scaled_c = match c {
+            None => None,
+            Some(c) => match weights.get(&c) {
+                Some(w) => {
+                    let w = if beta != 1.0 {
+                        w.affine(f64::from(beta), 0.0)
+                            .map_err(|e| error(e.to_string()))?
+                    } else {
+                        w.clone()
+                    };
+                    let name = fresh("c");
+                    weights.insert(name.clone(), w);
+                    Some(name)
+                }
+                None if beta != 1.0 => {
+                    let s = scalar(weights, beta, "beta")?;
+                    let name = fresh("beta_c");
+                    push_node(&mut out, &base, "Mul", vec![c, s], name.clone());
+                    Some(name)
+                }
+                None => Some(c),
+            },
+        };
+        let alpha_name = if alpha_left != 1.0 {
+            Some(scalar(weights, alpha_left, "alpha")?)
+        } else {
+            None
+        };
+        let product = if alpha_name.is_some() || scaled_c.is_some() {
+            fresh("ab")
+        } else {
+            y.clone()
+        };
+        push_node(&mut out, &base, "MatMul", vec![a, b], product.clone());
+        let product = match alpha_name {
+            Some(s) => {
+                let name = if scaled_c.is_some() {
+                    fresh("alpha_ab")
+                } else {
+                    y.clone()
+                };
+                push_node(&mut out, &base, "Mul", vec![product, s], name.clone());
+                name
+            }
+            None => product,
+        };
+        if let Some(c) = scaled_c {
+            push_node(&mut out, &base, "Add", vec![product, c], y.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Appends a node of the default domain with no attributes.
+fn push_node(out: &mut Vec<NodeProto>, base: &str, op: &str, inputs: Vec<String>, output: String) {
+    out.push(NodeProto {
+        input: inputs,
+        output: vec![output],
+        name: format!("{base}::{op}"),
+        op_type: op.to_owned(),
+        ..NodeProto::default()
+    });
+}
+
+/// Appends a `Transpose` of the last two dimensions of `x` (a 2-D `Gemm` operand); returns
+/// its output's name.
+fn transpose(out: &mut Vec<NodeProto>, base: &str, x: String, gemm_output: &str) -> String {
+    let t = format!("{x}::quiver_t_{gemm_output}");
+    push_node(out, base, "Transpose", vec![x], t.clone());
+    t
+}
+
+/// A graph input or output as a port and a signature spec.
+fn port(info: &ValueInfoProto, what: &'static str) -> Result<(Port, TensorSpec), OnnxError> {
+    let error = |message: String| OnnxError::Signature {
+        what,
+        name: info.name.clone(),
+        message,
+    };
+    let Some(type_proto::Value::TensorType(t)) =
+        info.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
+        return Err(error(
+            "not a tensor (sequences, maps and optionals are not served)".into(),
+        ));
+    };
+    let elem = onnx::tensor_proto::DataType::try_from(t.elem_type)
+        .map_err(|_| error(format!("unknown element type {}", t.elem_type)))?;
+    use onnx::tensor_proto::DataType as E;
+    let datatype = match elem {
+        E::Float => DataType::Fp32,
+        E::Double => DataType::Fp64,
+        E::Int64 => DataType::Int64,
+        E::Int32 => DataType::Int32,
+        E::Uint8 => DataType::Uint8,
+        E::Uint32 => DataType::Uint32,
+        E::Bool => DataType::Bool,
+        other => {
+            return Err(error(format!(
+                "element type {} is not served (FP32, FP64, INT64, INT32, UINT8, UINT32, BOOL)",
+                other.as_str_name()
+            )));
+        }
+    };
+    let Some(shape) = &t.shape else {
+        return Err(error(
+            "no shape in the graph; Quiver needs at least the rank".into(),
+        ));
+    };
+    let dims: Vec<i64> = shape
+        .dim
+        .iter()
+        .map(|d| match d.value {
+            Some(dimension::Value::DimValue(v)) if v > 0 => v,
+            _ => -1,
+        })
+        .collect();
+    match dims.first() {
+        None => {
+            return Err(error(
+                "a scalar; Quiver batches along the first dimension".into(),
+            ));
+        }
+        Some(&d) if d >= 0 => {
+            return Err(error(format!(
+                "first dimension fixed at {d}; Quiver batches along the first dimension, so it \
+                 must be free (export with a dynamic batch axis)"
+            )));
+        }
+        Some(_) => {}
+    }
+    Ok((
+        Port {
+            name: info.name.clone(),
+            datatype,
+        },
+        TensorSpec::new(info.name.clone(), datatype, dims),
+    ))
+}
+
+fn set_elem_type(info: &mut ValueInfoProto, elem: onnx::tensor_proto::DataType) {
+    if let Some(type_proto::Value::TensorType(t)) =
+        info.r#type.as_mut().and_then(|t| t.value.as_mut())
+    {
+        t.elem_type = elem as i32;
+    }
+}
+
+fn zeros(datatype: DataType, n: usize) -> TensorData {
+    match datatype {
+        DataType::Fp32 => TensorData::F32(vec![0.0; n]),
+        DataType::Fp64 => TensorData::F64(vec![0.0; n]),
+        DataType::Int64 => TensorData::I64(vec![0; n]),
+        DataType::Int32 => TensorData::I32(vec![0; n]),
+        DataType::Uint8 => TensorData::U8(vec![0; n]),
+        DataType::Uint32 => TensorData::U32(vec![0; n]),
+        DataType::Bool => TensorData::Bool(vec![false; n]),
+        // Not a port type (see `port`).
+        _ => TensorData::F32(vec![0.0; n]),
+    }
+}
+
+/// The requests' data, one after the other.
+fn concat<'a>(
+    parts: impl Iterator<Item = &'a TensorData>,
+    datatype: DataType,
+) -> Result<TensorData, ModelError> {
+    let mut out = zeros(datatype, 0);
+    for part in parts {
+        match (&mut out, part) {
+            (TensorData::F32(o), TensorData::F32(p)) => o.extend_from_slice(p),
+            (TensorData::F64(o), TensorData::F64(p)) => o.extend_from_slice(p),
+            (TensorData::I64(o), TensorData::I64(p)) => o.extend_from_slice(p),
+            (TensorData::I32(o), TensorData::I32(p)) => o.extend_from_slice(p),
+            (TensorData::U8(o), TensorData::U8(p)) => o.extend_from_slice(p),
+            (TensorData::U32(o), TensorData::U32(p)) => o.extend_from_slice(p),
+            (TensorData::Bool(o), TensorData::Bool(p)) => o.extend_from_slice(p),
+            _ => {
+                return Err(ModelError::BadBatch {
+                    message: format!("an input is not {}", datatype.as_str()),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Host data as a tensor of the port's candle type on `device`.
+fn to_tensor(
+    data: &TensorData,
+    port: &Port,
+    shape: &[usize],
+    device: &candle_core::Device,
+) -> Result<Tensor, ModelError> {
+    let t = match data {
+        TensorData::F32(v) => Tensor::from_slice(v, shape, device)?,
+        TensorData::F64(v) => Tensor::from_slice(v, shape, device)?,
+        TensorData::I64(v) => Tensor::from_slice(v, shape, device)?,
+        TensorData::I32(v) => {
+            let wide: Vec<i64> = v.iter().map(|&x| i64::from(x)).collect();
+            Tensor::from_vec(wide, shape, device)?
+        }
+        TensorData::U8(v) => Tensor::from_slice(v, shape, device)?,
+        TensorData::U32(v) => Tensor::from_slice(v, shape, device)?,
+        TensorData::Bool(v) => {
+            let bytes: Vec<u8> = v.iter().map(|&b| u8::from(b)).collect();
+            Tensor::from_vec(bytes, shape, device)?
+        }
+        _ => {
+            return Err(ModelError::BadBatch {
+                message: format!("input `{}` has an unserved datatype", port.name),
+            });
+        }
+    };
+    Ok(t)
+}
+
+/// An output tensor as host data of the port's wire type.
+fn to_host(t: &Tensor, port: &Port) -> Result<TensorData, ModelError> {
+    let t = t.flatten_all()?;
+    let data = match port.datatype {
+        DataType::Fp32 => TensorData::F32(t.to_dtype(DType::F32)?.to_vec1()?),
+        DataType::Fp64 => TensorData::F64(t.to_dtype(DType::F64)?.to_vec1()?),
+        DataType::Int64 => TensorData::I64(t.to_dtype(DType::I64)?.to_vec1()?),
+        DataType::Int32 => {
+            let wide: Vec<i64> = t.to_dtype(DType::I64)?.to_vec1()?;
+            TensorData::I32(wide.into_iter().map(|x| x as i32).collect())
+        }
+        DataType::Uint8 => TensorData::U8(t.to_dtype(DType::U8)?.to_vec1()?),
+        DataType::Uint32 => TensorData::U32(t.to_dtype(DType::U32)?.to_vec1()?),
+        DataType::Bool => {
+            let bytes: Vec<u8> = t.to_dtype(DType::U8)?.to_vec1()?;
+            TensorData::Bool(bytes.into_iter().map(|b| b != 0).collect())
+        }
+        other => {
+            return Err(ModelError::BadBatch {
+                message: format!(
+                    "output `{}` has unserved datatype {}",
+                    port.name,
+                    other.as_str()
+                ),
+            });
+        }
+    };
+    Ok(data)
+}
+
+/// `len` elements of `data` from `start`.
+fn slice(data: &TensorData, start: usize, len: usize) -> TensorData {
+    let r = start..start + len;
+    match data {
+        TensorData::F32(v) => TensorData::F32(v[r].to_vec()),
+        TensorData::F64(v) => TensorData::F64(v[r].to_vec()),
+        TensorData::I64(v) => TensorData::I64(v[r].to_vec()),
+        TensorData::I32(v) => TensorData::I32(v[r].to_vec()),
+        TensorData::U8(v) => TensorData::U8(v[r].to_vec()),
+        TensorData::U32(v) => TensorData::U32(v[r].to_vec()),
+        TensorData::Bool(v) => TensorData::Bool(v[r].to_vec()),
+        // `to_host` makes only the types above.
+        _ => TensorData::F32(Vec::new()),
+    }
+}
