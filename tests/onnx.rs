@@ -21,17 +21,7 @@ use serde_json::{Value, json};
 use support::{Server, TOKEN, f32_bytes, f32s_of};
 
 fn onnx_dir() -> PathBuf {
-    let root = match std::env::var_os("QUIVER_MODELS_DIR") {
-        Some(root) => PathBuf::from(root),
-        None => support::workspace().join("models"),
-    };
-    let dir = root.join("onnx");
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "no ONNX graphs in {}: run scripts/make-onnx (or set QUIVER_MODELS_DIR)",
-        dir.display()
-    );
-    dir
+    support::generated_models("onnx", "ONNX graphs", "scripts/make-onnx")
 }
 
 fn f32_file(name: &str) -> Vec<f32> {

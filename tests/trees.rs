@@ -16,17 +16,7 @@ use serde_json::{Value, json};
 use support::{Server, TOKEN, f32_bytes, f32s_of};
 
 fn trees_dir() -> PathBuf {
-    let root = match std::env::var_os("QUIVER_MODELS_DIR") {
-        Some(root) => PathBuf::from(root),
-        None => support::workspace().join("models"),
-    };
-    let dir = root.join("trees");
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "no tree models in {}: run scripts/train-trees (or set QUIVER_MODELS_DIR)",
-        dir.display()
-    );
-    dir
+    support::generated_models("trees", "tree models", "scripts/train-trees")
 }
 
 fn read<T>(path: &Path, width: usize, from: impl Fn(&[u8]) -> T) -> Vec<T> {

@@ -10,6 +10,8 @@
 //! these tests fail and say so; they do not pass silently.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use quiver_kernels::{
@@ -19,17 +21,7 @@ use quiver_kernels::{
 const MAX_ABS_DIFF: f32 = 1e-4;
 
 fn onnx_dir() -> PathBuf {
-    let root = match std::env::var_os("QUIVER_MODELS_DIR") {
-        Some(root) => PathBuf::from(root),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../models"),
-    };
-    let dir = root.join("onnx");
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "no ONNX graphs in {}: run scripts/make-onnx (or set QUIVER_MODELS_DIR)",
-        dir.display()
-    );
-    dir
+    common::generated_models("onnx", "ONNX graphs", "scripts/make-onnx")
 }
 
 fn manifest() -> serde_json::Value {

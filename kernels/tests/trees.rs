@@ -10,6 +10,8 @@
 //! missing these tests fail and say so; they do not pass silently.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use quiver_kernels::cpu::Isa;
@@ -21,17 +23,7 @@ use quiver_kernels::{
 const MAX_ABS_DIFF: f64 = 1e-5;
 
 fn trees_dir() -> PathBuf {
-    let root = match std::env::var_os("QUIVER_MODELS_DIR") {
-        Some(root) => PathBuf::from(root),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../models"),
-    };
-    let dir = root.join("trees");
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "no tree models in {}: run scripts/train-trees (or set QUIVER_MODELS_DIR)",
-        dir.display()
-    );
-    dir
+    common::generated_models("trees", "tree models", "scripts/train-trees")
 }
 
 fn manifest() -> serde_json::Value {

@@ -465,6 +465,23 @@ pub fn workspace() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// `$QUIVER_MODELS_DIR/<family>` (else `<workspace>/models/<family>`), where a
+/// script wrote test models and their `manifest.json`; a missing manifest
+/// fails the test with the script to run.
+pub fn generated_models(family: &str, what: &str, script: &str) -> std::path::PathBuf {
+    let root = match std::env::var_os("QUIVER_MODELS_DIR") {
+        Some(root) => std::path::PathBuf::from(root),
+        None => workspace().join("models"),
+    };
+    let dir = root.join(family);
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "no {what} in {}: run {script} (or set QUIVER_MODELS_DIR)",
+        dir.display()
+    );
+    dir
+}
+
 /// The MiniLM test model: `$QUIVER_MODELS_DIR/all-MiniLM-L6-v2` (or
 /// `$QUIVER_MODELS_DIR` itself), else `<workspace>/models/all-MiniLM-L6-v2`
 /// (`scripts/fetch-models` puts it there).
