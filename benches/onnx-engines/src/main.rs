@@ -22,6 +22,9 @@
 //! - `candle-onnx`: `candle_onnx::simple_eval` on the CPU, as Quiver's `kind = "onnx"` runs
 //!   it (the gateway's wrapper around it is not included); RAYON_NUM_THREADS threads.
 //!
+//! Coverage first: each engine loads and runs make-onnx's `refused.onnx` and MiniLM at
+//! optimum's default opset (ops candle-onnx lacks); see [`coverage`].
+//!
 //! Each engine is first checked on the inputs whose ONNX Runtime (Python) outputs make-onnx and
 //! export-minilm-onnx wrote: the largest absolute difference over all outputs is reported, and
 //! an engine that fails or differs by more than 1e-3 is not timed on that graph. A call is one
@@ -378,6 +381,70 @@ fn max_abs_diff(engine: &mut dyn Engine, g: &Graph) -> R<f32> {
     Ok(worst)
 }
 
+/// Coverage beyond the timed graphs: make-onnx's `refused.onnx` (GlobalAveragePool and
+/// LpNormalization, which candle-onnx lacks) and MiniLM at optimum's default opset
+/// (LayerNormalization). Each engine loads and runs it; the outputs are compared with the ort
+/// engine's (refused.onnx has no stored reference) or with MiniLM's reference outputs.
+fn coverage(
+    src: &Path,
+    engines: &[String],
+    threads: usize,
+    ort_env: Option<&ort::environment::Environment>,
+) -> R<Vec<Value>> {
+    let mut cases: Vec<(String, PathBuf, Vec<Input>, Option<Vec<Vec<f32>>>)> = Vec::new();
+    let mut rng = Rng(3);
+    cases.push((
+        "refused.onnx (GlobalAveragePool, LpNormalization)".into(),
+        src.join("refused.onnx"),
+        vec![Input {
+            name: "image".into(),
+            shape: vec![2, 3, 8, 8],
+            data: Data::F32((0..2 * 3 * 8 * 8).map(|_| rng.normal()).collect()),
+        }],
+        None,
+    ));
+    let minilm = src.join("minilm");
+    if minilm.join("model.default-opset.onnx").is_file() {
+        let entry: Value =
+            serde_json::from_str(&std::fs::read_to_string(minilm.join("manifest.json"))?)?;
+        let (inputs, outputs) = read_case(&minilm, &entry)?;
+        cases.push((
+            "minilm model.default-opset.onnx (LayerNormalization)".into(),
+            minilm.join("model.default-opset.onnx"),
+            inputs,
+            Some(outputs.into_iter().map(|(_, v)| v).collect()),
+        ));
+    }
+    let mut out = Vec::new();
+    for (name, model, inputs, mut reference) in cases {
+        // ort first, so that its outputs are the reference where none is stored.
+        let mut order: Vec<&String> = engines.iter().filter(|e| *e == "ort").collect();
+        order.extend(engines.iter().filter(|e| *e != "ort"));
+        for kind in order {
+            let got = load_engine(kind, &model, &inputs, threads, ort_env)
+                .and_then(|mut e| e.run(&inputs, true));
+            let row = match got {
+                Ok(got) => {
+                    let diff = reference.as_ref().map(|want| {
+                        got.iter()
+                            .zip(want)
+                            .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+                            .fold(0f32, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) })
+                    });
+                    if reference.is_none() && kind == "ort" {
+                        reference = Some(got);
+                    }
+                    json!({"graph": name, "engine": kind, "ok": true, "max_abs_diff": diff})
+                }
+                Err(e) => json!({"graph": name, "engine": kind, "ok": false, "error": e.to_string()}),
+            };
+            eprintln!("coverage: {row}");
+            out.push(row);
+        }
+    }
+    Ok(out)
+}
+
 fn time(engine: &mut dyn Engine, inputs: &[Input], seconds: f64) -> R<f64> {
     let warm = Instant::now();
     let mut calls = 0;
@@ -454,6 +521,7 @@ fn main() -> R<()> {
         None
     };
 
+    let coverage = coverage(Path::new(src), &engines, threads, ort_env.as_ref())?;
     let mut results = Vec::new();
     let mut checks = Vec::new();
     for g in graphs(Path::new(src), tokens)? {
@@ -535,6 +603,7 @@ fn main() -> R<()> {
             "onnxruntime_library": ort_version},
         "checks": checks,
         "results": results,
+        "coverage": coverage,
         "failures": failures,
     });
     std::fs::write(out, serde_json::to_string_pretty(&report)? + "\n")?;
