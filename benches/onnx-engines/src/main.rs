@@ -119,7 +119,13 @@ impl Engine for Tract {
         }
         outputs
             .iter()
-            .map(|o| Ok(o.cast_to::<f32>()?.to_plain_array_view::<f32>()?.iter().copied().collect()))
+            .map(|o| {
+                Ok(o.cast_to::<f32>()?
+                    .to_plain_array_view::<f32>()?
+                    .iter()
+                    .copied()
+                    .collect())
+            })
             .collect()
     }
 }
@@ -143,7 +149,11 @@ impl Ort {
             .with_inter_threads(1)
             .map_err(|e| e.to_string())?
             .commit_from_file(model)?;
-        let outputs = session.outputs().iter().map(|o| o.name().to_string()).collect();
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
         Ok(Ort { session, outputs })
     }
 }
@@ -167,7 +177,12 @@ impl Engine for Ort {
         }
         self.outputs
             .iter()
-            .map(|name| Ok(outputs[name.as_str()].try_extract_tensor::<f32>()?.1.to_vec()))
+            .map(|name| {
+                Ok(outputs[name.as_str()]
+                    .try_extract_tensor::<f32>()?
+                    .1
+                    .to_vec())
+            })
             .collect()
     }
 }
@@ -213,8 +228,12 @@ impl Engine for Candle {
         self.outputs
             .iter()
             .map(|name| {
-                let t = outputs.remove(name).ok_or_else(|| format!("no output {name}"))?;
-                Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+                let t = outputs
+                    .remove(name)
+                    .ok_or_else(|| format!("no output {name}"))?;
+                Ok(t.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?)
             })
             .collect()
     }
@@ -232,7 +251,11 @@ fn load_engine(
     Ok(match kind {
         "tract" => Box::new(Tract::load(model, None)?),
         "tract-fixed" => Box::new(Tract::load(model, Some(inputs))?),
-        "ort" => Box::new(Ort::load(ort_env.ok_or("no ONNX Runtime")?, model, threads)?),
+        "ort" => Box::new(Ort::load(
+            ort_env.ok_or("no ONNX Runtime")?,
+            model,
+            threads,
+        )?),
         "candle-onnx" => Box::new(Candle::load(model)?),
         other => return Err(format!("unknown engine {other}").into()),
     })
@@ -240,7 +263,10 @@ fn load_engine(
 
 fn read_f32(path: &Path) -> R<Vec<f32>> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
 }
 
 fn read_i64(path: &Path) -> R<Vec<i64>> {
@@ -255,7 +281,10 @@ fn read_i64(path: &Path) -> R<Vec<i64>> {
 fn read_case(dir: &Path, entry: &Value) -> R<(Vec<Input>, Vec<(String, Vec<f32>)>)> {
     let mut inputs = Vec::new();
     for i in entry["inputs"].as_array().ok_or("manifest: no inputs")? {
-        let name = i["name"].as_str().ok_or("manifest: input name")?.to_string();
+        let name = i["name"]
+            .as_str()
+            .ok_or("manifest: input name")?
+            .to_string();
         let shape: Vec<usize> = i["shape"]
             .as_array()
             .ok_or("manifest: shape")?
@@ -272,8 +301,14 @@ fn read_case(dir: &Path, entry: &Value) -> R<(Vec<Input>, Vec<(String, Vec<f32>)
     }
     let mut outputs = Vec::new();
     for o in entry["outputs"].as_array().ok_or("manifest: no outputs")? {
-        let name = o["name"].as_str().ok_or("manifest: output name")?.to_string();
-        outputs.push((name, read_f32(&dir.join(o["file"].as_str().ok_or("manifest: file")?))?));
+        let name = o["name"]
+            .as_str()
+            .ok_or("manifest: output name")?
+            .to_string();
+        outputs.push((
+            name,
+            read_f32(&dir.join(o["file"].as_str().ok_or("manifest: file")?))?,
+        ));
     }
     Ok((inputs, outputs))
 }
@@ -298,7 +333,8 @@ impl Rng {
 }
 
 fn graphs(src: &Path, tokens: usize) -> R<Vec<Graph>> {
-    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(src.join("manifest.json"))?)?;
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("manifest.json"))?)?;
     let mut out = Vec::new();
     for name in ["mlp", "conv"] {
         let entry = &manifest["graphs"][name];
@@ -347,9 +383,9 @@ fn graphs(src: &Path, tokens: usize) -> R<Vec<Graph>> {
                         name: name.clone(),
                         shape: vec![batch, tokens],
                         data: Data::I64(match name.as_str() {
-                            "input_ids" => {
-                                (0..n).map(|_| 1000 + (rng.next_u64() % 19000) as i64).collect()
-                            }
+                            "input_ids" => (0..n)
+                                .map(|_| 1000 + (rng.next_u64() % 19000) as i64)
+                                .collect(),
                             "attention_mask" => vec![1; n],
                             _ => vec![0; n],
                         }),
@@ -358,7 +394,10 @@ fn graphs(src: &Path, tokens: usize) -> R<Vec<Graph>> {
             }),
         });
     } else {
-        eprintln!("onnx-engines: no {}: MiniLM left out (scripts/export-minilm-onnx)", minilm.display());
+        eprintln!(
+            "onnx-engines: no {}: MiniLM left out (scripts/export-minilm-onnx)",
+            minilm.display()
+        );
     }
     Ok(out)
 }
@@ -371,11 +410,17 @@ fn max_abs_diff(engine: &mut dyn Engine, g: &Graph) -> R<f32> {
     let mut worst = 0f32;
     for (o, (name, want)) in got.iter().zip(&g.check_outputs) {
         if o.len() != want.len() {
-            return Err(format!("output {name}: {} values, expected {}", o.len(), want.len()).into());
+            return Err(
+                format!("output {name}: {} values, expected {}", o.len(), want.len()).into(),
+            );
         }
         for (a, b) in o.iter().zip(want) {
             let d = (a - b).abs();
-            worst = if d.is_nan() { f32::INFINITY } else { worst.max(d) };
+            worst = if d.is_nan() {
+                f32::INFINITY
+            } else {
+                worst.max(d)
+            };
         }
     }
     Ok(worst)
@@ -429,14 +474,19 @@ fn coverage(
                         got.iter()
                             .zip(want)
                             .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
-                            .fold(0f32, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) })
+                            .fold(
+                                0f32,
+                                |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+                            )
                     });
                     if reference.is_none() && kind == "ort" {
                         reference = Some(got);
                     }
                     json!({"graph": name, "engine": kind, "ok": true, "max_abs_diff": diff})
                 }
-                Err(e) => json!({"graph": name, "engine": kind, "ok": false, "error": e.to_string()}),
+                Err(e) => {
+                    json!({"graph": name, "engine": kind, "ok": false, "error": e.to_string()})
+                }
             };
             eprintln!("coverage: {row}");
             out.push(row);
@@ -468,7 +518,10 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() -> R<()> {
@@ -502,7 +555,11 @@ fn main() -> R<()> {
         } else {
             ort::init_from(&lib)
                 .map_err(|e| e.to_string())
-                .and_then(|b| b.with_name("onnx-engines").build().map_err(|e| e.to_string()))
+                .and_then(|b| {
+                    b.with_name("onnx-engines")
+                        .build()
+                        .map_err(|e| e.to_string())
+                })
         };
         match env {
             Ok(env) => {
@@ -533,8 +590,11 @@ fn main() -> R<()> {
                 .and_then(|mut e| max_abs_diff(e.as_mut(), &g));
             match checked {
                 Ok(diff) => {
-                    eprintln!("{} {kind}: max abs diff {diff:.2e} (load + check {:.2} s)", g.name,
-                        start.elapsed().as_secs_f64());
+                    eprintln!(
+                        "{} {kind}: max abs diff {diff:.2e} (load + check {:.2} s)",
+                        g.name,
+                        start.elapsed().as_secs_f64()
+                    );
                     checks.push(json!({"graph": g.name, "engine": kind, "max_abs_diff": diff}));
                     if diff <= TOLERANCE {
                         ok.push(kind.clone());
