@@ -43,6 +43,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 type R<T> = Result<T, Box<dyn Error>>;
+/// Named outputs, in the graph's output order.
+type Outputs = Vec<(String, Vec<f32>)>;
+/// A coverage case: its name, the graph, the inputs, and the reference outputs if stored.
+type CoverageCase = (String, PathBuf, Vec<Input>, Option<Vec<Vec<f32>>>);
 
 const TOLERANCE: f32 = 1e-3;
 
@@ -65,7 +69,7 @@ struct Graph {
     model: PathBuf,
     check_inputs: Vec<Input>,
     /// ONNX Runtime's outputs on `check_inputs`, in the graph's output order.
-    check_outputs: Vec<(String, Vec<f32>)>,
+    check_outputs: Outputs,
     /// The inputs of one timed call at batch `b`.
     make_inputs: Box<dyn Fn(usize) -> Vec<Input>>,
 }
@@ -278,7 +282,7 @@ fn read_i64(path: &Path) -> R<Vec<i64>> {
 }
 
 /// Reads one manifest entry (make-onnx's or export-minilm-onnx's): the inputs and outputs.
-fn read_case(dir: &Path, entry: &Value) -> R<(Vec<Input>, Vec<(String, Vec<f32>)>)> {
+fn read_case(dir: &Path, entry: &Value) -> R<(Vec<Input>, Outputs)> {
     let mut inputs = Vec::new();
     for i in entry["inputs"].as_array().ok_or("manifest: no inputs")? {
         let name = i["name"]
@@ -436,7 +440,7 @@ fn coverage(
     threads: usize,
     ort_env: Option<&ort::environment::Environment>,
 ) -> R<Vec<Value>> {
-    let mut cases: Vec<(String, PathBuf, Vec<Input>, Option<Vec<Vec<f32>>>)> = Vec::new();
+    let mut cases: Vec<CoverageCase> = Vec::new();
     let mut rng = Rng(3);
     cases.push((
         "refused.onnx (GlobalAveragePool, LpNormalization)".into(),
