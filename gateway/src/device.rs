@@ -826,21 +826,9 @@ fn synthetic_inputs(
                 .collect();
             let n: usize = shape.iter().product();
             let data = match spec.datatype {
-                DataType::Fp32 => TensorData::F32(vec![0.0; n]),
-                DataType::Fp64 => TensorData::F64(vec![0.0; n]),
-                DataType::Int64 => TensorData::I64(vec![0; n]),
-                DataType::Int32 => TensorData::I32(vec![0; n]),
-                // ONNX graphs take these too.
-                DataType::Uint8 => TensorData::U8(vec![0; n]),
-                DataType::Uint32 => TensorData::U32(vec![0; n]),
-                DataType::Bool => TensorData::Bool(vec![false; n]),
                 DataType::Bytes => TensorData::Bytes(vec![text.clone(); n]),
-                other => {
-                    return Err(format!(
-                        "no synthetic input for datatype {}",
-                        other.as_str()
-                    ));
-                }
+                other => TensorData::zeros(other, n)
+                    .ok_or_else(|| format!("no synthetic input for datatype {}", other.as_str()))?,
             };
             HostTensor::new(spec.name.clone(), shape, data).map_err(|e| e.to_string())
         })

@@ -837,17 +837,8 @@ fn set_elem_type(info: &mut ValueInfoProto, elem: onnx::tensor_proto::DataType) 
 }
 
 fn zeros(datatype: DataType, n: usize) -> TensorData {
-    match datatype {
-        DataType::Fp32 => TensorData::F32(vec![0.0; n]),
-        DataType::Fp64 => TensorData::F64(vec![0.0; n]),
-        DataType::Int64 => TensorData::I64(vec![0; n]),
-        DataType::Int32 => TensorData::I32(vec![0; n]),
-        DataType::Uint8 => TensorData::U8(vec![0; n]),
-        DataType::Uint32 => TensorData::U32(vec![0; n]),
-        DataType::Bool => TensorData::Bool(vec![false; n]),
-        // Not a port type (see `port`).
-        _ => TensorData::F32(vec![0.0; n]),
-    }
+    // Every port type has zeros (see `port`).
+    TensorData::zeros(datatype, n).unwrap_or_else(|| TensorData::F32(vec![0.0; n]))
 }
 
 /// The requests' data, one after the other.

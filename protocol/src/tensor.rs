@@ -133,6 +133,25 @@ pub enum TensorData {
 }
 
 impl TensorData {
+    /// `n` zero elements (`false` for `BOOL`) of `datatype`; `None` for
+    /// `BYTES`, whose elements have no zero.
+    pub fn zeros(datatype: DataType, n: usize) -> Option<TensorData> {
+        Some(match datatype {
+            DataType::Bool => TensorData::Bool(vec![false; n]),
+            DataType::Uint8 => TensorData::U8(vec![0; n]),
+            DataType::Uint16 => TensorData::U16(vec![0; n]),
+            DataType::Uint32 => TensorData::U32(vec![0; n]),
+            DataType::Uint64 => TensorData::U64(vec![0; n]),
+            DataType::Int8 => TensorData::I8(vec![0; n]),
+            DataType::Int16 => TensorData::I16(vec![0; n]),
+            DataType::Int32 => TensorData::I32(vec![0; n]),
+            DataType::Int64 => TensorData::I64(vec![0; n]),
+            DataType::Fp32 => TensorData::F32(vec![0.0; n]),
+            DataType::Fp64 => TensorData::F64(vec![0.0; n]),
+            DataType::Bytes => return None,
+        })
+    }
+
     /// The datatype of the elements.
     pub fn datatype(&self) -> DataType {
         match self {
@@ -464,6 +483,20 @@ fn decode_bytes(name: &str, count: usize, raw: &[u8]) -> Result<Vec<Vec<u8>>, In
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn zeros_of_every_datatype_but_bytes() {
+        for d in DataType::ALL {
+            match TensorData::zeros(d, 3) {
+                Some(z) => {
+                    assert_eq!((z.datatype(), z.len()), (d, 3), "{d}");
+                    let raw = HostTensor::new("z", vec![3], z).unwrap().to_raw();
+                    assert!(raw.iter().all(|&b| b == 0), "{d}");
+                }
+                None => assert_eq!(d, DataType::Bytes),
+            }
+        }
+    }
 
     #[test]
     fn datatype_names_round_trip() {
