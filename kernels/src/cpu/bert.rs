@@ -224,6 +224,15 @@ impl CpuBert {
         token_type_ids: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
+        // Every kernel below splits its work over rayon's pool. Called from outside the pool
+        // (the device thread, a request's own thread), each of those ~7 × layers parallel
+        // steps would hand its work to the pool and put this thread to sleep until it is
+        // done: a futex wake-up per step. Run the whole forward on a pool thread instead:
+        // one hand-off per forward, and the steps split among workers that are already
+        // awake.
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward(input_ids, token_type_ids, attention_mask));
+        }
         let (b, s) = input_ids.dims2()?;
         if token_type_ids.dims() != input_ids.dims() {
             candle_core::bail!(
