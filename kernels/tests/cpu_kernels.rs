@@ -190,6 +190,7 @@ fn packed_linear_matches_reference_on_every_isa() {
         (49, 64, 40),
         (97, 384, 48),
         (13, 1536, 20),
+        (9, 384, 100),
     ];
     for threads in [1, 3] {
         let pool = rayon::ThreadPoolBuilder::new()

@@ -13,12 +13,13 @@
 //! - a task owns `MC` rows of `a` (and of `dst`) and a range of column panels; tasks are
 //!   spread over rayon's pool (split by columns too when there are few rows, so a short
 //!   batch still uses every thread);
-//! - the depth goes in blocks of `KC`: the task copies its rows' block of `a` into
-//!   `MR`-row strips (`MC × KC`, kept in L2), then for each column panel (its `KC × NR`
-//!   weights, kept in L1 across the strips) runs the micro-kernel on each strip;
-//! - the micro-kernel holds an `MR × NR` tile of `dst` in registers (6 × 16 on AVX2: 12 of
-//!   the 16 vector registers), two weight vectors and one broadcast of `a` per step, so
-//!   each step is 12 independent FMAs on 8 loads.
+//! - the depth goes in blocks of `KC`: for each column panel (its `KC × NR` weights) the
+//!   task runs the micro-kernel on each `MR`-row tile of its rows, reading `a` in place
+//!   (no packed copy: see `Block::run`);
+//! - the micro-kernel holds an `MR × NR` tile of `dst` in registers (8 × 48 on AVX-512:
+//!   24 of its 32 vector registers; 4 × 24 on AVX2: 12 of 16), three weight vectors and one
+//!   broadcast of `a` per row and step, so each step is 24 (12) independent FMAs on 11 (7)
+//!   loads.
 
 use std::ops::Range;
 
@@ -27,13 +28,19 @@ use rayon::prelude::*;
 use super::simd::{Simd, WithSimd, dispatch, gelu};
 use super::{CpuKernelError, Isa};
 
-/// Rows of the register tile.
-const MR: usize = 6;
-/// Rows of `a` per task (a multiple of [`MR`]).
+/// Vectors per row of the register tile: a panel is `NR = NV × lanes` outputs wide.
+const NV: usize = 3;
+/// Rows of the register tile for `lanes`-wide vectors: 8 on AVX-512 (8 × 3 = 24 of its 32
+/// registers accumulate), 4 on AVX2 (12 of 16) and on the scalar reference. Batches of
+/// sequences make row counts that are multiples of 8 more often than of 6.
+const fn mr(lanes: usize) -> usize {
+    if lanes >= 16 { 8 } else { 4 }
+}
+/// Rows of `a` per task (a multiple of every [`mr`]).
 const MC: usize = 48;
-/// Most depth per block: the `KC × NR` weights of one panel stay in L1 (24 KiB on AVX2).
-/// The depth is split into equal blocks of at most this (BERT's 384 is one block, its
-/// 1536 four).
+/// Most depth per block. The depth is split into equal blocks of at most this (BERT's 384 is
+/// one block, its 1536 four); one panel's `KC × NR` weights stay in L2 across the row
+/// tiles of a task.
 const KC: usize = 384;
 
 /// What a [`PackedLinear`] applies to `a · wᵀ + bias` before storing it.
@@ -54,7 +61,7 @@ pub struct PackedLinear {
     isa: Isa,
     out_features: usize,
     in_features: usize,
-    /// Outputs per panel: two vectors of `isa`.
+    /// Outputs per panel: [`NV`] vectors of `isa`.
     nr: usize,
     /// Panel `j` is `[in_features, nr]`, outputs `j × nr ..`, zero past `out_features`.
     panels: Vec<f32>,
@@ -109,7 +116,7 @@ impl PackedLinear {
                 ),
             ));
         }
-        let nr = 2 * lanes(isa);
+        let nr = NV * lanes(isa);
         let padded = n.next_multiple_of(nr);
         let mut panels = vec![0.0f32; padded * k];
         for (j, panel) in panels.chunks_exact_mut(k * nr).enumerate() {
@@ -190,7 +197,7 @@ impl PackedLinear {
         let per_task = panels.div_ceil(col_tasks);
         let col_tasks = panels.div_ceil(per_task);
         let out = DstPtr(dst.as_mut_ptr());
-        let run = |strips: &mut Vec<f32>, t: usize| {
+        let run = |t: usize| {
             let (rt, ct) = (t / col_tasks, t % col_tasks);
             let row_range = rt * MC..(rt * MC + MC).min(rows);
             let panel_range = ct * per_task..(ct * per_task + per_task).min(panels);
@@ -211,20 +218,15 @@ impl PackedLinear {
                     a: &a[row_range.start * k..row_range.end * k],
                     panels: panel_range,
                     dst: &mut dst_rows,
-                    strips,
                     act,
                 },
             );
         };
         let tasks = row_tasks * col_tasks;
-        let strip_len = MC * KC;
         if tasks == 1 || threads == 1 {
-            let mut strips = vec![0.0; strip_len];
-            (0..tasks).for_each(|t| run(&mut strips, t));
+            (0..tasks).for_each(run);
         } else {
-            (0..tasks)
-                .into_par_iter()
-                .for_each_init(|| vec![0.0; strip_len], run);
+            (0..tasks).into_par_iter().for_each(run);
         }
         Ok(())
     }
@@ -259,8 +261,6 @@ struct Block<'a, 'd> {
     panels: Range<usize>,
     /// This task's rows of `dst`, each from the first column of `panels` to its last.
     dst: &'a mut [&'d mut [f32]],
-    /// Scratch for `a`'s block in `MR`-row strips, `MC × KC`.
-    strips: &'a mut Vec<f32>,
     act: Activation,
 }
 
@@ -269,41 +269,40 @@ impl WithSimd for Block<'_, '_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, s: S) {
+        if mr(S::LANES) == 8 {
+            self.run::<S, 8>(s);
+        } else {
+            self.run::<S, 4>(s);
+        }
+    }
+}
+
+impl Block<'_, '_> {
+    /// The loop nest for a register tile of `MR` rows (`mr(S::LANES)`).
+    ///
+    /// `a` is read where it lies, row by row: no copy into packed strips. A task's rows
+    /// (at most [`MC`] × [`KC`] floats) stay in L2 while its panels stream past them, and
+    /// at the short batches where latency matters a packed copy per task cost as much as a
+    /// third of the product (each column task packed the same rows again).
+    #[inline(always)]
+    fn run<S: Simd, const MR: usize>(self, s: S) {
         let Block {
             w,
             a,
             panels,
             dst,
-            strips,
             act,
         } = self;
         let (k, nr) = (w.in_features, w.nr);
-        debug_assert_eq!(nr, 2 * S::LANES);
+        debug_assert_eq!(nr, NV * S::LANES);
         let rows = dst.len();
-        let n_strips = rows.div_ceil(MR);
         let col0 = panels.start * nr;
         let kc_max = k.div_ceil(k.div_ceil(KC));
+        // The rows past the last of a partial tile read zeros.
+        let zeros = [0.0f32; KC];
         let mut p0 = 0;
         while p0 < k {
             let kc = kc_max.min(k - p0);
-            // `a[rows, p0 .. p0 + kc]` as strips of MR rows, column-major within a strip
-            // (the MR values of one depth step side by side), rows past the end zero.
-            let strips = &mut strips[..n_strips * MR * kc];
-            for (i, strip) in strips.chunks_exact_mut(MR * kc).enumerate() {
-                for r in 0..MR {
-                    let row = i * MR + r;
-                    if row < rows {
-                        let src = &a[row * k + p0..][..kc];
-                        for (p, &x) in src.iter().enumerate() {
-                            strip[p * MR + r] = x;
-                        }
-                    } else {
-                        for p in 0..kc {
-                            strip[p * MR + r] = 0.0;
-                        }
-                    }
-                }
-            }
             let first = p0 == 0;
             let last = p0 + kc == k;
             for j in panels.clone() {
@@ -319,9 +318,16 @@ impl WithSimd for Block<'_, '_> {
                 let act = if last { act } else { Activation::Identity };
                 let col = j * nr - col0;
                 let cols = (w.out_features - j * nr).min(nr);
-                for (i, strip) in strips.chunks_exact(MR * kc).enumerate() {
-                    let tile_rows = &mut dst[i * MR..(i * MR + MR).min(rows)];
-                    tile(s, strip, weights, tile_rows, col, cols, init, act);
+                for (i, tile_rows) in dst.chunks_mut(MR).enumerate() {
+                    let xs: [&[f32]; MR] = std::array::from_fn(|r| {
+                        let row = i * MR + r;
+                        if row < rows {
+                            &a[row * k + p0..][..kc]
+                        } else {
+                            &zeros[..kc]
+                        }
+                    });
+                    tile::<S, MR>(s, &xs, weights, tile_rows, col, cols, init, act);
                 }
             }
             p0 += kc;
@@ -339,13 +345,15 @@ enum Init<'a> {
     Load,
 }
 
-/// The micro-kernel: `dst[r][col .. col + cols] = act(init + strip · weights)` for the
-/// `dst.len() <= MR` rows, over one depth block (`strip`: `kc × MR`, `weights`: `kc × NR`).
+/// The micro-kernel: `dst[r][col .. col + cols] = act(init + xs[r] · weights)` for the
+/// `dst.len() <= MR` rows, over one depth block (`xs`: `MR` rows of `kc`, `weights`:
+/// `kc × NR`). Each depth step loads `NV` weight vectors and broadcasts one value per row:
+/// `MR × NV` independent FMAs on `MR + NV` loads.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile<S: Simd>(
+fn tile<S: Simd, const MR: usize>(
     s: S,
-    strip: &[f32],
+    xs: &[&[f32]; MR],
     weights: &[f32],
     dst: &mut [&mut [f32]],
     col: usize,
@@ -354,51 +362,64 @@ fn tile<S: Simd>(
     act: Activation,
 ) {
     let l = S::LANES;
-    let nr = 2 * l;
-    let mut acc = [[s.splat(0.0); 2]; MR];
+    let nr = NV * l;
+    let kc = weights.len() / nr;
+    assert!(
+        xs.iter().all(|x| x.len() == kc) && dst.len() <= MR,
+        "tile: rows of a shorter than the weights' depth"
+    );
+    let mut acc = [[s.splat(0.0); NV]; MR];
     match init {
         Init::Zero => {}
         Init::Bias(b) => {
-            let (b0, b1) = (s.load(b), s.load(&b[l..]));
-            acc.fill([b0, b1]);
+            let b: [S::V; NV] = std::array::from_fn(|v| s.load(&b[v * l..]));
+            acc.fill(b);
         }
         Init::Load => {
             for (a, row) in acc.iter_mut().zip(dst.iter()) {
                 let row = &row[col..];
                 if cols == nr {
-                    *a = [s.load(row), s.load(&row[l..])];
+                    *a = std::array::from_fn(|v| s.load(&row[v * l..]));
                 } else {
-                    let mut buf = [0.0f32; 32];
+                    let mut buf = [0.0f32; NV * 16];
                     buf[..cols].copy_from_slice(&row[..cols]);
-                    *a = [s.load(&buf), s.load(&buf[l..])];
+                    *a = std::array::from_fn(|v| s.load(&buf[v * l..]));
                 }
             }
         }
     }
-    for (w, x) in weights.chunks_exact(nr).zip(strip.chunks_exact(MR)) {
-        let (w0, w1) = (s.load(w), s.load(&w[l..]));
-        for (a, &x) in acc.iter_mut().zip(x) {
-            let x = s.splat(x);
-            a[0] = s.mul_add(x, w0, a[0]);
-            a[1] = s.mul_add(x, w1, a[1]);
+    let ptrs: [*const f32; MR] = std::array::from_fn(|r| xs[r].as_ptr());
+    for (p, w) in weights.chunks_exact(nr).enumerate() {
+        let w: [S::V; NV] = std::array::from_fn(|v| s.load(&w[v * l..]));
+        for (a, &x) in acc.iter_mut().zip(&ptrs) {
+            // SAFETY: `p < kc` (one weight row per depth step) and every row of `xs` holds
+            // `kc` floats (asserted above).
+            let x = s.splat(unsafe { *x.add(p) });
+            for (a, &w) in a.iter_mut().zip(&w) {
+                *a = s.mul_add(x, w, *a);
+            }
         }
     }
     if act == Activation::Gelu {
         for a in acc.iter_mut().take(dst.len()) {
-            *a = [gelu(s, a[0]), gelu(s, a[1])];
+            for a in a.iter_mut() {
+                *a = gelu(s, *a);
+            }
         }
     }
     if cols == nr {
         for (a, row) in acc.iter().zip(dst.iter_mut()) {
             let row = &mut row[col..];
-            s.store(row, a[0]);
-            s.store(&mut row[l..], a[1]);
+            for (v, &a) in a.iter().enumerate() {
+                s.store(&mut row[v * l..], a);
+            }
         }
     } else {
         for (a, row) in acc.iter().zip(dst.iter_mut()) {
-            let mut buf = [0.0f32; 32];
-            s.store(&mut buf, a[0]);
-            s.store(&mut buf[l..], a[1]);
+            let mut buf = [0.0f32; NV * 16];
+            for (v, &a) in a.iter().enumerate() {
+                s.store(&mut buf[v * l..], a);
+            }
             row[col..col + cols].copy_from_slice(&buf[..cols]);
         }
     }
