@@ -597,8 +597,8 @@ pub struct Model {
     /// model runs, integer products (AVX-512 VNNI, AVX2 or scalar, picked at
     /// run time), bias and GELU in f32 after dequantization; attention,
     /// softmax and layer norm stay f32. Embeddings within cosine 0.995 of
-    /// fp32 on the reference sentences, 1.5–2× the throughput on MiniLM
-    /// (`benches/README.md`). Int8 runs on Quiver's CPU kernels only: with a
+    /// fp32 on the reference sentences, 2.3–4.3× the throughput on MiniLM
+    /// with AVX-512 VNNI (`benches/README.md`). Int8 runs on Quiver's CPU kernels only: with a
     /// `cuda` device or `cpu_kernels = false` it is an error. TOML
     /// `precision`; set on another kind it is an error. Default `"fp32"`.
     pub precision: Precision,
