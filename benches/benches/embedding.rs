@@ -82,6 +82,7 @@ fn embedding(c: &mut Criterion) {
         let spec = ModelSpec::TextEmbedding {
             dir: model_dir(),
             cpu_kernels,
+            precision: quiver_kernels::Precision::Fp32,
         };
         let model = load(&spec, &Device::Cpu).expect("the model loads");
         engine_cells(c, engine, model.as_ref(), quick);

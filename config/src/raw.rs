@@ -61,6 +61,7 @@ pub(crate) struct RawModel {
     pub(crate) demo: Option<RawDemo>,
     pub(crate) device: Option<String>,
     pub(crate) cpu_kernels: Option<bool>,
+    pub(crate) precision: Option<String>,
     pub(crate) auto_truncate: Option<bool>,
     pub(crate) output_margin: Option<bool>,
     pub(crate) max_batch_size: Option<i64>,

@@ -439,6 +439,26 @@ fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Kn
         }
         model.cpu_kernels = cpu_kernels;
     }
+    if let Some(precision) = raw.precision {
+        // Only the embedding model has linear layers to quantize.
+        if known.kind && kind != ModelKind::Embedding {
+            errors.push(at("precision"), "only for kind \"embedding\"");
+        }
+        model.precision = match precision.as_str() {
+            "fp32" => crate::Precision::Fp32,
+            "int8" => crate::Precision::Int8,
+            other => {
+                errors.push(
+                    at("precision"),
+                    format!(
+                        "must be \"fp32\" or \"int8\", got \"{}\"",
+                        other.escape_debug()
+                    ),
+                );
+                crate::Precision::Fp32
+            }
+        };
+    }
     if let Some(auto_truncate) = raw.auto_truncate {
         // Only the embedding model tokenizes; elsewhere it would mean nothing.
         if known.kind && kind != ModelKind::Embedding {
@@ -913,6 +933,26 @@ fn check_model(model: &Model, prefix: &str, known: Known, errors: &mut Errors) {
         _ => {}
     }
 
+    if model.precision == crate::Precision::Int8 {
+        // The int8 layers exist on Quiver's CPU kernels only; a model that would
+        // run candle's BERT must not silently serve fp32 instead.
+        if !model.cpu_kernels {
+            errors.push(
+                at("precision"),
+                "\"int8\" runs on Quiver's CPU kernels: it needs cpu_kernels = true",
+            );
+        }
+        if model
+            .device_list()
+            .iter()
+            .any(|d| matches!(parse_device(d), Ok(Some(_))))
+        {
+            errors.push(
+                at("precision"),
+                "\"int8\" runs on the CPU kernels only, not on a cuda device",
+            );
+        }
+    }
     if model
         .path
         .as_ref()

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use quiver_config::{
-    Config, ConfigError, FieldError, MlpDemo, Model, ModelKind, Routing, Server, Tls, Upstream,
-    UpstreamProtocol,
+    Config, ConfigError, FieldError, MlpDemo, Model, ModelKind, Precision, Routing, Server, Tls,
+    Upstream, UpstreamProtocol,
 };
 
 /// One identity model: the smallest valid file.
@@ -250,6 +250,7 @@ seed = 7
             demo: None,
             device: "cuda:3".to_owned(),
             cpu_kernels: true,
+            precision: Precision::Fp32,
             auto_truncate: true,
             output_margin: false,
             max_batch_size: 8,
@@ -782,6 +783,66 @@ fn cpu_kernels_is_an_embedding_knob() {
     assert_eq!(typed.len(), 1, "{typed:?}");
     assert_eq!(typed[0].path, "models[0].cpu_kernels", "{typed:?}");
     assert!(typed[0].message.contains("expected a boolean"), "{typed:?}");
+}
+
+#[test]
+fn precision_is_an_embedding_knob_and_int8_needs_the_cpu_kernels() {
+    let embedding = "[[models]]\nname = \"e\"\nkind = \"embedding\"\npath = \"/m\"\n";
+    assert_eq!(
+        Config::parse(embedding).unwrap().models[0].precision,
+        Precision::Fp32
+    );
+    for (line, want) in [
+        ("precision = \"fp32\"", Precision::Fp32),
+        ("precision = \"int8\"", Precision::Int8),
+    ] {
+        let config = Config::parse(&format!("{embedding}{line}\n")).unwrap();
+        assert_eq!(config.models[0].precision, want, "{line}");
+        assert_eq!(format!("precision = \"{}\"", want.as_str()), line);
+    }
+    let precision = "models[0].precision";
+    assert_eq!(
+        errors(&format!("{embedding}precision = \"int4\"\n")),
+        vec![error(
+            precision,
+            "must be \"fp32\" or \"int8\", got \"int4\""
+        )]
+    );
+    assert_eq!(
+        errors(&with_model("precision = \"int8\"")),
+        vec![error(precision, "only for kind \"embedding\"")]
+    );
+    // fp32 is fine anywhere an embedding runs; int8 only on the CPU kernels.
+    for extra in ["device = \"cuda\"", "cpu_kernels = false"] {
+        assert!(Config::parse(&format!("{embedding}{extra}\nprecision = \"fp32\"\n")).is_ok());
+    }
+    let int8 = format!("{embedding}precision = \"int8\"\n");
+    assert_eq!(
+        errors(&format!("{int8}cpu_kernels = false\n")),
+        vec![error(
+            precision,
+            "\"int8\" runs on Quiver's CPU kernels: it needs cpu_kernels = true"
+        )]
+    );
+    for devices in ["device = \"cuda:1\"", "devices = [\"cpu\", \"cuda:0\"]"] {
+        assert_eq!(
+            errors(&format!("{int8}{devices}\n")),
+            vec![error(
+                precision,
+                "\"int8\" runs on the CPU kernels only, not on a cuda device"
+            )],
+            "{devices}"
+        );
+    }
+    assert!(
+        Config::parse(&format!(
+            "{int8}devices = [\"cpu\", \"sim:0\"]\n[models.sim]\n"
+        ))
+        .is_ok()
+    );
+    let typed = errors(&format!("{embedding}precision = 8\n"));
+    assert_eq!(typed.len(), 1, "{typed:?}");
+    assert_eq!(typed[0].path, precision, "{typed:?}");
 }
 
 #[test]

@@ -969,6 +969,10 @@ pub fn load_model(
         (ModelKind::Embedding, Some(dir), _) => ModelSpec::TextEmbedding {
             dir: dir.clone(),
             cpu_kernels: m.cpu_kernels,
+            precision: match m.precision {
+                quiver_config::Precision::Fp32 => quiver_kernels::Precision::Fp32,
+                quiver_config::Precision::Int8 => quiver_kernels::Precision::Int8,
+            },
         },
         (ModelKind::Embedding, None, _) => anyhow::bail!("an embedding model needs a path"),
         (ModelKind::Trees, Some(path), _) => ModelSpec::Trees {

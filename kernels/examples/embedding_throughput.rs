@@ -2,11 +2,12 @@
 //! throughput, one measurement at a time on request, so that the script can interleave it
 //! with PyTorch cell by cell on a machine that other work shares.
 //!
-//! `embedding_throughput MODEL_DIR` loads the model twice on the CPU device (Quiver's CPU
-//! kernels, and stock candle BERT), prints `ready`, then answers each line of standard input
+//! `embedding_throughput MODEL_DIR` loads the model three times on the CPU device (Quiver's
+//! CPU kernels in f32, the same kernels at `precision = "int8"`, and stock candle BERT),
+//! prints `ready`, then answers each line of standard input
 //!
 //! ```text
-//! ENGINE TOKENS BATCH SECONDS      ENGINE: kernels | candle
+//! ENGINE TOKENS BATCH SECONDS      ENGINE: kernels | int8 | candle
 //! ```
 //!
 //! with one line `ok ITERATIONS MEDIAN_S MEAN_S`: `Model::forward` on one request of `BATCH`
@@ -22,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use quiver_kernels::{Device, HostTensor, Model, ModelSpec, Prepared, TensorData, load};
+use quiver_kernels::{Device, HostTensor, Model, ModelSpec, Precision, Prepared, TensorData, load};
 
 /// Words that BERT's uncased vocabulary holds as single tokens (as in the criterion bench).
 const WORDS: [&str; 12] = [
@@ -66,7 +67,7 @@ fn measure(models: &[(&str, Arc<dyn Model>)], line: &str) -> Result<String, Stri
         .iter()
         .find(|(name, _)| *name == engine)
         .map(|(_, m)| m)
-        .ok_or_else(|| format!("unknown engine {engine:?}: kernels or candle"))?;
+        .ok_or_else(|| format!("unknown engine {engine:?}: kernels, int8 or candle"))?;
     let number = |s: &str| s.parse::<usize>().map_err(|e| format!("{s:?}: {e}"));
     let (tokens, batch) = (number(tokens)?, number(batch)?);
     let seconds: f64 = seconds.parse().map_err(|e| format!("{seconds:?}: {e}"))?;
@@ -98,10 +99,15 @@ fn main() -> Result<(), String> {
         .map(PathBuf::from)
         .ok_or("usage: embedding_throughput MODEL_DIR")?;
     let mut models: Vec<(&str, Arc<dyn Model>)> = Vec::new();
-    for (name, cpu_kernels) in [("kernels", true), ("candle", false)] {
+    for (name, cpu_kernels, precision) in [
+        ("kernels", true, Precision::Fp32),
+        ("int8", true, Precision::Int8),
+        ("candle", false, Precision::Fp32),
+    ] {
         let spec = ModelSpec::TextEmbedding {
             dir: dir.clone(),
             cpu_kernels,
+            precision,
         };
         let model = load(&spec, &Device::Cpu).map_err(|e| format!("{}: {e}", dir.display()))?;
         models.push((name, model));

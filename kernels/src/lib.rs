@@ -45,6 +45,7 @@ pub use quiver_protocol::tensor;
 pub mod text;
 pub mod trees;
 
+pub use cpu::Precision;
 pub use device::Device;
 pub use error::{DeviceError, InputError, LoadError, ModelError};
 pub use identity::Identity;

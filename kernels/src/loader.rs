@@ -36,6 +36,10 @@ pub enum ModelSpec {
         /// ([`crate::text::Engine::CpuKernels`]) instead of candle-transformers' BERT.
         /// Ignored on CUDA devices. The config's `cpu_kernels` (default true).
         cpu_kernels: bool,
+        /// The encoder's linear layers in f32, or dynamically quantized to int8
+        /// ([`crate::cpu::QuantizedLinear`]). Int8 needs the CPU kernels: elsewhere it is a
+        /// load error. The config's `precision` (default fp32).
+        precision: crate::cpu::Precision,
     },
     /// A gradient-boosted tree ensemble: an XGBoost JSON or LightGBM text model file, or a
     /// directory holding one (see [`crate::trees`]). CPU only.
@@ -75,9 +79,17 @@ pub fn load(spec: &ModelSpec, device: &Device) -> Result<Arc<dyn Model>, LoadErr
     Ok(match spec {
         ModelSpec::Identity => Arc::new(crate::identity::Identity::new(device.clone())),
         ModelSpec::Mlp { dir } => Arc::new(Mlp::load_dir(dir, device.clone(), candle)?),
-        ModelSpec::TextEmbedding { dir, cpu_kernels } => Arc::new(
-            crate::text::TextEmbedding::load_dir(dir, device.clone(), candle, *cpu_kernels)?,
-        ),
+        ModelSpec::TextEmbedding {
+            dir,
+            cpu_kernels,
+            precision,
+        } => Arc::new(crate::text::TextEmbedding::load_dir_with_precision(
+            dir,
+            device.clone(),
+            candle,
+            *cpu_kernels,
+            *precision,
+        )?),
         ModelSpec::Trees {
             path,
             output_margin,

@@ -50,6 +50,7 @@ use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
+use crate::cpu::Precision;
 use crate::device::Device;
 use crate::error::{InputError, LoadError, ModelError};
 use crate::model::{
@@ -163,6 +164,7 @@ impl std::fmt::Debug for TextEmbedding {
         f.debug_struct("TextEmbedding")
             .field("device", &self.device)
             .field("engine", &self.engine())
+            .field("precision", &self.precision())
             .field("pooling", &self.pooling)
             .field("normalize", &self.normalize)
             .field("max_seq_length", &self.max_seq_length)
@@ -181,6 +183,21 @@ impl TextEmbedding {
         device: Device,
         candle: candle_core::Device,
         cpu_kernels: bool,
+    ) -> Result<Self, LoadError> {
+        Self::load_dir_with_precision(dir, device, candle, cpu_kernels, Precision::Fp32)
+    }
+
+    /// As [`TextEmbedding::load_dir`], the encoder's linear layers at `precision`.
+    /// [`Precision::Int8`] (dynamic int8 quantization, see [`crate::cpu::QuantizedLinear`])
+    /// exists on [`Engine::CpuKernels`] only: asked for where the model would run
+    /// [`Engine::Candle`] (a CUDA device, `cpu_kernels` off, a configuration the kernels do
+    /// not implement) it is [`LoadError::Spec`].
+    pub fn load_dir_with_precision(
+        dir: &Path,
+        device: Device,
+        candle: candle_core::Device,
+        cpu_kernels: bool,
+        precision: Precision,
     ) -> Result<Self, LoadError> {
         let config_path = dir.join(CONFIG_FILE);
         let config: BertConfig = parse_json(&config_path)?;
@@ -251,8 +268,21 @@ impl TextEmbedding {
             VarBuilder::from_buffered_safetensors(bytes, DType::F32, &candle).map_err(st_error)?;
         // One encoder only: each holds its own copy of the weights. A configuration the
         // kernels do not implement (another activation) keeps candle's BERT, which has it.
-        let encoder = if candle.is_cpu() && cpu_kernels && crate::cpu::CpuBert::supports(&config) {
-            Encoder::CpuKernels(crate::cpu::CpuBert::load(vb, &config).map_err(st_error)?)
+        let kernels = candle.is_cpu() && cpu_kernels && crate::cpu::CpuBert::supports(&config);
+        if precision != Precision::Fp32 && !kernels {
+            return Err(LoadError::Spec {
+                message: format!(
+                    "precision \"{}\" needs Quiver's CPU kernels (the cpu device, cpu_kernels \
+                     on, hidden_act gelu); this model would run candle's BERT",
+                    precision.name()
+                ),
+            });
+        }
+        let encoder = if kernels {
+            Encoder::CpuKernels(
+                crate::cpu::CpuBert::load_with_precision(vb, &config, precision)
+                    .map_err(st_error)?,
+            )
         } else {
             Encoder::Candle(BertModel::load(vb, &config).map_err(st_error)?)
         };
@@ -292,6 +322,15 @@ impl TextEmbedding {
         match self.encoder {
             Encoder::Candle(_) => Engine::Candle,
             Encoder::CpuKernels(_) => Engine::CpuKernels,
+        }
+    }
+
+    /// The arithmetic of the encoder's linear layers (always [`Precision::Fp32`] on
+    /// [`Engine::Candle`]).
+    pub fn precision(&self) -> Precision {
+        match &self.encoder {
+            Encoder::CpuKernels(bert) => bert.precision(),
+            Encoder::Candle(_) => Precision::Fp32,
         }
     }
 

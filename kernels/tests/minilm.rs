@@ -15,12 +15,14 @@ use candle_core::Tensor;
 use quiver_kernels::text::{self, pool};
 use quiver_kernels::{
     DataType, Device, Engine, HostTensor, InputError, LoadError, Model, ModelSpec, Pooling,
-    TensorData, TextEmbedding, load,
+    Precision, TensorData, TextEmbedding, load,
 };
 
 const MODEL_NAME: &str = "all-MiniLM-L6-v2";
 const MIN_COSINE: f64 = 0.9999;
 const MAX_ABS_DIFF: f64 = 1e-4;
+/// The bound of `precision = "int8"` (dynamic quantization), against the reference and fp32.
+const MIN_COSINE_INT8: f64 = 0.995;
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -112,6 +114,7 @@ fn model_on(engine: Engine) -> Arc<dyn Model> {
         let spec = ModelSpec::TextEmbedding {
             dir: model_dir(),
             cpu_kernels,
+            precision: Precision::Fp32,
         };
         load(&spec, &Device::Cpu).unwrap()
     })
@@ -311,6 +314,81 @@ fn the_cpu_device_runs_the_cpu_kernels_unless_turned_off() {
     let m =
         TextEmbedding::load_dir(relu.path(), Device::Cpu, candle_core::Device::Cpu, true).unwrap();
     assert_eq!(m.engine(), Engine::Candle);
+}
+
+fn cosine(a: &[f32], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| f64::from(x) * y).sum();
+    let na = a.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+    let nb = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// `precision = "int8"`: every reference sentence, alone and all in one request, within
+/// cosine 0.995 of the reference embedding and of the fp32 kernels' own.
+#[test]
+fn int8_embeddings_stay_close_to_the_reference_and_to_fp32() {
+    let spec = ModelSpec::TextEmbedding {
+        dir: model_dir(),
+        cpu_kernels: true,
+        precision: Precision::Int8,
+    };
+    let int8 = load(&spec, &Device::Cpu).unwrap();
+    let fp32 = model();
+    let all: Vec<&str> = reference().sentences.iter().map(String::as_str).collect();
+    let embed = |m: &Arc<dyn Model>, batch: &[&str]| {
+        let p = m.prepare(vec![texts(batch)]).unwrap();
+        rows(&m.forward(&[p]).unwrap()[0][0])
+    };
+    let fp32_rows = embed(&fp32, &all);
+    let together = embed(&int8, &all);
+    let (mut worst_ref, mut worst_fp32) = (1.0f64, 1.0f64);
+    for (i, s) in all.iter().enumerate() {
+        let alone = embed(&int8, &[s]).remove(0);
+        let fp32_row: Vec<f64> = fp32_rows[i].iter().map(|&x| f64::from(x)).collect();
+        for (got, how) in [(&alone, "alone"), (&together[i], "in one request")] {
+            let (to_ref, to_fp32) = (
+                cosine(got, &reference().embeddings[i]),
+                cosine(got, &fp32_row),
+            );
+            assert!(
+                to_ref >= MIN_COSINE_INT8 && to_fp32 >= MIN_COSINE_INT8,
+                "int8, {how}: sentence {i} ({s:?}): cosine {to_ref:.5} to the reference, \
+                 {to_fp32:.5} to fp32"
+            );
+            worst_ref = worst_ref.min(to_ref);
+            worst_fp32 = worst_fp32.min(to_fp32);
+        }
+    }
+    eprintln!("int8: worst cosine {worst_ref:.6} to the reference, {worst_fp32:.6} to fp32");
+}
+
+/// Int8 exists on the CPU kernels only: asked for on candle's BERT it is a load error, not
+/// a silent fp32 model.
+#[test]
+fn int8_needs_the_cpu_kernels() {
+    let dir = model_dir();
+    let cpu = candle_core::Device::Cpu;
+    let int8 = TextEmbedding::load_dir_with_precision(
+        &dir,
+        Device::Cpu,
+        cpu.clone(),
+        true,
+        Precision::Int8,
+    )
+    .unwrap();
+    assert_eq!(
+        (int8.engine(), int8.precision()),
+        (Engine::CpuKernels, Precision::Int8)
+    );
+    let fp32 = TextEmbedding::load_dir(&dir, Device::Cpu, cpu.clone(), true).unwrap();
+    assert_eq!(fp32.precision(), Precision::Fp32);
+    let err =
+        TextEmbedding::load_dir_with_precision(&dir, Device::Cpu, cpu, false, Precision::Int8)
+            .unwrap_err();
+    assert!(
+        matches!(&err, LoadError::Spec { message } if message.contains("int8")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -19,12 +19,14 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
 
-use super::{Activation, AttentionShape, Isa, PackedLinear};
+use super::linear_i8::BertLinear;
+use super::{Activation, AttentionShape, Int8Isa, Isa, PackedLinear, Precision, QuantizedLinear};
 
 /// A BERT encoder on the CPU kernels; returns the last hidden state, as
 /// `candle_transformers::models::bert::BertModel::forward` does.
 pub struct CpuBert {
     isa: Isa,
+    precision: Precision,
     hidden: usize,
     intermediate: usize,
     heads: usize,
@@ -50,6 +52,7 @@ impl std::fmt::Debug for CpuBert {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CpuBert")
             .field("isa", &self.isa)
+            .field("precision", &self.precision)
             .field("layers", &self.layers.len())
             .field("hidden", &self.hidden)
             .field("heads", &self.heads)
@@ -57,18 +60,19 @@ impl std::fmt::Debug for CpuBert {
     }
 }
 
-/// One encoder layer's weights, the linear layers packed for [`PackedLinear`].
+/// One encoder layer's weights, the linear layers packed for [`PackedLinear`] (or
+/// quantized for [`QuantizedLinear`]).
 struct Layer {
     /// Query, key and value stacked (`[3 × hidden, hidden]`), with their biases.
-    qkv: PackedLinear,
+    qkv: BertLinear,
     /// The attention output's dense layer, without its bias (added by the layer norm).
-    out: PackedLinear,
+    out: BertLinear,
     out_b: Vec<f32>,
     ln1: (Vec<f32>, Vec<f32>),
     /// The intermediate layer with its bias; GELU is applied as it is stored.
-    inter: PackedLinear,
+    inter: BertLinear,
     /// The output dense layer, without its bias (added by the layer norm).
-    down: PackedLinear,
+    down: BertLinear,
     down_b: Vec<f32>,
     ln2: (Vec<f32>, Vec<f32>),
 }
@@ -126,6 +130,20 @@ impl CpuBert {
     ///
     /// A missing or misshapen tensor; a configuration that [`CpuBert::supports`] refuses.
     pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        Self::load_with_precision(vb, config, Precision::Fp32)
+    }
+
+    /// As [`CpuBert::load`], the linear layers at `precision`: [`Precision::Int8`] quantizes
+    /// their weights ([`QuantizedLinear`], on [`Int8Isa::detect`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`CpuBert::load`].
+    pub fn load_with_precision(
+        vb: VarBuilder,
+        config: &Config,
+        precision: Precision,
+    ) -> Result<Self> {
         if config.hidden_act != HiddenAct::Gelu {
             candle_core::bail!(
                 "CpuBert supports hidden_act gelu only, not {:?}",
@@ -157,6 +175,13 @@ impl CpuBert {
         };
         let i = config.intermediate_size;
         let isa = Isa::detect();
+        let int8 = Int8Isa::detect();
+        let linear = |w: &[f32], b: Option<&[f32]>, out: usize, inp: usize| -> Result<BertLinear> {
+            Ok(match precision {
+                Precision::Int8 => BertLinear::Int8(QuantizedLinear::new(int8, w, b, out, inp)?),
+                _ => BertLinear::Fp32(PackedLinear::new(isa, w, b, out, inp)?),
+            })
+        };
         let layers = (0..config.num_hidden_layers)
             .map(|l| {
                 let p = format!("encoder.layer.{l}");
@@ -173,12 +198,12 @@ impl CpuBert {
                 let inter_b = get(&format!("{p}.intermediate.dense.bias"), &[i])?;
                 let down_w = get(&format!("{p}.output.dense.weight"), &[h, i])?;
                 Ok(Layer {
-                    qkv: PackedLinear::new(isa, &qkv_w, Some(&qkv_b), 3 * h, h)?,
-                    out: PackedLinear::new(isa, &out_w, None, h, h)?,
+                    qkv: linear(&qkv_w, Some(&qkv_b), 3 * h, h)?,
+                    out: linear(&out_w, None, h, h)?,
                     out_b: get(&format!("{p}.attention.output.dense.bias"), &[h])?,
                     ln1: ln(&format!("{p}.attention.output"))?,
-                    inter: PackedLinear::new(isa, &inter_w, Some(&inter_b), i, h)?,
-                    down: PackedLinear::new(isa, &down_w, None, h, i)?,
+                    inter: linear(&inter_w, Some(&inter_b), i, h)?,
+                    down: linear(&down_w, None, h, i)?,
                     down_b: get(&format!("{p}.output.dense.bias"), &[h])?,
                     ln2: ln(&format!("{p}.output"))?,
                 })
@@ -188,6 +213,7 @@ impl CpuBert {
         let eps = config.layer_norm_eps as f32;
         Ok(CpuBert {
             isa,
+            precision,
             hidden: h,
             intermediate: i,
             heads,
@@ -208,6 +234,12 @@ impl CpuBert {
             eps,
             scratch: std::sync::Mutex::default(),
         })
+    }
+
+    /// The arithmetic of its linear layers.
+    #[must_use]
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The last hidden state `[batch, seq, hidden]` (f32, CPU) for `input_ids` and

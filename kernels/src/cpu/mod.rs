@@ -23,6 +23,10 @@
 //!   output is always a fresh contiguous tensor. Their error converts into
 //!   `candle_core::Error`, so they drop into candle model code with `?`.
 //!
+//! [`QuantizedLinear`] is [`PackedLinear`] on int8 weights (dynamic quantization, see
+//! [`quantize_rows`] and [`quantize_weights`]; kernels per [`Int8Isa`]: AVX-512 VNNI, AVX2,
+//! scalar), the linear layers of a [`CpuBert`] loaded at [`Precision::Int8`].
+//!
 //! [`CpuBert`] is a BERT encoder built from these (its linear layers [`PackedLinear`]s), loading
 //! the same weights as candle-transformers' `BertModel`: the text-embedding model's encoder
 //! on the CPU device unless its `cpu_kernels` setting is off.
@@ -37,7 +41,9 @@ mod bert;
 mod elementwise;
 mod layer_norm;
 mod linear;
+mod linear_i8;
 mod matmul;
+mod quant;
 mod simd;
 mod softmax;
 
@@ -53,8 +59,33 @@ pub use elementwise::{
 };
 pub use layer_norm::{add_layer_norm as add_layer_norm_slice, layer_norm as layer_norm_slice};
 pub use linear::{Activation, PackedLinear};
+pub use linear_i8::{MAX_IN_FEATURES as INT8_MAX_IN_FEATURES, QuantizedLinear};
 pub use matmul::{ROW_BLOCK as MATMUL_ROW_BLOCK, matmul_transposed as matmul_transposed_slice};
+pub use quant::{Int8Isa, QuantizedRows, WEIGHT_LEVELS, quantize_rows, quantize_weights};
 pub use softmax::softmax_last_dim as softmax_last_dim_slice;
+
+/// The arithmetic of [`CpuBert`]'s linear layers (the config's `precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Precision {
+    /// f32 weights and products ([`PackedLinear`]).
+    #[default]
+    Fp32,
+    /// Dynamic int8 quantization ([`QuantizedLinear`]): int8 weights per output channel,
+    /// u8 activations per row, i32 sums; attention, softmax and layer norm stay f32.
+    Int8,
+}
+
+impl Precision {
+    /// The config's name for it: `"fp32"` or `"int8"`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Int8 => "int8",
+        }
+    }
+}
 
 /// An instruction set a kernel can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -128,6 +159,9 @@ pub enum CpuKernelError {
     /// The instruction set asked for is not on this CPU.
     #[error("instruction set {0:?} is not available on this CPU")]
     IsaUnavailable(Isa),
+    /// The int8 instruction set asked for is not on this CPU.
+    #[error("int8 instruction set {0:?} is not available on this CPU")]
+    Int8IsaUnavailable(Int8Isa),
     /// Slice lengths or tensor shapes do not fit together.
     #[error("{op}: {what}")]
     Shape {
