@@ -36,6 +36,8 @@ const NV: usize = 3;
 const fn mr(lanes: usize) -> usize {
     if lanes >= 16 { 8 } else { 4 }
 }
+/// The largest [`mr`].
+const MR_MAX: usize = 8;
 /// Rows of `a` per task (a multiple of every [`mr`]).
 const MC: usize = 48;
 /// Most depth per block. The depth is split into equal blocks of at most this (BERT's 384 is
@@ -365,62 +367,54 @@ fn tile<S: Simd, const MR: usize>(
     let nr = NV * l;
     let kc = weights.len() / nr;
     assert!(
-        xs.iter().all(|x| x.len() == kc) && dst.len() <= MR,
+        MR <= MR_MAX && xs.iter().all(|x| x.len() == kc) && dst.len() <= MR,
         "tile: rows of a shorter than the weights' depth"
     );
+    // `acc` is only ever indexed by constants (loops of `MR` and `NV` steps, unrolled), so
+    // LLVM keeps it in registers; the rows that depend on `dst.len()` go through `buf`.
+    // Indexed by a loop bound that is not a constant, `acc` would live in memory, and every
+    // FMA of the inner loop would store it (half the speed).
+    let mut buf = [0.0f32; MR_MAX * NV * 16];
     let mut acc = [[s.splat(0.0); NV]; MR];
     match init {
         Init::Zero => {}
         Init::Bias(b) => {
             let b: [S::V; NV] = std::array::from_fn(|v| s.load(&b[v * l..]));
-            acc.fill(b);
+            acc = [b; MR];
         }
         Init::Load => {
-            for (a, row) in acc.iter_mut().zip(dst.iter()) {
-                let row = &row[col..];
-                if cols == nr {
-                    *a = std::array::from_fn(|v| s.load(&row[v * l..]));
-                } else {
-                    let mut buf = [0.0f32; NV * 16];
-                    buf[..cols].copy_from_slice(&row[..cols]);
-                    *a = std::array::from_fn(|v| s.load(&buf[v * l..]));
-                }
+            for (r, row) in dst.iter().enumerate() {
+                buf[r * nr..][..cols].copy_from_slice(&row[col..col + cols]);
             }
+            acc =
+                std::array::from_fn(|r| std::array::from_fn(|v| s.load(&buf[(r * NV + v) * l..])));
         }
     }
     let ptrs: [*const f32; MR] = std::array::from_fn(|r| xs[r].as_ptr());
     for (p, w) in weights.chunks_exact(nr).enumerate() {
         let w: [S::V; NV] = std::array::from_fn(|v| s.load(&w[v * l..]));
-        for (a, &x) in acc.iter_mut().zip(&ptrs) {
+        for r in 0..MR {
             // SAFETY: `p < kc` (one weight row per depth step) and every row of `xs` holds
             // `kc` floats (asserted above).
-            let x = s.splat(unsafe { *x.add(p) });
-            for (a, &w) in a.iter_mut().zip(&w) {
-                *a = s.mul_add(x, w, *a);
+            let x = s.splat(unsafe { *ptrs[r].add(p) });
+            for v in 0..NV {
+                acc[r][v] = s.mul_add(x, w[v], acc[r][v]);
             }
         }
     }
-    if act == Activation::Gelu {
-        for a in acc.iter_mut().take(dst.len()) {
-            for a in a.iter_mut() {
-                *a = gelu(s, *a);
-            }
+    for (r, acc) in acc.iter().enumerate() {
+        for (v, &a) in acc.iter().enumerate() {
+            s.store(&mut buf[(r * NV + v) * l..], a);
         }
     }
-    if cols == nr {
-        for (a, row) in acc.iter().zip(dst.iter_mut()) {
-            let row = &mut row[col..];
-            for (v, &a) in a.iter().enumerate() {
-                s.store(&mut row[v * l..], a);
+    for (r, row) in dst.iter_mut().enumerate() {
+        let out = &mut buf[r * nr..][..nr];
+        if act == Activation::Gelu {
+            for v in 0..NV {
+                let x = s.load(&out[v * l..]);
+                s.store(&mut out[v * l..], gelu(s, x));
             }
         }
-    } else {
-        for (a, row) in acc.iter().zip(dst.iter_mut()) {
-            let mut buf = [0.0f32; NV * 16];
-            for (v, &a) in a.iter().enumerate() {
-                s.store(&mut buf[v * l..], a);
-            }
-            row[col..col + cols].copy_from_slice(&buf[..cols]);
-        }
+        row[col..col + cols].copy_from_slice(&out[..cols]);
     }
 }
