@@ -17,9 +17,9 @@
 //!   task runs the micro-kernel on each `MR`-row tile of its rows, reading `a` in place
 //!   (no packed copy: see `Block::run`);
 //! - the micro-kernel holds an `MR × NR` tile of `dst` in registers (8 × 48 on AVX-512:
-//!   24 of its 32 vector registers; 4 × 24 on AVX2: 12 of 16), three weight vectors and one
-//!   broadcast of `a` per row and step, so each step is 24 (12) independent FMAs on 11 (7)
-//!   loads.
+//!   24 of its 32 vector registers; 6 × 16 on AVX2: 12 of 16), three (two) weight vectors
+//!   and one broadcast of `a` per row and step, so each step is 24 (12) independent FMAs on
+//!   11 (8) loads.
 
 use std::ops::Range;
 
@@ -28,13 +28,20 @@ use rayon::prelude::*;
 use super::simd::{Simd, WithSimd, dispatch, gelu};
 use super::{CpuKernelError, Isa};
 
-/// Vectors per row of the register tile: a panel is `NR = NV × lanes` outputs wide.
+/// The largest [`nv`].
 const NV: usize = 3;
-/// Rows of the register tile for `lanes`-wide vectors: 8 on AVX-512 (8 × 3 = 24 of its 32
-/// registers accumulate), 4 on AVX2 (12 of 16) and on the scalar reference. Batches of
-/// sequences make row counts that are multiples of 8 more often than of 6.
+/// Vectors per row of the register tile for `lanes`-wide vectors: a panel is
+/// `NR = nv × lanes` outputs wide. 3 on AVX-512 (8 × 3 = 24 of its 32 registers
+/// accumulate), 2 on AVX2 (6 × 2 = 12 of 16) and on the scalar reference.
+const fn nv(lanes: usize) -> usize {
+    if lanes >= 16 { 3 } else { 2 }
+}
+/// Rows of the register tile for `lanes`-wide vectors: 8 on AVX-512, 6 on AVX2 and on the
+/// scalar reference. Measured on Zen 4 with `QUIVER_CPU_ISA=avx2` (MiniLM, 2 threads): 6 × 2
+/// is 5-8% faster than 4 × 2, and 4 × 3 leaves too few registers for the weights and the
+/// broadcast (LLVM spills an accumulator; 0.6× of 4 × 2).
 const fn mr(lanes: usize) -> usize {
-    if lanes >= 16 { 8 } else { 4 }
+    if lanes >= 16 { 8 } else { 6 }
 }
 /// The largest [`mr`].
 const MR_MAX: usize = 8;
@@ -63,7 +70,7 @@ pub struct PackedLinear {
     isa: Isa,
     out_features: usize,
     in_features: usize,
-    /// Outputs per panel: [`NV`] vectors of `isa`.
+    /// Outputs per panel: [`nv`] vectors of `isa`.
     nr: usize,
     /// Panel `j` is `[in_features, nr]`, outputs `j × nr ..`, zero past `out_features`.
     panels: Vec<f32>,
@@ -118,7 +125,7 @@ impl PackedLinear {
                 ),
             ));
         }
-        let nr = NV * lanes(isa);
+        let nr = nv(lanes(isa)) * lanes(isa);
         let padded = n.next_multiple_of(nr);
         let mut panels = vec![0.0f32; padded * k];
         for (j, panel) in panels.chunks_exact_mut(k * nr).enumerate() {
@@ -271,10 +278,9 @@ impl WithSimd for Block<'_, '_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, s: S) {
-        if mr(S::LANES) == 8 {
-            self.run::<S, 8>(s);
-        } else {
-            self.run::<S, 4>(s);
+        match (mr(S::LANES), nv(S::LANES)) {
+            (8, 3) => self.run::<S, 8, 3>(s),
+            _ => self.run::<S, 6, 2>(s),
         }
     }
 }
@@ -287,7 +293,7 @@ impl Block<'_, '_> {
     /// at the short batches where latency matters a packed copy per task cost as much as a
     /// third of the product (each column task packed the same rows again).
     #[inline(always)]
-    fn run<S: Simd, const MR: usize>(self, s: S) {
+    fn run<S: Simd, const MR: usize, const V: usize>(self, s: S) {
         let Block {
             w,
             a,
@@ -296,7 +302,7 @@ impl Block<'_, '_> {
             act,
         } = self;
         let (k, nr) = (w.in_features, w.nr);
-        debug_assert_eq!(nr, NV * S::LANES);
+        debug_assert_eq!(nr, V * S::LANES);
         let rows = dst.len();
         let col0 = panels.start * nr;
         let kc_max = k.div_ceil(k.div_ceil(KC));
@@ -329,7 +335,7 @@ impl Block<'_, '_> {
                             &zeros[..kc]
                         }
                     });
-                    tile::<S, MR>(s, &xs, weights, tile_rows, col, cols, init, act);
+                    tile::<S, MR, V>(s, &xs, weights, tile_rows, col, cols, init, act);
                 }
             }
             p0 += kc;
@@ -353,7 +359,7 @@ enum Init<'a> {
 /// `MR × NV` independent FMAs on `MR + NV` loads.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile<S: Simd, const MR: usize>(
+fn tile<S: Simd, const MR: usize, const V: usize>(
     s: S,
     xs: &[&[f32]; MR],
     weights: &[f32],
@@ -364,10 +370,10 @@ fn tile<S: Simd, const MR: usize>(
     act: Activation,
 ) {
     let l = S::LANES;
-    let nr = NV * l;
+    let nr = V * l;
     let kc = weights.len() / nr;
     assert!(
-        MR <= MR_MAX && xs.iter().all(|x| x.len() == kc) && dst.len() <= MR,
+        MR <= MR_MAX && V <= NV && xs.iter().all(|x| x.len() == kc) && dst.len() <= MR,
         "tile: rows of a shorter than the weights' depth"
     );
     // `acc` is only ever indexed by constants (loops of `MR` and `NV` steps, unrolled), so
@@ -375,42 +381,41 @@ fn tile<S: Simd, const MR: usize>(
     // Indexed by a loop bound that is not a constant, `acc` would live in memory, and every
     // FMA of the inner loop would store it (half the speed).
     let mut buf = [0.0f32; MR_MAX * NV * 16];
-    let mut acc = [[s.splat(0.0); NV]; MR];
+    let mut acc = [[s.splat(0.0); V]; MR];
     match init {
         Init::Zero => {}
         Init::Bias(b) => {
-            let b: [S::V; NV] = std::array::from_fn(|v| s.load(&b[v * l..]));
+            let b: [S::V; V] = std::array::from_fn(|v| s.load(&b[v * l..]));
             acc = [b; MR];
         }
         Init::Load => {
             for (r, row) in dst.iter().enumerate() {
                 buf[r * nr..][..cols].copy_from_slice(&row[col..col + cols]);
             }
-            acc =
-                std::array::from_fn(|r| std::array::from_fn(|v| s.load(&buf[(r * NV + v) * l..])));
+            acc = std::array::from_fn(|r| std::array::from_fn(|v| s.load(&buf[(r * V + v) * l..])));
         }
     }
     let ptrs: [*const f32; MR] = std::array::from_fn(|r| xs[r].as_ptr());
     for (p, w) in weights.chunks_exact(nr).enumerate() {
-        let w: [S::V; NV] = std::array::from_fn(|v| s.load(&w[v * l..]));
+        let w: [S::V; V] = std::array::from_fn(|v| s.load(&w[v * l..]));
         for r in 0..MR {
             // SAFETY: `p < kc` (one weight row per depth step) and every row of `xs` holds
             // `kc` floats (asserted above).
             let x = s.splat(unsafe { *ptrs[r].add(p) });
-            for v in 0..NV {
+            for v in 0..V {
                 acc[r][v] = s.mul_add(x, w[v], acc[r][v]);
             }
         }
     }
     for (r, acc) in acc.iter().enumerate() {
         for (v, &a) in acc.iter().enumerate() {
-            s.store(&mut buf[(r * NV + v) * l..], a);
+            s.store(&mut buf[(r * V + v) * l..], a);
         }
     }
     for (r, row) in dst.iter_mut().enumerate() {
         let out = &mut buf[r * nr..][..nr];
         if act == Activation::Gelu {
-            for v in 0..NV {
+            for v in 0..V {
                 let x = s.load(&out[v * l..]);
                 s.store(&mut out[v * l..], gelu(s, x));
             }

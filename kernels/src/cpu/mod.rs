@@ -125,12 +125,23 @@ impl Isa {
 
     /// The widest instruction set this CPU has.
     #[must_use]
+    ///
+    /// `QUIVER_CPU_ISA=scalar|avx2|avx512` in the environment caps it (to compare the
+    /// paths on one machine, or to rule a wide path out); a value that is not one of those,
+    /// or names an instruction set this CPU lacks, is ignored.
     pub fn detect() -> Isa {
-        Isa::ALL
+        let widest = Isa::ALL
             .into_iter()
             .rev()
             .find(|isa| isa.is_available())
-            .unwrap_or(Isa::Scalar)
+            .unwrap_or(Isa::Scalar);
+        let cap = match std::env::var("QUIVER_CPU_ISA").as_deref() {
+            Ok("scalar") => Isa::Scalar,
+            Ok("avx2") => Isa::Avx2,
+            Ok("avx512") => Isa::Avx512,
+            _ => return widest,
+        };
+        if cap.is_available() { cap } else { widest }
     }
 
     /// The instruction sets this CPU has, narrowest first.
