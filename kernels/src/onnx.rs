@@ -5,7 +5,7 @@
 //!
 //! - ONNX Runtime ([`onnxruntime`]), through the `ort` crate with the shared library opened at
 //!   run time (`ORT_DYLIB_PATH`, e.g. PyPI's onnxruntime wheel): every op of the ONNX standard,
-//!   3–16× faster than candle-onnx on the CPU (`benches/README.md`, "ONNX graphs"). CPU only.
+//!   1.4–38× faster than candle-onnx on the CPU (`benches/README.md`, "ONNX graphs"). CPU only.
 //! - candle-onnx: the graph evaluated op by op on candle tensors, so the same graph runs on the
 //!   `cpu` and `cuda:N` devices like the other families; a subset of the ops
 //!   ([`SUPPORTED_OPS`]).
@@ -201,6 +201,7 @@ pub enum OnnxError {
     /// The graph uses op types that candle-onnx cannot run.
     #[error(
         "the graph uses op types that candle-onnx {version} cannot run: {}; \
+         run it on ONNX Runtime (the cpu device, engine \"auto\" or \"onnxruntime\"), \
          re-export without them (e.g. another opset) or serve it from an upstream",
         ops.join(", "),
         version = CANDLE_ONNX_VERSION
