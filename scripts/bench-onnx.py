@@ -1,14 +1,18 @@
-"""Times candle-onnx (Quiver's `onnx` family, through kernels/examples/onnx_bench.rs) against
-ONNX Runtime on the same graphs and the same inputs, interleaved (see scripts/bench-onnx).
+"""Times Quiver's `onnx` family on both its engines (kernels/examples/onnx_bench.rs: ONNX
+Runtime through `ort`, and candle-onnx) against ONNX Runtime from Python, on the same graphs
+and the same inputs, interleaved (see scripts/bench-onnx).
 
 argv: MODELS_DIR/onnx  OUT_DIR  ONNX_BENCH_BINARY
 
 For each graph of the manifest (and MiniLM's encoder, minilm/model.onnx, when
-scripts/export-minilm-onnx has made it) and each batch size, a round times Quiver then ONNX
-Runtime for SECONDS_PER_RUN each on the same input files; ROUNDS rounds; each run reports the
-median of its calls, and the table shows the median of the rounds' medians. ONNX Runtime runs
-with intra_op_num_threads = THREADS and inter_op_num_threads = 1, graph optimisations at their
-default (all); Quiver with RAYON_NUM_THREADS = THREADS.
+scripts/export-minilm-onnx has made it) and each batch size, a round times Quiver on ONNX
+Runtime, Quiver on candle-onnx, then ONNX Runtime from Python, for SECONDS_PER_RUN each on the
+same input files; ROUNDS rounds; each run reports the median of its calls, and the table shows
+the median of the rounds' medians. ONNX Runtime (Python, and Quiver's session) runs with
+intra_op_num_threads = THREADS and inter_op_num_threads = 1, graph optimisations at all;
+Quiver with RAYON_NUM_THREADS = THREADS (its session's intra-op threads, and candle's pool).
+Quiver's ONNX Runtime is the library at ORT_DYLIB_PATH (the same wheel's, from
+scripts/bench-onnx).
 """
 
 import json
@@ -28,12 +32,18 @@ BATCHES = [int(b) for b in os.environ.get("BATCHES", "1 64").split()]
 MINILM_TOKENS = int(os.environ.get("MINILM_TOKENS", "32"))
 
 
+ENGINES = ["onnxruntime", "candle"]
+
+
 class Quiver:
-    def __init__(self, binary, model):
+    def __init__(self, binary, model, engine):
         self.p = subprocess.Popen(
-            [binary, str(model)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [binary, str(model), engine], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True
         )
         self.ready = json.loads(self.p.stdout.readline())
+        if self.ready.get("engine") != engine:
+            raise RuntimeError(f"onnx_bench ran {self.ready} for engine {engine}")
 
     def time(self, inputs):
         args = " ".join(f"{path}:{'x'.join(map(str, shape))}" for path, shape in inputs)
@@ -115,36 +125,44 @@ def main():
             f = work / f"{model.stem}.{batch}.{k}.bin"
             value.astype(value.dtype.newbyteorder("<")).tofile(f)
             files.append((f, value.shape))
-        quiver = Quiver(binary, model)
+        quivers = {e: Quiver(binary, model, e) for e in ENGINES}
         session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
         ort_feeds = dict(feeds)
-        q, o = [], []
+        q = {e: [] for e in ENGINES}
+        o = []
         for _ in range(ROUNDS):
-            q.append(quiver.time(files))
+            for e in ENGINES:
+                q[e].append(quivers[e].time(files))
             o.append(time_ort(session, ort_feeds))
-        quiver.close()
-        row = {
-            "graph": name,
-            "batch": batch,
-            "candle_onnx_ms": statistics.median(q) * 1e3,
-            "onnxruntime_ms": statistics.median(o) * 1e3,
-            "candle_onnx_rounds_ms": [x * 1e3 for x in q],
-            "onnxruntime_rounds_ms": [x * 1e3 for x in o],
-        }
-        row["ratio"] = row["candle_onnx_ms"] / row["onnxruntime_ms"]
+        for quiver in quivers.values():
+            quiver.close()
+        row = {"graph": name, "batch": batch}
+        for e in ENGINES:
+            row[f"quiver_{e}_ms"] = statistics.median(q[e]) * 1e3
+            row[f"quiver_{e}_rounds_ms"] = [x * 1e3 for x in q[e]]
+        row["onnxruntime_python_ms"] = statistics.median(o) * 1e3
+        row["onnxruntime_python_rounds_ms"] = [x * 1e3 for x in o]
+        for e in ENGINES:
+            row[f"quiver_{e}_ratio"] = row[f"quiver_{e}_ms"] / row["onnxruntime_python_ms"]
+        # The names scripts/bench-onnx-engines reads.
+        row["candle_onnx_ms"] = row["quiver_candle_ms"]
+        row["onnxruntime_ms"] = row["onnxruntime_python_ms"]
         results.append(row)
-        print(f"{name} batch {batch}: candle-onnx {row['candle_onnx_ms']:.3f} ms, "
-              f"onnxruntime {row['onnxruntime_ms']:.3f} ms", flush=True)
+        print(f"{name} batch {batch}: Quiver-ORT {row['quiver_onnxruntime_ms']:.3f} ms, "
+              f"Quiver-candle {row['quiver_candle_ms']:.3f} ms, "
+              f"onnxruntime (Python) {row['onnxruntime_python_ms']:.3f} ms", flush=True)
     (out_dir / "results.json").write_text(json.dumps(
         {"threads": THREADS, "rounds": ROUNDS, "seconds_per_run": SECONDS,
          "onnxruntime": ort.__version__, "results": results}, indent=2) + "\n")
     lines = [
-        f"| graph | batch | candle-onnx (Quiver) ms | ONNX Runtime {ort.__version__} ms | ratio |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        f"| graph | batch | Quiver-ORT ms | Quiver-candle ms | ONNX Runtime {ort.__version__} "
+        "(Python) ms | Quiver-ORT / Python | Quiver-candle / Python |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        lines.append(f"| {r['graph']} | {r['batch']} | {r['candle_onnx_ms']:.3f} | "
-                     f"{r['onnxruntime_ms']:.3f} | {r['ratio']:.1f}x |")
+        lines.append(f"| {r['graph']} | {r['batch']} | {r['quiver_onnxruntime_ms']:.3f} | "
+                     f"{r['quiver_candle_ms']:.3f} | {r['onnxruntime_python_ms']:.3f} | "
+                     f"{r['quiver_onnxruntime_ratio']:.2f}x | {r['quiver_candle_ratio']:.1f}x |")
     table = "\n".join(lines) + "\n"
     (out_dir / "table.md").write_text(table)
     print(table)

@@ -16,8 +16,10 @@ Graphs:
                -> Conv 3x3 -> Relu -> AveragePool 16 (global) -> Flatten -> Gemm -> logits,
                Softmax -> probs [batch, 10]: a small image classifier
   refused      GlobalAveragePool and LpNormalization, which ONNX Runtime runs and candle-onnx
-               does not: Quiver must refuse it at load, naming both
-  custom_op    an op of a domain no runtime knows (com.example Frobnicate), refused too
+               does not: Quiver serves it on ONNX Runtime, and refuses it at load on
+               candle-onnx, naming both
+  custom_op    an op of a domain no runtime knows (com.example Frobnicate): refused at load
+               on both engines
 """
 
 import json

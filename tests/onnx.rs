@@ -1,11 +1,16 @@
 //! End to end, ONNX graphs (`kind = "onnx"`): the real `quiver` binary serving the MLP and
 //! the small image classifier that `scripts/make-onnx` built, its metadata read from the
 //! graph, driven over KServe v2 REST (binary tensors, two outputs) and the QUIC native
-//! protocol; every answer must be ONNX Runtime's output within 1e-4. A graph with op types
-//! candle-onnx cannot run passes the configuration's checks but stops start-up, naming them.
+//! protocol; every answer must be ONNX Runtime's output within 1e-4. The models run on the
+//! default engine (`auto`), which is ONNX Runtime on the CPU: a third model uses ops that
+//! only ONNX Runtime runs (GlobalAveragePool, LpNormalization), so it is served only if ONNX
+//! Runtime serves it. A graph that no engine runs (an op of an unknown domain), and the same
+//! GlobalAveragePool graph on `engine = "candle"`, pass the configuration's checks but stop
+//! start-up, naming the ops.
 //!
-//! The graphs come from `scripts/make-onnx` (scripts/test runs it); without them these tests
-//! fail and say so.
+//! The graphs come from `scripts/make-onnx` and ONNX Runtime's library from its venv
+//! (scripts/test runs it and exports ORT_DYLIB_PATH, which the served binary inherits);
+//! without them these tests fail and say so.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -57,9 +62,16 @@ kind = "onnx"
 path = "{}"
 max_batch_size = 64
 default_timeout_ms = 10000
+
+[[models]]
+name = "pooled"
+kind = "onnx"
+path = "{}"
+default_timeout_ms = 10000
 "#,
         dir.join("conv.onnx").display(),
-        dir.join("mlp.onnx").display()
+        dir.join("mlp.onnx").display(),
+        dir.join("refused.onnx").display()
     );
     let server = Server::start(&config);
     let base = server.http_url();
@@ -116,6 +128,39 @@ default_timeout_ms = 10000
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
 
+    // Ops only ONNX Runtime runs (the default engine on the CPU): each image's channel means,
+    // L2-normalised.
+    let n = 2;
+    let image: Vec<f32> = (0..n * 3 * 64)
+        .map(|i| (i % 7) as f32 * 0.5 - 1.0)
+        .collect();
+    let (s, _, v) = support::post_json_with(
+        &c,
+        format!("{base}/v2/models/pooled/infer"),
+        TOKEN,
+        &json!({"inputs": [{"name": "image", "datatype": "FP32", "shape": [n, 3, 8, 8],
+                            "data": image}]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["outputs"][0]["shape"], json!([n, 3]), "{v}");
+    let got: Vec<f32> = v["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let mut want = Vec::new();
+    for row in image.chunks(3 * 64) {
+        let means: Vec<f32> = row
+            .chunks(64)
+            .map(|c| c.iter().sum::<f32>() / 64.0)
+            .collect();
+        let norm = means.iter().map(|m| m * m).sum::<f32>().sqrt();
+        want.extend(means.iter().map(|m| m / norm));
+    }
+    assert_within(&got, &want, "pooled");
+
     // QUIC native: the MLP's 64 rows as 8 concurrent requests of 8 rows (the batcher may put
     // them in one batch), each answered with its own rows.
     let x = f32_file("mlp.in.x.bin");
@@ -147,16 +192,16 @@ default_timeout_ms = 10000
     }
 }
 
-#[test]
-fn a_graph_with_ops_candle_onnx_cannot_run_stops_start_up_naming_them() {
-    let dir = onnx_dir();
+/// Starts `quiver serve` on one onnx model (`extra` added to its table); it must fail, and
+/// its stderr is returned.
+fn failed_start(path: &std::path::Path, extra: &str) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("quiver.toml");
     std::fs::write(
         &config,
         format!(
-            "[[models]]\nname = \"pooled\"\nkind = \"onnx\"\npath = \"{}\"\n",
-            dir.join("refused.onnx").display()
+            "[[models]]\nname = \"refused\"\nkind = \"onnx\"\npath = \"{}\"\n{extra}",
+            path.display()
         ),
     )
     .unwrap();
@@ -176,9 +221,23 @@ fn a_graph_with_ops_candle_onnx_cannot_run_stops_start_up_naming_them() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_graph_with_ops_candle_onnx_cannot_run_stops_start_up_on_it_naming_them() {
+    let stderr = failed_start(&onnx_dir().join("refused.onnx"), "engine = \"candle\"\n");
     assert!(
         stderr.contains("GlobalAveragePool") && stderr.contains("LpNormalization"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_graph_with_an_op_no_engine_runs_stops_start_up_naming_it() {
+    let stderr = failed_start(&onnx_dir().join("custom_op.onnx"), "");
+    assert!(
+        stderr.contains("ONNX Runtime cannot run the graph") && stderr.contains("Frobnicate"),
         "{stderr}"
     );
 }

@@ -444,6 +444,42 @@ impl Precision {
     }
 }
 
+/// Which engine runs an `onnx` model ([`Model::engine`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnnxEngine {
+    /// ONNX Runtime on the CPU when its library opens, else candle-onnx
+    /// (with a warning); candle-onnx on CUDA (`"auto"`).
+    #[default]
+    Auto,
+    /// ONNX Runtime, or the load fails (`"onnxruntime"`).
+    OnnxRuntime,
+    /// candle-onnx, on every device (`"candle"`).
+    Candle,
+}
+
+impl OnnxEngine {
+    /// The TOML spelling.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnnxEngine::Auto => "auto",
+            OnnxEngine::OnnxRuntime => "onnxruntime",
+            OnnxEngine::Candle => "candle",
+        }
+    }
+
+    /// The engine a TOML spelling names.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<OnnxEngine> {
+        match name {
+            "auto" => Some(OnnxEngine::Auto),
+            "onnxruntime" => Some(OnnxEngine::OnnxRuntime),
+            "candle" => Some(OnnxEngine::Candle),
+            _ => None,
+        }
+    }
+}
+
 /// How a request picks one of a model's devices.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Placement {
@@ -615,6 +651,15 @@ pub struct Model {
     /// TOML `output_margin`; set on another kind it is an error. Default
     /// false.
     pub output_margin: bool,
+    /// `onnx` only: the engine that runs the graph (see [`OnnxEngine`]):
+    /// `"auto"` runs ONNX Runtime on the CPU when its shared library opens
+    /// (`ORT_DYLIB_PATH`, e.g. PyPI's onnxruntime wheel's
+    /// `onnxruntime/capi/libonnxruntime.so.1.31.1`), else candle-onnx with a
+    /// warning, and candle-onnx on `cuda`; `"onnxruntime"` fails the load
+    /// when the library does not open (and on `cuda`); `"candle"` always
+    /// runs candle-onnx. TOML `engine`; set on another kind it is an error.
+    /// Default `"auto"`.
+    pub engine: OnnxEngine,
     /// Most requests (rows) in one batch. TOML `max_batch_size`. Default 32,
     /// range 1..=4096.
     pub max_batch_size: u32,
@@ -749,6 +794,7 @@ impl Model {
             precision: Precision::Fp32,
             auto_truncate: Model::DEFAULT_AUTO_TRUNCATE,
             output_margin: Model::DEFAULT_OUTPUT_MARGIN,
+            engine: OnnxEngine::Auto,
             max_batch_size: Model::DEFAULT_MAX_BATCH_SIZE,
             max_batch_tokens: Model::DEFAULT_MAX_BATCH_TOKENS,
             max_queue_delay: Model::DEFAULT_MAX_QUEUE_DELAY,

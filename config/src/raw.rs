@@ -64,6 +64,7 @@ pub(crate) struct RawModel {
     pub(crate) precision: Option<String>,
     pub(crate) auto_truncate: Option<bool>,
     pub(crate) output_margin: Option<bool>,
+    pub(crate) engine: Option<String>,
     pub(crate) max_batch_size: Option<i64>,
     pub(crate) max_batch_tokens: Option<i64>,
     pub(crate) max_queue_delay_us: Option<i64>,

@@ -473,6 +473,22 @@ fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Kn
         }
         model.output_margin = output_margin;
     }
+    if let Some(engine) = raw.engine {
+        // Only ONNX graphs have a choice of engine.
+        if known.kind && kind != ModelKind::Onnx {
+            errors.push(at("engine"), "only for kind \"onnx\"");
+        }
+        match crate::OnnxEngine::from_name(&engine) {
+            Some(e) => model.engine = e,
+            None => errors.push(
+                at("engine"),
+                format!(
+                    "must be \"auto\", \"onnxruntime\" or \"candle\", got \"{}\"",
+                    engine.escape_debug()
+                ),
+            ),
+        }
+    }
 
     let max_batch_size = errors.int(&at("max_batch_size"), raw.max_batch_size, MAX_BATCH_SIZE);
     let max_batch_tokens = errors.int(
@@ -931,6 +947,21 @@ fn check_model(model: &Model, prefix: &str, known: Known, errors: &mut Errors) {
         ),
         (false, Some(_)) => errors.push(at("sim"), "only with a sim:N device"),
         _ => {}
+    }
+    // ONNX Runtime is served on the CPU only; candle-onnx runs the graph on CUDA.
+    if model.engine == crate::OnnxEngine::OnnxRuntime
+        && let Some(gpu) = model
+            .device_list()
+            .into_iter()
+            .find(|d| matches!(parse_device(d), Ok(Some(_))))
+    {
+        errors.push(
+            at("engine"),
+            format!(
+                "\"onnxruntime\" runs on the cpu only, not on \"{}\"; use \"auto\" or \"candle\"",
+                gpu.escape_debug()
+            ),
+        );
     }
 
     if model.precision == crate::Precision::Int8 {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use quiver_config::{
-    Config, ConfigError, FieldError, MlpDemo, Model, ModelKind, Precision, Routing, Server, Tls,
-    Upstream, UpstreamProtocol,
+    Config, ConfigError, FieldError, MlpDemo, Model, ModelKind, OnnxEngine, Precision, Routing,
+    Server, Tls, Upstream, UpstreamProtocol,
 };
 
 /// One identity model: the smallest valid file.
@@ -253,6 +253,7 @@ seed = 7
             precision: Precision::Fp32,
             auto_truncate: true,
             output_margin: false,
+            engine: OnnxEngine::Auto,
             max_batch_size: 8,
             max_batch_tokens: 512,
             max_queue_delay: Duration::ZERO,
@@ -739,6 +740,50 @@ fn onnx_needs_a_path_and_takes_no_other_kinds_knobs() {
         )),
         vec![error("models[0].demo", "only for kind \"mlp\"")]
     );
+}
+
+#[test]
+fn onnx_takes_an_engine_auto_by_default_onnxruntime_on_the_cpu_only() {
+    let onnx = "[[models]]\nname = \"classifier\"\nkind = \"onnx\"\npath = \"/m/model.onnx\"\n";
+    assert_eq!(
+        Config::parse(onnx).unwrap().models[0].engine,
+        OnnxEngine::Auto
+    );
+    for engine in [
+        OnnxEngine::Auto,
+        OnnxEngine::OnnxRuntime,
+        OnnxEngine::Candle,
+    ] {
+        let config = Config::parse(&format!("{onnx}engine = \"{}\"\n", engine.as_str())).unwrap();
+        assert_eq!(config.models[0].engine, engine);
+        assert_eq!(OnnxEngine::from_name(engine.as_str()), Some(engine));
+    }
+    assert_eq!(
+        errors(&format!("{onnx}engine = \"tract\"\n")),
+        vec![error(
+            "models[0].engine",
+            "must be \"auto\", \"onnxruntime\" or \"candle\", got \"tract\""
+        )]
+    );
+    assert_eq!(
+        errors(&with_model("engine = \"candle\"")),
+        vec![error("models[0].engine", "only for kind \"onnx\"")]
+    );
+    // candle-onnx runs the graph on a GPU; ONNX Runtime is served on the CPU only.
+    assert!(Config::parse(&format!("{onnx}engine = \"candle\"\ndevice = \"cuda:1\"\n")).is_ok());
+    assert!(Config::parse(&format!("{onnx}engine = \"auto\"\ndevice = \"cuda:1\"\n")).is_ok());
+    assert_eq!(
+        errors(&format!(
+            "{onnx}engine = \"onnxruntime\"\ndevices = [\"cpu\", \"cuda:1\"]\n"
+        )),
+        vec![error(
+            "models[0].engine",
+            "\"onnxruntime\" runs on the cpu only, not on \"cuda:1\"; use \"auto\" or \"candle\""
+        )]
+    );
+    let typed = errors(&format!("{onnx}engine = true\n"));
+    assert_eq!(typed.len(), 1, "{typed:?}");
+    assert_eq!(typed[0].path, "models[0].engine", "{typed:?}");
 }
 
 #[test]

@@ -28,7 +28,7 @@ use anyhow::Context;
 use quiver_batching::{LatencyModel, Scheduler, SchedulerConfig};
 use quiver_config::{Config, ModelControl, ModelKind};
 use quiver_kernels::sim::{ServiceTime, Simulated};
-use quiver_kernels::{Activation, Device, ModelSpec};
+use quiver_kernels::{Activation, Device, ModelSpec, OnnxEngine};
 use serde_json::{Value, json};
 
 use crate::device::{self, DeviceWorker};
@@ -980,7 +980,14 @@ pub fn load_model(
             output_margin: m.output_margin,
         },
         (ModelKind::Trees, None, _) => anyhow::bail!("a trees model needs a path"),
-        (ModelKind::Onnx, Some(path), _) => ModelSpec::Onnx { path: path.clone() },
+        (ModelKind::Onnx, Some(path), _) => ModelSpec::Onnx {
+            path: path.clone(),
+            engine: match m.engine {
+                quiver_config::OnnxEngine::Auto => OnnxEngine::Auto,
+                quiver_config::OnnxEngine::OnnxRuntime => OnnxEngine::OnnxRuntime,
+                quiver_config::OnnxEngine::Candle => OnnxEngine::Candle,
+            },
+        },
         (ModelKind::Onnx, None, _) => anyhow::bail!("an onnx model needs a path"),
     };
     let mut replicas = Vec::new();

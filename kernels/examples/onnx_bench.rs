@@ -1,6 +1,8 @@
-//! Quiver's side of `scripts/bench-onnx`: loads one ONNX graph (`kind = "onnx"`, candle-onnx)
-//! on the CPU, then answers commands on stdin, one line each, so that the script can time it
-//! in the same rounds as ONNX Runtime:
+//! Quiver's side of `scripts/bench-onnx`: loads one ONNX graph (`kind = "onnx"`) on the CPU on
+//! one engine (`onnxruntime`: ONNX Runtime through `ort`, from ORT_DYLIB_PATH; `candle`:
+//! candle-onnx; `auto`, the default: what the gateway picks), then answers commands on stdin,
+//! one line each, so that the script can time it in the same rounds as ONNX Runtime from
+//! Python:
 //!
 //! ```text
 //! time SECONDS INPUT...  -> "ok CALLS MEDIAN_S": Model::forward on one request of these inputs
@@ -9,38 +11,54 @@
 //! quit
 //! ```
 //!
-//! On start it prints one JSON line: `{"ready":true,"threads":...,"load_s":...}`.
+//! On start it prints one JSON line: `{"ready":true,"engine":...,"threads":...,"load_s":...}`.
 //!
 //! A call is what the device thread runs for a batch: `Model::forward` on a prepared request
-//! (the host tensors to candle tensors, the graph, the outputs back to host tensors). A
+//! (the host tensors to the engine's tensors, the graph, the outputs back to host tensors). A
 //! `time` first warms up (2 calls and at least 0.1 s), then times every call separately for
 //! `SECONDS` (at least 5 calls) and reports the median.
 //!
 //! ```sh
 //! cargo build --release -p quiver-kernels --example onnx_bench
+//! onnx_bench MODEL.onnx [auto|onnxruntime|candle]
 //! ```
 
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use quiver_kernels::{DataType, Device, HostTensor, ModelSpec, TensorData, load};
+use quiver_kernels::{DataType, Device, HostTensor, Model, OnnxEngine, OnnxModel, TensorData};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [model_path] = args.as_slice() else {
-        return Err("usage: onnx_bench MODEL.onnx".into());
+    let (model_path, engine) = match args.as_slice() {
+        [path] => (path, OnnxEngine::Auto),
+        [path, engine] => (
+            path,
+            match engine.as_str() {
+                "auto" => OnnxEngine::Auto,
+                "onnxruntime" => OnnxEngine::OnnxRuntime,
+                "candle" => OnnxEngine::Candle,
+                other => {
+                    return Err(format!("engine `{other}`: auto, onnxruntime or candle").into());
+                }
+            },
+        ),
+        _ => return Err("usage: onnx_bench MODEL.onnx [auto|onnxruntime|candle]".into()),
     };
     let start = Instant::now();
-    let model = load(
-        &ModelSpec::Onnx {
-            path: Path::new(model_path).to_owned(),
-        },
-        &Device::Cpu,
+    let model = OnnxModel::load(
+        Path::new(model_path),
+        Device::Cpu,
+        Device::Cpu.to_candle()?,
+        engine,
     )?;
     let load_s = start.elapsed().as_secs_f64();
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
-    println!(r#"{{"ready":true,"threads":"{threads}","load_s":{load_s}}}"#);
+    println!(
+        r#"{{"ready":true,"engine":"{}","threads":"{threads}","load_s":{load_s}}}"#,
+        model.engine()
+    );
     std::io::stdout().flush()?;
 
     for line in std::io::stdin().lock().lines() {

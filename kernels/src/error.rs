@@ -21,6 +21,12 @@ pub enum ModelError {
     /// candle failed (device out of memory, a kernel error, a driver error).
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+    /// ONNX Runtime failed (`kind = "onnx"` on its ONNX Runtime engine).
+    #[error("ONNX Runtime: {message}")]
+    OnnxRuntime {
+        /// ONNX Runtime's message.
+        message: String,
+    },
     /// The batch handed to `forward` does not fit the model: a [`crate::Prepared`] that was
     /// not made by this model's `prepare`. A bug in the caller, reported instead of a panic.
     #[error("batch does not fit the model: {message}")]
@@ -108,8 +114,9 @@ pub enum LoadError {
         /// What is wrong.
         source: crate::trees::TreeError,
     },
-    /// An ONNX model (`kind = "onnx"`) cannot be served: not ONNX, op types candle-onnx
-    /// cannot run (listed), an input or output it cannot batch, or a failed load-time run.
+    /// An ONNX model (`kind = "onnx"`) cannot be served: not ONNX, ONNX Runtime's library
+    /// cannot be opened, a graph its engine cannot run (candle-onnx: the op types, listed), an
+    /// input or output it cannot batch, or a failed load-time run.
     #[error("{}: {source}", path.display())]
     Onnx {
         /// The `.onnx` file.

@@ -23,7 +23,8 @@
 //!   CPU reference).
 //! - [`trees`]: gradient-boosted trees from XGBoost JSON and LightGBM text, on a flat
 //!   CPU forest engine (scalar reference, AVX2 and AVX-512 walks).
-//! - [`onnx`]: ONNX graphs (`model.onnx`) on candle-onnx, checked at load (op types, a
+//! - [`onnx`]: ONNX graphs (`model.onnx`) on ONNX Runtime (CPU, its library opened at run
+//!   time) or candle-onnx (CUDA, and the CPU without ONNX Runtime), checked at load (a
 //!   one-row run).
 //! - [`text`]: BERT-family sentence embeddings (tokenizer on the front end, candle BERT).
 //! - [`error`]: the crate's error enums, one per kind of fault.
@@ -52,7 +53,7 @@ pub use identity::Identity;
 pub use loader::{ModelSpec, load};
 pub use mlp::{Activation, Mlp, MlpConfig, write_mlp};
 pub use model::{Model, PrepareOptions, Prepared, Signature, TensorSpec, TruncationSide};
-pub use onnx::{OnnxError, OnnxModel};
+pub use onnx::{OnnxEngine, OnnxError, OnnxModel};
 pub use tensor::{DataType, HostTensor, TensorData};
 pub use text::{Engine, Pooling, TextEmbedding, TextToken};
 pub use trees::{TreeError, TreeModel};

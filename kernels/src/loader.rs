@@ -14,6 +14,7 @@ use crate::device::Device;
 use crate::error::LoadError;
 use crate::mlp::{Activation, Mlp};
 use crate::model::Model;
+use crate::onnx::OnnxEngine;
 
 /// What to load; built by the gateway from its configuration.
 #[derive(Clone, Debug)]
@@ -51,10 +52,12 @@ pub enum ModelSpec {
         output_margin: bool,
     },
     /// An ONNX graph: a `.onnx` file, or a directory holding `model.onnx` (see
-    /// [`crate::onnx`]). Runs on candle-onnx, on every device.
+    /// [`crate::onnx`]). Runs on ONNX Runtime on the CPU, on candle-onnx on CUDA devices.
     Onnx {
         /// The model file, or a directory with `model.onnx`.
         path: PathBuf,
+        /// Which engine runs it. The config's `engine` (default `auto`).
+        engine: OnnxEngine,
     },
     /// A demo MLP whose weights are drawn from `seed` (ChaCha8), so every start gives the
     /// same outputs. For trying the gateway without model files; it computes nothing useful.
@@ -98,9 +101,12 @@ pub fn load(spec: &ModelSpec, device: &Device) -> Result<Arc<dyn Model>, LoadErr
             *output_margin,
             device.clone(),
         )?),
-        ModelSpec::Onnx { path } => {
-            Arc::new(crate::onnx::OnnxModel::load(path, device.clone(), candle)?)
-        }
+        ModelSpec::Onnx { path, engine } => Arc::new(crate::onnx::OnnxModel::load(
+            path,
+            device.clone(),
+            candle,
+            *engine,
+        )?),
         ModelSpec::MlpDemo {
             inputs,
             hidden,
