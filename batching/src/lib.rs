@@ -66,7 +66,7 @@ mod scheduler;
 pub mod sync;
 
 pub use admission::{Admission, AdmissionStats, InlineLease, RejectReason, Rejected};
-pub use config::{ConfigError, SchedulerConfig};
+pub use config::{ConfigError, LengthGrouping, SchedulerConfig};
 pub use doorbell::Doorbell;
 pub use latency::{Coefficients, DEFAULT_FORGETTING, LatencyModel, MAX_PREDICTION, Sample};
 pub use request::{BatchId, CancelToken, Cost, Request, RequestId};
