@@ -578,6 +578,21 @@ pub struct Model {
     /// `auto_truncate`; set on another kind it is an error. Default true
     /// (what every route did before it was a choice).
     pub auto_truncate: bool,
+    /// `embedding` only: form batches of texts of similar token length, so
+    /// that a batch mixing short and long texts does not pad every short one
+    /// to the longest. The most urgent request anchors each batch, which
+    /// takes the queued requests whose lengths stay within
+    /// `max_length_ratio` of each other, earliest deadline first; the
+    /// scheduler keeps the plain earliest-deadline-first batch where its
+    /// latency model says grouping would not pay, or where a request passed
+    /// over would miss its deadline (quiver-batching's `LengthGrouping`).
+    /// TOML `length_grouping`; set on another kind it is an error. Default
+    /// true (benches/README.md, "Length grouping").
+    pub length_grouping: bool,
+    /// `embedding` only: the longest over the shortest token length in a
+    /// grouped batch, which bounds its padded tokens per real token. TOML
+    /// `max_length_ratio`, a number. Default 2.0, range 1.0..=16.0.
+    pub max_length_ratio: f64,
     /// `trees` only: serve the raw scores (margins) instead of probabilities,
     /// as XGBoost's `output_margin=True` and LightGBM's `raw_score=True`.
     /// TOML `output_margin`; set on another kind it is an error. Default
@@ -680,6 +695,10 @@ impl Model {
     pub const DEFAULT_CPU_KERNELS: bool = true;
     /// Default of [`Model::auto_truncate`].
     pub const DEFAULT_AUTO_TRUNCATE: bool = true;
+    /// Default of [`Model::length_grouping`].
+    pub const DEFAULT_LENGTH_GROUPING: bool = true;
+    /// Default of [`Model::max_length_ratio`].
+    pub const DEFAULT_MAX_LENGTH_RATIO: f64 = 2.0;
     /// Default of [`Model::output_margin`].
     pub const DEFAULT_OUTPUT_MARGIN: bool = false;
     /// Default of [`Model::max_batch_size`].
@@ -715,6 +734,8 @@ impl Model {
             device: Model::DEFAULT_DEVICE.to_owned(),
             cpu_kernels: Model::DEFAULT_CPU_KERNELS,
             auto_truncate: Model::DEFAULT_AUTO_TRUNCATE,
+            length_grouping: Model::DEFAULT_LENGTH_GROUPING,
+            max_length_ratio: Model::DEFAULT_MAX_LENGTH_RATIO,
             output_margin: Model::DEFAULT_OUTPUT_MARGIN,
             max_batch_size: Model::DEFAULT_MAX_BATCH_SIZE,
             max_batch_tokens: Model::DEFAULT_MAX_BATCH_TOKENS,
