@@ -6,7 +6,8 @@
 //! [`RejectReason::Overloaded`]) and ask it for a predicted completion to
 //! choose local or overflow. The device thread owns the [`Scheduler`], a
 //! sans-IO state machine handed `now`: it forms batches earliest deadline
-//! first under a rows and padded-tokens budget, dispatches by the rules of
+//! first under a rows and padded-tokens budget, grouping requests of similar
+//! sequence length where that pays ([`LengthGrouping`]), dispatches by the rules of
 //! [`DispatchReason`], drops requests that cannot meet their deadline or
 //! were cancelled ([`Ended`]), and fits a [`LatencyModel`] online from
 //! measured batches. Between polls the device thread sleeps on the
