@@ -56,9 +56,10 @@ pub struct SchedulerConfig {
     /// Form batches of requests of similar sequence length, to cut the
     /// padding of batches that mix short and long sequences (see
     /// [`LengthGrouping`]); `None` forms every batch as the plain
-    /// earliest-deadline-first prefix of the queue. Default on: where every
+    /// earliest-deadline-first prefix of the queue. Default `None` (the
+    /// gateway's `length_grouping` turns it on per model); where every
     /// request has the same length (tabular models, one token each) the two
-    /// formations are the same batch.
+    /// formations are the same batch anyway.
     pub length_grouping: Option<LengthGrouping>,
 }
 
@@ -118,7 +119,7 @@ impl Default for SchedulerConfig {
             max_in_flight: 1,
             inline_below: Duration::from_micros(50),
             idle_spin: Duration::ZERO,
-            length_grouping: Some(LengthGrouping::default()),
+            length_grouping: None,
         }
     }
 }

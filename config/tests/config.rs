@@ -251,7 +251,7 @@ seed = 7
             device: "cuda:3".to_owned(),
             cpu_kernels: true,
             auto_truncate: true,
-            length_grouping: true,
+            length_grouping: false,
             max_length_ratio: 2.0,
             output_margin: false,
             max_batch_size: 8,
@@ -764,13 +764,13 @@ fn auto_truncate_is_an_embedding_knob_on_by_default() {
 fn length_grouping_is_an_embedding_knob_with_a_bounded_ratio() {
     let embedding = "[[models]]\nname = \"e\"\nkind = \"embedding\"\npath = \"/m\"\n";
     let default = &Config::parse(embedding).unwrap().models[0];
-    assert!(default.length_grouping);
+    assert!(!default.length_grouping);
     assert!((default.max_length_ratio - 2.0).abs() < f64::EPSILON);
     let set = Config::parse(&format!(
-        "{embedding}length_grouping = false\nmax_length_ratio = 1.5\n"
+        "{embedding}length_grouping = true\nmax_length_ratio = 1.5\n"
     ))
     .unwrap();
-    assert!(!set.models[0].length_grouping);
+    assert!(set.models[0].length_grouping);
     assert!((set.models[0].max_length_ratio - 1.5).abs() < f64::EPSILON);
     assert_eq!(
         errors(&with_model(
