@@ -18,7 +18,7 @@ use std::process::Command;
 use quiver_gateway::request::params;
 use quiver_gateway::tensor::{int_param, outputs_from_proto, request_to_proto};
 use quiver_kernels::{HostTensor, TensorData};
-use support::{Server, quiver_bin};
+use support::{Server, metric, quiver_bin};
 
 const MODEL_NAME: &str = "all-MiniLM-L6-v2";
 
@@ -173,6 +173,14 @@ async fn minilm_served_from_its_directory_matches_the_reference() {
         }
     }
     assert_eq!(checked, 3 * 2 * sentences.len());
+
+    // The padding of those mixed batches is counted: every real token once,
+    // and the padded ones at least as many.
+    let text = server.scrape().await;
+    let padded = metric(&text, "quiver_padded_tokens_total", &[]);
+    let real = metric(&text, "quiver_real_tokens_total", &[]);
+    assert!(real > 0.0, "{text}");
+    assert!(padded >= real, "padded {padded} < real {real}");
 
     // Malformed text is the client's error, not the server's.
     let bad = HostTensor::new("text", vec![1], TensorData::Bytes(vec![vec![0xff]])).unwrap();

@@ -1,6 +1,6 @@
 //! The knobs of one device's scheduler (DESIGN.md "Scheduling": the batch
-//! budget, the queue-delay bound, the admission queue bounds and the prefetch
-//! depth).
+//! budget, the queue-delay bound, the admission queue bounds, the prefetch
+//! depth and length grouping).
 
 use std::time::Duration;
 
@@ -53,6 +53,59 @@ pub struct SchedulerConfig {
     /// swap instead of a futex wake-up. Default zero: sleep at once (the
     /// spin pays only with a core to spare for the device thread).
     pub idle_spin: Duration,
+    /// Form batches of requests of similar sequence length, to cut the
+    /// padding of batches that mix short and long sequences (see
+    /// [`LengthGrouping`]); `None` forms every batch as the plain
+    /// earliest-deadline-first prefix of the queue. Default `None` (the
+    /// gateway's `length_grouping` turns it on per model); where every
+    /// request has the same length (tabular models, one token each) the two
+    /// formations are the same batch anyway.
+    pub length_grouping: Option<LengthGrouping>,
+}
+
+/// How the scheduler groups requests of similar sequence length
+/// ([`SchedulerConfig::length_grouping`]).
+///
+/// The most urgent request of the lane (its earliest deadline) anchors the
+/// batch, which then takes, in deadline order, the requests whose
+/// [`Cost::tokens`](crate::Cost::tokens) keep the batch's longest sequence
+/// within `max_length_ratio` × its shortest; so a batch's padded tokens are at
+/// most `max_length_ratio` × the tokens of its requests' longest rows. The
+/// grouped batch replaces the plain earliest-deadline-first one only when all
+/// of these hold:
+///
+/// - the latency model predicts that serving the two batches' requests as
+///   the grouped batch and then the requests it passed over costs less than
+///   the plain batch and then the requests it leaves out (padding saved must
+///   outweigh the cost of one more batch: on a device whose cost is all per
+///   batch, grouping turns itself off);
+/// - every request the plain batch would have taken and the grouped one
+///   passes over is still predicted to meet its deadline when run next,
+///   right after the grouped batch;
+/// - none of those requests has been passed over `max_skips` times already.
+///
+/// The anchor is never passed over, so a request waits behind grouping at
+/// most until it is the most urgent of its lane, or `max_skips` batches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LengthGrouping {
+    /// Longest over shortest request sequence length in a grouped batch.
+    /// Default 2; at least 1 (1: only requests of the anchor's length).
+    pub max_length_ratio: f64,
+    /// Grouped batches that may pass over a request the plain batch would
+    /// have taken, before it must be taken. Default 8: with lengths spread
+    /// over a range several times `max_length_ratio` wide, a request is
+    /// passed over until a batch of its own length class forms, so a small
+    /// bound falls back to the plain batch before the classes take turns.
+    pub max_skips: u32,
+}
+
+impl Default for LengthGrouping {
+    fn default() -> Self {
+        Self {
+            max_length_ratio: 2.0,
+            max_skips: 8,
+        }
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -66,6 +119,7 @@ impl Default for SchedulerConfig {
             max_in_flight: 1,
             inline_below: Duration::from_micros(50),
             idle_spin: Duration::ZERO,
+            length_grouping: None,
         }
     }
 }
@@ -97,6 +151,12 @@ impl SchedulerConfig {
         if self.max_in_flight == 0 {
             problems.push("max_in_flight must be at least 1");
         }
+        if self
+            .length_grouping
+            .is_some_and(|g| g.max_length_ratio.is_nan() || g.max_length_ratio < 1.0)
+        {
+            problems.push("length_grouping.max_length_ratio must be at least 1");
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -112,6 +172,11 @@ impl SchedulerConfig {
         self.queue_capacity = self.queue_capacity.max(1);
         self.priority_levels = self.priority_levels.max(1);
         self.max_in_flight = self.max_in_flight.max(1);
+        if let Some(g) = self.length_grouping.as_mut()
+            && (g.max_length_ratio.is_nan() || g.max_length_ratio < 1.0)
+        {
+            g.max_length_ratio = 1.0;
+        }
         self
     }
 }
@@ -131,10 +196,16 @@ mod tests {
             max_batch_size: 0,
             queue_capacity: 0,
             max_in_flight: 0,
+            length_grouping: Some(LengthGrouping {
+                max_length_ratio: f64::NAN,
+                max_skips: 2,
+            }),
             ..SchedulerConfig::default()
         };
-        let err = config.validate().expect_err("three zero fields");
-        assert_eq!(err.problems.len(), 3);
+        let err = config
+            .validate()
+            .expect_err("three zero fields and a NaN ratio");
+        assert_eq!(err.problems.len(), 4);
         let clamped = config.clamped();
         assert_eq!(clamped.validate(), Ok(()));
     }

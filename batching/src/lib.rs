@@ -6,7 +6,8 @@
 //! [`RejectReason::Overloaded`]) and ask it for a predicted completion to
 //! choose local or overflow. The device thread owns the [`Scheduler`], a
 //! sans-IO state machine handed `now`: it forms batches earliest deadline
-//! first under a rows and padded-tokens budget, dispatches by the rules of
+//! first under a rows and padded-tokens budget, grouping requests of similar
+//! sequence length where that pays ([`LengthGrouping`]), dispatches by the rules of
 //! [`DispatchReason`], drops requests that cannot meet their deadline or
 //! were cancelled ([`Ended`]), and fits a [`LatencyModel`] online from
 //! measured batches. Between polls the device thread sleeps on the
@@ -66,7 +67,7 @@ mod scheduler;
 pub mod sync;
 
 pub use admission::{Admission, AdmissionStats, InlineLease, RejectReason, Rejected};
-pub use config::{ConfigError, SchedulerConfig};
+pub use config::{ConfigError, LengthGrouping, SchedulerConfig};
 pub use doorbell::Doorbell;
 pub use latency::{Coefficients, DEFAULT_FORGETTING, LatencyModel, MAX_PREDICTION, Sample};
 pub use request::{BatchId, CancelToken, Cost, Request, RequestId};

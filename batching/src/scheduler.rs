@@ -17,6 +17,13 @@
 //! - within a priority, earliest deadline first (ties: admission order), and
 //!   the first request that would break the budget (rows or padded tokens)
 //!   ends the batch: no skipping ahead to a smaller one, so EDF order holds.
+//! - with [`length_grouping`](crate::SchedulerConfig::length_grouping), the
+//!   most urgent request anchors the batch, which takes in deadline order the
+//!   requests of similar sequence length and passes over the others, when the
+//!   latency model says that this costs less than the plain batch and leaves
+//!   every request passed over able to meet its deadline
+//!   ([`LengthGrouping`](crate::LengthGrouping)). A batch's requests are in
+//!   deadline order either way.
 //! - cancelled requests, and requests that would miss their deadline even if
 //!   dispatched now alone, are taken out as they are met in that order and
 //!   reported by [`drain_ended`](Scheduler::drain_ended).
@@ -24,11 +31,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::SchedulerConfig;
 use crate::admission::Admission;
 use crate::latency::LatencyModel;
-use crate::request::{BatchId, Request};
+use crate::request::{BatchId, Cost, Request};
 use crate::sync::Arc;
+use crate::{LengthGrouping, SchedulerConfig};
 
 /// Why a batch was dispatched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -163,6 +170,12 @@ pub struct SchedulerStats {
     pub cancelled: u64,
     /// Requests ended as [`Ended::DeadlineUnreachable`].
     pub deadline_unreachable: u64,
+    /// Batches formed by length grouping that differ from the plain
+    /// earliest-deadline-first batch ([`LengthGrouping`]).
+    pub grouped_batches: u64,
+    /// Times a request the plain batch would have taken was passed over by a
+    /// grouped batch.
+    pub passed_over: u64,
     /// Batches dispatched and not yet completed.
     pub in_flight: u32,
     /// Requests waiting for a batch (formation queues and lanes).
@@ -187,10 +200,18 @@ struct InFlight {
 /// Orders a formation queue: deadline, then admission order.
 type Key = (Instant, u64);
 
-/// The plan for the next batch of one priority.
+/// A request in a formation queue.
+#[derive(Debug)]
+struct Queued<T> {
+    req: Request<T>,
+    /// Grouped batches that passed it over while the plain batch would have
+    /// taken it.
+    skips: u32,
+}
+
+/// The plan for the next batch of one priority; its members' keys are in
+/// [`Scheduler::members`], in queue order.
 struct Plan {
-    /// Live requests at the front of the queue that form the batch.
-    take: usize,
     rows: u32,
     max_tokens: u32,
     padded_tokens: u32,
@@ -198,6 +219,74 @@ struct Plan {
     oldest_arrival: Instant,
     /// Nothing more can join.
     full: bool,
+    /// Formed by length grouping, and not the plain batch.
+    grouped: bool,
+}
+
+/// A batch being formed: rows, longest and shortest sequence.
+#[derive(Clone, Copy, Debug, Default)]
+struct Shape {
+    rows: u32,
+    max_tokens: u32,
+    min_tokens: u32,
+}
+
+impl Shape {
+    fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    fn padded(&self) -> u32 {
+        self.rows.saturating_mul(self.max_tokens)
+    }
+
+    /// The shape with `cost` added, if it stays within the budget.
+    fn with(&self, cost: Cost, config: &SchedulerConfig) -> Option<Shape> {
+        let rows = u64::from(self.rows) + u64::from(cost.rows);
+        let max_tokens = self.max_tokens.max(cost.tokens);
+        let padded = rows * u64::from(max_tokens);
+        let rows = u32::try_from(rows).ok()?;
+        let padded = u32::try_from(padded).ok()?;
+        if rows > config.max_batch_size || padded > config.max_batch_tokens {
+            return None;
+        }
+        let min_tokens = if self.is_empty() {
+            cost.tokens
+        } else {
+            self.min_tokens.min(cost.tokens)
+        };
+        Some(Shape {
+            rows,
+            max_tokens,
+            min_tokens,
+        })
+    }
+
+    /// Whether `tokens` keeps the longest within `ratio` × the shortest.
+    fn admits(&self, tokens: u32, ratio: f64) -> bool {
+        if self.is_empty() {
+            return true;
+        }
+        let longest = self.max_tokens.max(tokens);
+        let shortest = self.min_tokens.min(tokens);
+        f64::from(longest) <= ratio * f64::from(shortest)
+    }
+
+    fn used_up(&self, config: &SchedulerConfig) -> bool {
+        self.rows >= config.max_batch_size || self.padded() >= config.max_batch_tokens
+    }
+}
+
+/// One live request met while planning, in queue order, that the plain
+/// batch or the grouped one takes.
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    key: Key,
+    cost: Cost,
+    arrival: Instant,
+    skips: u32,
+    in_plain: bool,
+    in_group: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -216,7 +305,7 @@ pub struct Scheduler<T> {
     admission: Arc<Admission<T>>,
     latency: LatencyModel,
     /// Earliest-deadline-first queue per priority; bounded by lane occupancy.
-    queues: Vec<BTreeMap<Key, Request<T>>>,
+    queues: Vec<BTreeMap<Key, Queued<T>>>,
     next_seq: u64,
     next_batch: BatchId,
     in_flight: Vec<InFlight>,
@@ -226,6 +315,13 @@ pub struct Scheduler<T> {
     ended: Vec<Ended<T>>,
     /// Reused by `plan` to avoid an allocation per poll.
     scratch: Vec<(Key, EndKind)>,
+    /// Reused by `plan`: the requests the plain or grouped batch takes.
+    candidates: Vec<Candidate>,
+    /// The last plan's members, in queue order; `dispatch` takes them.
+    members: Vec<Key>,
+    /// The requests the last plan passes over that the plain batch would
+    /// have taken; `dispatch` counts a skip for each.
+    passed: Vec<Key>,
     stats: SchedulerStats,
 }
 
@@ -255,6 +351,9 @@ impl<T> Scheduler<T> {
             busy_until: None,
             ended: Vec::new(),
             scratch: Vec::new(),
+            candidates: Vec::new(),
+            members: Vec::new(),
+            passed: Vec::new(),
             stats: SchedulerStats::default(),
         }
     }
@@ -381,7 +480,7 @@ impl<T> Scheduler<T> {
         self.take_admitted();
         let mut out = Vec::with_capacity(self.queues.iter().map(BTreeMap::len).sum());
         for (lane, queue) in self.queues.iter_mut().enumerate() {
-            for (_, req) in std::mem::take(queue) {
+            for (_, Queued { req, .. }) in std::mem::take(queue) {
                 self.admission.release_work(lane, req.cost);
                 self.admission.release_slot(lane);
                 out.push(req);
@@ -441,19 +540,32 @@ impl<T> Scheduler<T> {
     fn take_admitted(&mut self) {
         for (lane, queue) in self.queues.iter_mut().enumerate() {
             while let Some(req) = self.admission.pop(lane) {
-                queue.insert((req.deadline, self.next_seq), req);
+                queue.insert((req.deadline, self.next_seq), Queued { req, skips: 0 });
                 self.next_seq = self.next_seq.wrapping_add(1);
             }
         }
     }
 
     /// Plans the next batch of `lane`, ending the cancelled and unreachable
-    /// requests met on the way; `None` if no live request is left.
+    /// requests met on the way; `None` if no live request is left. The
+    /// batch's members are left in `self.members`, the requests it passes
+    /// over in `self.passed`.
     fn plan(&mut self, lane: usize, now: Instant) -> Option<Plan> {
+        let grouping = self.config.length_grouping;
         let queue = self.queues.get_mut(lane)?;
         let mut doomed = std::mem::take(&mut self.scratch);
-        let mut plan: Option<Plan> = None;
-        for (key, req) in queue.iter() {
+        let mut candidates = std::mem::take(&mut self.candidates);
+        candidates.clear();
+        // The plain batch: the longest EDF prefix within the budget.
+        let mut plain = Shape::default();
+        let mut plain_open = true;
+        // The grouped batch: the anchor, then in EDF order the requests of
+        // similar length, until one of them breaks the budget.
+        let mut group = Shape::default();
+        let mut group_open = grouping.is_some();
+        let mut group_full = false;
+        for (key, queued) in queue.iter() {
+            let req = &queued.req;
             if req.cancel.is_cancelled() {
                 doomed.push((*key, EndKind::Cancelled));
                 continue;
@@ -468,37 +580,47 @@ impl<T> Scheduler<T> {
                 doomed.push((*key, EndKind::Unreachable));
                 continue;
             }
-            let Some(p) = plan.as_mut() else {
-                plan = Some(Plan {
-                    take: 1,
-                    rows: req.cost.rows,
-                    max_tokens: req.cost.tokens,
-                    padded_tokens: req.cost.padded_tokens(),
-                    earliest_deadline: req.deadline,
-                    oldest_arrival: req.arrival,
-                    full: false,
+            let mut in_plain = false;
+            if plain_open {
+                match plain.with(req.cost, &self.config) {
+                    Some(grown) => {
+                        plain = grown;
+                        in_plain = true;
+                    }
+                    None => plain_open = false,
+                }
+            }
+            let mut in_group = false;
+            if let Some(g) = grouping.filter(|_| group_open)
+                && group.admits(req.cost.tokens, g.max_length_ratio)
+            {
+                match group.with(req.cost, &self.config) {
+                    Some(grown) => {
+                        group = grown;
+                        in_group = true;
+                    }
+                    None => {
+                        group_open = false;
+                        group_full = true;
+                    }
+                }
+            }
+            if in_plain || in_group {
+                candidates.push(Candidate {
+                    key: *key,
+                    cost: req.cost,
+                    arrival: req.arrival,
+                    skips: queued.skips,
+                    in_plain,
+                    in_group,
                 });
-                continue;
-            };
-            let rows = u64::from(p.rows) + u64::from(req.cost.rows);
-            let max_tokens = p.max_tokens.max(req.cost.tokens);
-            let padded = rows * u64::from(max_tokens);
-            let (Ok(rows), Ok(padded)) = (u32::try_from(rows), u32::try_from(padded)) else {
-                p.full = true;
-                break;
-            };
-            if rows > self.config.max_batch_size || padded > self.config.max_batch_tokens {
-                p.full = true;
+            }
+            if !plain_open && !group_open {
                 break;
             }
-            p.take += 1;
-            p.rows = rows;
-            p.max_tokens = max_tokens;
-            p.padded_tokens = padded;
-            p.oldest_arrival = p.oldest_arrival.min(req.arrival);
         }
         for (key, kind) in doomed.drain(..) {
-            if let Some(req) = queue.remove(&key) {
+            if let Some(Queued { req, .. }) = queue.remove(&key) {
                 self.admission.release_work(lane, req.cost);
                 self.ended.push(match kind {
                     EndKind::Cancelled => {
@@ -513,14 +635,92 @@ impl<T> Scheduler<T> {
             }
         }
         self.scratch = doomed;
-        let mut plan = plan?;
-        // A used-up budget takes no one more, whoever is queued.
-        if plan.rows >= self.config.max_batch_size
-            || plan.padded_tokens >= self.config.max_batch_tokens
-        {
-            plan.full = true;
+        let grouped =
+            grouping.is_some_and(|g| self.grouping_pays(&candidates, plain, group, now, g));
+        self.members.clear();
+        self.passed.clear();
+        let mut earliest_deadline = None;
+        let mut oldest_arrival: Option<Instant> = None;
+        for c in &candidates {
+            let member = if grouped { c.in_group } else { c.in_plain };
+            if member {
+                self.members.push(c.key);
+                earliest_deadline.get_or_insert(c.key.0);
+                oldest_arrival = Some(oldest_arrival.map_or(c.arrival, |a| a.min(c.arrival)));
+            } else if grouped && c.in_plain {
+                self.passed.push(c.key);
+            }
         }
-        Some(plan)
+        self.candidates = candidates;
+        let (shape, full) = if grouped {
+            (group, group_full)
+        } else {
+            (plain, !plain_open)
+        };
+        Some(Plan {
+            rows: shape.rows,
+            max_tokens: shape.max_tokens,
+            padded_tokens: shape.padded(),
+            earliest_deadline: earliest_deadline?,
+            oldest_arrival: oldest_arrival?,
+            // A used-up budget takes no one more, whoever is queued.
+            full: full || shape.used_up(&self.config),
+            grouped,
+        })
+    }
+
+    /// Whether the grouped batch `group` should replace the plain one
+    /// `plain` (see [`LengthGrouping`]): they differ, the two batches' requests
+    /// are predicted to cost less grouped, and no request the grouped batch
+    /// passes over is pushed past its deadline or its skip bound.
+    fn grouping_pays(
+        &self,
+        candidates: &[Candidate],
+        plain: Shape,
+        group: Shape,
+        now: Instant,
+        grouping: LengthGrouping,
+    ) -> bool {
+        // The requests only one of the two batches takes.
+        let mut passed = Shape::default();
+        let mut reached = Shape::default();
+        for c in candidates {
+            let part = match (c.in_plain, c.in_group) {
+                (true, false) => &mut passed,
+                (false, true) => &mut reached,
+                _ => continue,
+            };
+            // Each part is a subset of a batch within the budget.
+            *part = part.with(c.cost, &self.config).unwrap_or(*part);
+        }
+        if passed.is_empty() && reached.is_empty() {
+            return false;
+        }
+        let time = |shape: Shape| {
+            if shape.is_empty() {
+                Duration::ZERO
+            } else {
+                self.latency.predict(shape.rows, shape.padded())
+            }
+        };
+        let grouped_first = time(group);
+        let grouped_total = grouped_first.saturating_add(time(passed));
+        let plain_total = time(plain).saturating_add(time(reached));
+        if grouped_total >= plain_total {
+            return false;
+        }
+        // The requests passed over run next, right after the grouped batch.
+        let start = self
+            .busy_until
+            .filter(|_| !self.in_flight.is_empty())
+            .map_or(now, |until| until.max(now));
+        let Some(next_done) = start.checked_add(grouped_total) else {
+            return false;
+        };
+        candidates
+            .iter()
+            .filter(|c| c.in_plain && !c.in_group)
+            .all(|c| c.skips < grouping.max_skips && next_done <= c.key.0)
     }
 
     fn dispatch(
@@ -530,17 +730,28 @@ impl<T> Scheduler<T> {
         now: Instant,
         reason: DispatchReason,
     ) -> Batch<T> {
-        let mut requests = Vec::with_capacity(plan.take);
+        let mut requests = Vec::with_capacity(self.members.len());
         if let Some(queue) = self.queues.get_mut(lane) {
-            for _ in 0..plan.take {
-                let Some((_, req)) = queue.pop_first() else {
-                    break;
+            for key in &self.members {
+                let Some(Queued { req, .. }) = queue.remove(key) else {
+                    continue;
                 };
                 self.admission.release_work(lane, req.cost);
                 self.admission.release_slot(lane);
                 requests.push(req);
             }
+            for key in &self.passed {
+                if let Some(queued) = queue.get_mut(key) {
+                    queued.skips = queued.skips.saturating_add(1);
+                }
+            }
         }
+        if plan.grouped {
+            self.stats.grouped_batches += 1;
+            self.stats.passed_over += self.passed.len() as u64;
+        }
+        self.members.clear();
+        self.passed.clear();
         let predicted = self.latency.predict(plan.rows, plan.padded_tokens);
         let id = self.next_batch;
         self.next_batch = self.next_batch.wrapping_add(1);

@@ -2,7 +2,8 @@
 //! deadline, cost, some invalid), cancellations, clock steps, polls and
 //! completions on a simulated device. Every admitted request must end exactly
 //! once (dispatched, ended, or handed back by shutdown); rejected ones never
-//! appear; batches never break the budget; lanes never exceed capacity.
+//! appear; batches never break the budget and keep deadline order; lanes
+//! never exceed capacity; with and without length grouping.
 // Scheduler state lives in loom types under `--cfg loom`; only tests/loom.rs
 // runs there.
 #![cfg(not(loom))]
@@ -15,7 +16,9 @@ use std::time::Duration;
 
 use common::*;
 use proptest::prelude::*;
-use quiver_batching::{CancelToken, Cost, LatencyModel, Poll, Request, Scheduler, SchedulerConfig};
+use quiver_batching::{
+    CancelToken, Cost, LatencyModel, LengthGrouping, Poll, Request, Scheduler, SchedulerConfig,
+};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -204,6 +207,7 @@ proptest! {
         max_in_flight in 1u32..4,
         capacity in 1usize..6,
         calibrated_model in any::<bool>(),
+        grouping in any::<bool>(),
     ) {
         let config = SchedulerConfig {
             max_batch_size: 8,
@@ -214,6 +218,7 @@ proptest! {
             max_in_flight,
             inline_below: Duration::from_micros(300),
             idle_spin: Duration::ZERO,
+            length_grouping: grouping.then(LengthGrouping::default),
         };
         let model = if calibrated_model { calibrated() } else { LatencyModel::new() };
         let clock = Clock::new();

@@ -94,7 +94,7 @@ pub struct RunArgs {
     /// Texts, one a line (with `--input text`); default: the built-in corpus.
     #[arg(long)]
     pub texts: Option<PathBuf>,
-    /// Words per built-in text: N, fixed:N or uniform:A-B.
+    /// Words per built-in text: N, fixed:N or uniform:A-B (also uniform:A:B).
     #[arg(long, default_value = "uniform:8-64")]
     pub text_len: String,
     /// Name of the BYTES text input.

@@ -23,7 +23,9 @@ use rand_chacha::ChaCha8Rng;
 pub enum InputsError {
     #[error("bad shape '{0}': give comma-separated positive integers, e.g. 1,16")]
     BadShape(String),
-    #[error("bad length distribution '{0}': give N, fixed:N or uniform:A-B (words, 1 <= A <= B)")]
+    #[error(
+        "bad length distribution '{0}': give N, fixed:N or uniform:A-B (or uniform:A:B; words, 1 <= A <= B)"
+    )]
     BadLength(String),
     #[error("cannot read texts from {path}: {source}")]
     ReadTexts {
@@ -68,7 +70,10 @@ impl FromStr for LengthDist {
         let bad = || InputsError::BadLength(s.into());
         let positive = |t: &str| t.trim().parse::<usize>().ok().filter(|&n| n > 0);
         if let Some(rest) = s.strip_prefix("uniform:") {
-            let (a, b) = rest.split_once('-').ok_or_else(bad)?;
+            let (a, b) = rest
+                .split_once('-')
+                .or_else(|| rest.split_once(':'))
+                .ok_or_else(bad)?;
             let (a, b) = (positive(a).ok_or_else(bad)?, positive(b).ok_or_else(bad)?);
             if a > b {
                 return Err(bad());
@@ -289,7 +294,12 @@ mod tests {
             "uniform:8-64".parse::<LengthDist>().unwrap(),
             LengthDist::Uniform(8, 64)
         );
+        assert_eq!(
+            "uniform:8:256".parse::<LengthDist>().unwrap(),
+            LengthDist::Uniform(8, 256)
+        );
         assert!("uniform:9-3".parse::<LengthDist>().is_err());
+        assert!("uniform:9".parse::<LengthDist>().is_err());
         assert!("fixed:0".parse::<LengthDist>().is_err());
     }
 

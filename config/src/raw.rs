@@ -63,6 +63,8 @@ pub(crate) struct RawModel {
     pub(crate) cpu_kernels: Option<bool>,
     pub(crate) precision: Option<String>,
     pub(crate) auto_truncate: Option<bool>,
+    pub(crate) length_grouping: Option<bool>,
+    pub(crate) max_length_ratio: Option<f64>,
     pub(crate) output_margin: Option<bool>,
     pub(crate) engine: Option<String>,
     pub(crate) max_batch_size: Option<i64>,

@@ -69,6 +69,8 @@ const DEFAULT_TIMEOUT_MS: Bound = Bound::new(1, 3_600_000);
 const MAX_IN_FLIGHT: Bound = Bound::new(1, 8);
 const INLINE_BELOW_US: Bound = Bound::new(0, 1000);
 const IDLE_SPIN_US: Bound = Bound::new(0, 1000);
+/// `max_length_ratio`: a grouped batch's longest over shortest length.
+const MAX_LENGTH_RATIO: std::ops::RangeInclusive<f64> = 1.0..=16.0;
 const UNHEALTHY_AFTER_FAILURES: Bound = Bound::new(1, 1000);
 const RATE_LIMIT_PER_SEC: Bound = Bound::new(0, 1 << 20);
 const RATE_LIMIT_BURST: Bound = Bound::new(1, 1 << 20);
@@ -465,6 +467,27 @@ fn convert_model(raw: RawModel, prefix: &str, errors: &mut Errors) -> (Model, Kn
             errors.push(at("auto_truncate"), "only for kind \"embedding\"");
         }
         model.auto_truncate = auto_truncate;
+    }
+    if let Some(length_grouping) = raw.length_grouping {
+        // Only the embedding model's requests carry token lengths; elsewhere
+        // every request is one token and there is nothing to group.
+        if known.kind && kind != ModelKind::Embedding {
+            errors.push(at("length_grouping"), "only for kind \"embedding\"");
+        }
+        model.length_grouping = length_grouping;
+    }
+    if let Some(ratio) = raw.max_length_ratio {
+        if known.kind && kind != ModelKind::Embedding {
+            errors.push(at("max_length_ratio"), "only for kind \"embedding\"");
+        }
+        if MAX_LENGTH_RATIO.contains(&ratio) {
+            model.max_length_ratio = ratio;
+        } else {
+            errors.push(
+                at("max_length_ratio"),
+                format!("must be in 1.0..=16.0, got {ratio}"),
+            );
+        }
     }
     if let Some(output_margin) = raw.output_margin {
         // Only tree models have a margin distinct from their output's transform.
@@ -1088,6 +1111,12 @@ fn check_model(model: &Model, prefix: &str, known: Known, errors: &mut Errors) {
     );
     errors.bounded_micros(&at("inline_below_us"), model.inline_below, INLINE_BELOW_US);
     errors.bounded_micros(&at("idle_spin_us"), model.idle_spin, IDLE_SPIN_US);
+    if !MAX_LENGTH_RATIO.contains(&model.max_length_ratio) {
+        errors.push(
+            at("max_length_ratio"),
+            format!("must be in 1.0..=16.0, got {}", model.max_length_ratio),
+        );
+    }
     if let Some(rate) = model.rate_limit_per_sec {
         errors.bounded(&at("rate_limit_per_sec"), rate.into(), RATE_LIMIT_PER_SEC);
     }

@@ -252,6 +252,8 @@ seed = 7
             cpu_kernels: true,
             precision: Precision::Fp32,
             auto_truncate: true,
+            length_grouping: false,
+            max_length_ratio: 2.0,
             output_margin: false,
             engine: OnnxEngine::Auto,
             max_batch_size: 8,
@@ -802,6 +804,44 @@ fn auto_truncate_is_an_embedding_knob_on_by_default() {
     let typed = errors(&format!("{embedding}auto_truncate = \"no\"\n"));
     assert_eq!(typed.len(), 1, "{typed:?}");
     assert_eq!(typed[0].path, "models[0].auto_truncate", "{typed:?}");
+}
+
+#[test]
+fn length_grouping_is_an_embedding_knob_with_a_bounded_ratio() {
+    let embedding = "[[models]]\nname = \"e\"\nkind = \"embedding\"\npath = \"/m\"\n";
+    let default = &Config::parse(embedding).unwrap().models[0];
+    assert!(!default.length_grouping);
+    assert!((default.max_length_ratio - 2.0).abs() < f64::EPSILON);
+    let set = Config::parse(&format!(
+        "{embedding}length_grouping = true\nmax_length_ratio = 1.5\n"
+    ))
+    .unwrap();
+    assert!(set.models[0].length_grouping);
+    assert!((set.models[0].max_length_ratio - 1.5).abs() < f64::EPSILON);
+    assert_eq!(
+        errors(&with_model(
+            "length_grouping = true\nmax_length_ratio = 3.0"
+        )),
+        vec![
+            error("models[0].length_grouping", "only for kind \"embedding\""),
+            error("models[0].max_length_ratio", "only for kind \"embedding\""),
+        ]
+    );
+    for (bad, shown) in [("0.5", "0.5"), ("17.0", "17"), ("nan", "NaN")] {
+        assert_eq!(
+            errors(&format!("{embedding}max_length_ratio = {bad}\n")),
+            vec![error(
+                "models[0].max_length_ratio",
+                &format!("must be in 1.0..=16.0, got {shown}"),
+            )],
+            "{bad}"
+        );
+    }
+    let whole = Config::parse(&format!("{embedding}max_length_ratio = 3\n")).unwrap();
+    assert!((whole.models[0].max_length_ratio - 3.0).abs() < f64::EPSILON);
+    let typed = errors(&format!("{embedding}max_length_ratio = \"2\"\n"));
+    assert_eq!(typed.len(), 1, "{typed:?}");
+    assert_eq!(typed[0].path, "models[0].max_length_ratio", "{typed:?}");
 }
 
 #[test]

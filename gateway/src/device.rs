@@ -125,6 +125,8 @@ struct InlineMetrics {
     batches: Counter,
     batch_size: Histogram,
     computed: Counter,
+    padded_tokens: Counter,
+    real_tokens: Counter,
     compute_seconds: crate::metrics::Latency,
     queue_seconds: crate::metrics::Latency,
 }
@@ -147,6 +149,8 @@ impl InlineMetrics {
                 .clone(),
             batch_size: metrics.batch_size.get_or_create(device).clone(),
             computed: metrics.computed.get_or_create(device).clone(),
+            padded_tokens: metrics.padded_tokens.get_or_create(device).clone(),
+            real_tokens: metrics.real_tokens.get_or_create(device).clone(),
             compute_seconds: metrics.compute_seconds.get_or_create(&model),
             queue_seconds: metrics.queue_seconds.get_or_create(&model),
         }
@@ -235,7 +239,7 @@ impl DeviceWorker {
                 let outputs = sets.pop().unwrap_or_default();
                 lease.finish(compute_time);
                 self.health.succeeded();
-                return Ok(self.record_inline(outputs, prepared.rows, compute_time));
+                return Ok(self.record_inline(outputs, prepared, compute_time));
             }
             Ok(Ok(sets)) => format!("model returned {} output sets for 1 request", sets.len()),
             Ok(Err(e)) => e.to_string(),
@@ -258,13 +262,18 @@ impl DeviceWorker {
     fn record_inline(
         &self,
         outputs: Vec<HostTensor>,
-        rows: u32,
+        prepared: &Prepared,
         compute_time: Duration,
     ) -> (Vec<HostTensor>, LocalBatch) {
+        let rows = prepared.rows;
         let m = &self.inline;
         m.batches.inc();
         m.batch_size.observe(1.0);
         m.computed.inc();
+        if let Some(tokens) = TokenCounts::of(std::slice::from_ref(prepared)) {
+            m.padded_tokens.inc_by(tokens.padded);
+            m.real_tokens.inc_by(tokens.real);
+        }
         m.compute_seconds.record(compute_time);
         m.queue_seconds.record(Duration::ZERO);
         (
@@ -331,6 +340,31 @@ struct DeviceLoop {
     /// With `max_in_flight` ≥ 2, the thread that runs `forward`: this
     /// thread forms, hands over and answers batches while it computes.
     executor: Option<Executor>,
+}
+
+/// A text batch's tokens as `forward` runs it: every row padded to the
+/// longest sequence of the batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TokenCounts {
+    /// Rows × the longest sequence.
+    padded: u64,
+    /// The rows' own sequence lengths, summed.
+    real: u64,
+}
+
+impl TokenCounts {
+    /// `None` for a batch without token ids (a model without a tokenizer).
+    fn of(batch: &[Prepared]) -> Option<TokenCounts> {
+        let rows = batch.iter().flat_map(|p| &p.token_ids);
+        let (count, real, longest) = rows.fold((0u64, 0u64, 0u64), |(n, sum, max), ids| {
+            let len = ids.len() as u64;
+            (n + 1, sum + len, max.max(len))
+        });
+        (real > 0).then_some(TokenCounts {
+            padded: count * longest,
+            real,
+        })
+    }
 }
 
 /// A batch handed to the executor thread.
@@ -681,6 +715,16 @@ impl DeviceLoop {
             .computed
             .get_or_create(&self.device)
             .inc_by(u64::from(size));
+        if let Some(tokens) = TokenCounts::of(&prepared) {
+            self.metrics
+                .padded_tokens
+                .get_or_create(&self.device)
+                .inc_by(tokens.padded);
+            self.metrics
+                .real_tokens
+                .get_or_create(&self.device)
+                .inc_by(tokens.real);
+        }
 
         let outputs = match result {
             Ok(Ok(outputs)) if outputs.len() == waiting.len() => outputs,
@@ -833,4 +877,35 @@ fn synthetic_inputs(
             HostTensor::new(spec.name.clone(), shape, data).map_err(|e| e.to_string())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(rows: &[usize]) -> Prepared {
+        let token_ids: Vec<Vec<u32>> = rows.iter().map(|&n| vec![7; n]).collect();
+        Prepared {
+            inputs: Vec::new(),
+            rows: u32::try_from(rows.len()).unwrap_or(u32::MAX),
+            tokens: u32::try_from(rows.iter().copied().max().unwrap_or(1)).unwrap_or(u32::MAX),
+            token_ids,
+            truncated: 0,
+        }
+    }
+
+    #[test]
+    fn token_counts_pad_every_row_to_the_batch_longest() {
+        // Three rows of 3, 10 and 4 tokens in two requests: 3 × 10 padded.
+        let batch = [text(&[3, 10]), text(&[4])];
+        assert_eq!(
+            TokenCounts::of(&batch),
+            Some(TokenCounts {
+                padded: 30,
+                real: 17
+            })
+        );
+        // A model without token ids counts nothing.
+        assert_eq!(TokenCounts::of(&[Prepared::rows(Vec::new(), 4)]), None);
+    }
 }

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
-use quiver_batching::{LatencyModel, Scheduler, SchedulerConfig};
+use quiver_batching::{LatencyModel, LengthGrouping, Scheduler, SchedulerConfig};
 use quiver_config::{Config, ModelControl, ModelKind};
 use quiver_kernels::sim::{ServiceTime, Simulated};
 use quiver_kernels::{Activation, Device, ModelSpec, OnnxEngine};
@@ -1077,6 +1077,13 @@ fn load_replica(
             m.inline_below
         },
         idle_spin: m.idle_spin,
+        // Only embedding models' requests have lengths (`length_grouping`
+        // is refused on other kinds); theirs are all one token, so the
+        // grouped batch would be the plain one anyway.
+        length_grouping: m.length_grouping.then(|| LengthGrouping {
+            max_length_ratio: m.max_length_ratio,
+            ..LengthGrouping::default()
+        }),
     };
     let mut latency = LatencyModel::new();
     let samples = device::calibrate(model.as_ref(), m.max_batch_size, 3)

@@ -463,6 +463,12 @@ pub struct Metrics {
     pub batch_size: Family<DeviceLabels, Histogram, fn() -> Histogram>,
     /// Requests computed on a device, by model.
     pub computed: Family<DeviceLabels, Counter>,
+    /// Text models: tokens a device computed, padding included (each
+    /// batch's rows × its longest sequence).
+    pub padded_tokens: Family<DeviceLabels, Counter>,
+    /// Text models: the tokens of the requests' own sequences in the same
+    /// batches; `padded_tokens / real_tokens` is the padding overhead.
+    pub real_tokens: Family<DeviceLabels, Counter>,
     /// Requests that ended in the scheduler without compute because their
     /// client cancelled them.
     pub cancelled_in_queue: Family<DeviceLabels, Counter>,
@@ -577,6 +583,18 @@ impl Metrics {
             "computed_requests",
             "Requests computed on a device",
             computed.clone(),
+        );
+        let padded_tokens = Family::<DeviceLabels, Counter>::default();
+        registry.register(
+            "padded_tokens",
+            "Text models: tokens computed, padding included (each batch's rows x its longest sequence)",
+            padded_tokens.clone(),
+        );
+        let real_tokens = Family::<DeviceLabels, Counter>::default();
+        registry.register(
+            "real_tokens",
+            "Text models: tokens of the requests' own sequences in the batches computed; quiver_padded_tokens_total / quiver_real_tokens_total is the padding overhead",
+            real_tokens.clone(),
         );
         let cancelled_in_queue = Family::<DeviceLabels, Counter>::default();
         registry.register(
@@ -732,6 +750,8 @@ impl Metrics {
             batches,
             batch_size,
             computed,
+            padded_tokens,
+            real_tokens,
             cancelled_in_queue,
             queue_depth,
             batches_in_flight,
