@@ -376,11 +376,12 @@ fn tile<S: Simd, const MR: usize, const V: usize>(
         MR <= MR_MAX && V <= NV && xs.iter().all(|x| x.len() == kc) && dst.len() <= MR,
         "tile: rows of a shorter than the weights' depth"
     );
-    // `acc` is only ever indexed by constants (loops of `MR` and `NV` steps, unrolled), so
-    // LLVM keeps it in registers; the rows that depend on `dst.len()` go through `buf`.
-    // Indexed by a loop bound that is not a constant, `acc` would live in memory, and every
-    // FMA of the inner loop would store it (half the speed).
-    let mut buf = [0.0f32; MR_MAX * NV * 16];
+    // `acc` is only ever indexed by constants (loops of `MR` and `V` steps, unrolled), so
+    // LLVM keeps it in registers. Indexed by a loop bound that is not a constant, `acc`
+    // would live in memory, and every FMA of the inner loop would store it (half the
+    // speed). So a full tile (`MR` rows, `NR` columns: nearly all of them) moves between
+    // `acc` and `dst` in constant loops, and a partial one goes through a stack buffer.
+    let full = dst.len() == MR && cols == nr;
     let mut acc = [[s.splat(0.0); V]; MR];
     match init {
         Init::Zero => {}
@@ -388,7 +389,11 @@ fn tile<S: Simd, const MR: usize, const V: usize>(
             let b: [S::V; V] = std::array::from_fn(|v| s.load(&b[v * l..]));
             acc = [b; MR];
         }
+        Init::Load if full => {
+            acc = std::array::from_fn(|r| std::array::from_fn(|v| s.load(&dst[r][col + v * l..])));
+        }
         Init::Load => {
+            let mut buf = [0.0f32; MR_MAX * NV * 16];
             for (r, row) in dst.iter().enumerate() {
                 buf[r * nr..][..cols].copy_from_slice(&row[col..col + cols]);
             }
@@ -407,6 +412,23 @@ fn tile<S: Simd, const MR: usize, const V: usize>(
             }
         }
     }
+    if full {
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, &a) in acc.iter().enumerate() {
+                s.store(&mut dst[r][col + v * l..], a);
+            }
+        }
+        if act == Activation::Gelu {
+            for row in dst.iter_mut() {
+                for v in 0..V {
+                    let x = s.load(&row[col + v * l..]);
+                    s.store(&mut row[col + v * l..], gelu(s, x));
+                }
+            }
+        }
+        return;
+    }
+    let mut buf = [0.0f32; MR_MAX * NV * 16];
     for (r, acc) in acc.iter().enumerate() {
         for (v, &a) in acc.iter().enumerate() {
             s.store(&mut buf[(r * V + v) * l..], a);
