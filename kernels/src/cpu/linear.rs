@@ -10,9 +10,10 @@
 //! accumulators before they are stored, so the output is written once.
 //!
 //! The loop nest is the usual one for a register-tiled product (as in BLIS and `gemm`):
-//! - a task owns `MC` rows of `a` (and of `dst`) and a range of column panels; tasks are
-//!   spread over rayon's pool (split by columns too when there are few rows, so a short
-//!   batch still uses every thread);
+//! - a task owns a block of at most `MC` rows of `a` (and of `dst`) and a range of column
+//!   panels; tasks are spread over rayon's pool (split by columns too when there are few
+//!   rows, so a short batch still uses every thread), equal and a multiple of the threads
+//!   in number where the shape allows (`super::split`);
 //! - the depth goes in blocks of `KC`: for each column panel (its `KC × NR` weights) the
 //!   task runs the micro-kernel on each `MR`-row tile of its rows, reading `a` in place
 //!   (no packed copy: see `Block::run`);
@@ -26,6 +27,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::simd::{Simd, WithSimd, dispatch, gelu};
+use super::split::Split;
 use super::{CpuKernelError, Isa};
 
 /// The largest [`nv`].
@@ -45,7 +47,7 @@ const fn mr(lanes: usize) -> usize {
 }
 /// The largest [`mr`].
 const MR_MAX: usize = 8;
-/// Rows of `a` per task (a multiple of every [`mr`]).
+/// The most rows of `a` per task (see `super::split`).
 const MC: usize = 48;
 /// Most depth per block. The depth is split into equal blocks of at most this (BERT's 384 is
 /// one block, its 1536 four); one panel's `KC × NR` weights stay in L2 across the row
@@ -193,23 +195,11 @@ impl PackedLinear {
             ));
         }
         let panels = n.div_ceil(self.nr);
-        let row_tasks = rows.div_ceil(MC);
-        // A few tasks per thread, so one slow thread does not hold the others up; split
-        // the columns when the rows alone do not make that many.
         let threads = rayon::current_num_threads().max(1);
-        let want = 4 * threads;
-        let col_tasks = if threads == 1 || row_tasks >= want {
-            1
-        } else {
-            want.div_ceil(row_tasks).min(panels)
-        };
-        let per_task = panels.div_ceil(col_tasks);
-        let col_tasks = panels.div_ceil(per_task);
+        let split = Split::new(rows, mr(lanes(self.isa)), MC, panels, threads);
         let out = DstPtr(dst.as_mut_ptr());
         let run = |t: usize| {
-            let (rt, ct) = (t / col_tasks, t % col_tasks);
-            let row_range = rt * MC..(rt * MC + MC).min(rows);
-            let panel_range = ct * per_task..(ct * per_task + per_task).min(panels);
+            let (row_range, panel_range) = split.task(t);
             let cols = panel_range.start * self.nr..(panel_range.end * self.nr).min(n);
             // SAFETY: tasks cover disjoint (row range × column range) rectangles of `dst`,
             // which is `rows × n` (checked above), so each row slice made here is in bounds
@@ -231,7 +221,7 @@ impl PackedLinear {
                 },
             );
         };
-        let tasks = row_tasks * col_tasks;
+        let tasks = split.tasks();
         if tasks == 1 || threads == 1 {
             (0..tasks).for_each(run);
         } else {

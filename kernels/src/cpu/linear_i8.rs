@@ -17,8 +17,8 @@
 //! the same order, so every kernel gives the scalar reference's output bit for bit
 //! (`kernels/tests/cpu_int8.rs`).
 //!
-//! Work is split over rayon's pool as [`PackedLinear::forward`] splits it: tasks of `MC`
-//! rows by a range of column panels.
+//! Work is split over rayon's pool as [`PackedLinear::forward`] splits it (`super::split`):
+//! equal blocks of at most `MC` rows by ranges of column panels.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -26,9 +26,10 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::quant::{Int8Isa, QuantizedRows, quantize_rows, quantize_weights};
+use super::split::Split;
 use super::{Activation, CpuKernelError, PackedLinear};
 
-/// Rows of `a` per task (a multiple of every kernel's tile rows, 6 and 8).
+/// The most rows of `a` per task (see `super::split`).
 const MC: usize = 48;
 /// Rows per parallel task of the GELU pass.
 const GELU_ROWS: usize = 16;
@@ -276,28 +277,20 @@ impl QuantizedLinear {
     fn run(&self, q: &QuantizedRows, rows: usize, out: Out) {
         let n = self.out_features;
         let panels = n.div_ceil(self.nr);
-        let row_tasks = rows.div_ceil(MC);
         let threads = rayon::current_num_threads().max(1);
-        let want = 4 * threads;
-        let col_tasks = if threads == 1 || row_tasks >= want {
-            1
-        } else {
-            want.div_ceil(row_tasks).min(panels)
-        };
-        let per_task = panels.div_ceil(col_tasks);
-        let col_tasks = panels.div_ceil(per_task);
+        let split = Split::new(rows, self.isa.mr(), MC, panels, threads);
         let task = |t: usize| {
-            let (rt, ct) = (t / col_tasks, t % col_tasks);
+            let (rows, panels) = split.task(t);
             let task = Task {
                 w: self,
                 q,
-                rows: rt * MC..(rt * MC + MC).min(rows),
-                panels: ct * per_task..(ct * per_task + per_task).min(panels),
+                rows,
+                panels,
                 out,
             };
             task.run();
         };
-        let tasks = row_tasks * col_tasks;
+        let tasks = split.tasks();
         if tasks == 1 || threads == 1 {
             (0..tasks).for_each(task);
         } else {

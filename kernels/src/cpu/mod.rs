@@ -46,6 +46,7 @@ mod matmul;
 mod quant;
 mod simd;
 mod softmax;
+mod split;
 
 use candle_core::{DType, Device, Storage, Tensor};
 
