@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 
 use crate::error::DecodeError;
 use crate::json::{
-    parameters_from_json, parameters_to_json, tensor_from_json, tensor_header, tensor_to_json,
+    TensorJson, parameters_from_json, parameters_to_json, tensor_from_json, tensor_header,
 };
 use crate::proto::InferParameter;
 use crate::tensor::HostTensor;
@@ -226,14 +226,20 @@ fn binary_description(t: &HostTensor) -> (Value, Vec<u8>) {
 
 /// Joins a JSON header and raw tensors into a body; the header's length
 /// when there are raw tensors (for [`HEADER_CONTENT_LENGTH`]).
-fn join(head: Value, raw: Vec<Vec<u8>>) -> (Vec<u8>, Option<usize>) {
-    let head = head.to_string();
+fn join(head: &impl serde::Serialize, raw: Vec<Vec<u8>>) -> (Vec<u8>, Option<usize>) {
+    // Only a map with keys that are not strings, or a failing `Serialize` impl, makes
+    // serde_json fail; the headers here have neither. Were one added, the body says so.
+    let head = serde_json::to_vec(head).unwrap_or_else(|e| {
+        serde_json::json!({ "error": format!("encoding the response: {e}") })
+            .to_string()
+            .into_bytes()
+    });
     if raw.is_empty() {
-        return (head.into_bytes(), None);
+        return (head, None);
     }
     let json_len = head.len();
     let mut body = Vec::with_capacity(json_len + raw.iter().map(Vec::len).sum::<usize>());
-    body.extend_from_slice(head.as_bytes());
+    body.extend_from_slice(&head);
     for r in &raw {
         body.extend_from_slice(r);
     }
@@ -255,7 +261,7 @@ pub fn encode_request(
         map.insert("binary_data_output".into(), Value::Bool(true));
     }
     let (body, json_len) = join(
-        json!({ "id": id, "inputs": described, "parameters": params }),
+        &json!({ "id": id, "inputs": described, "parameters": params }),
         raw,
     );
     // With no inputs there is no binary part; the header is the whole body.
@@ -285,22 +291,41 @@ pub fn encode_response(
     for t in outputs {
         if binary.contains(&t.name) {
             let (d, r) = binary_description(t);
-            described.push(d);
+            described.push(Described::Binary(d));
             raw.push(r);
         } else {
-            described.push(tensor_to_json(t));
+            described.push(Described::Json(TensorJson(t)));
         }
     }
     join(
-        json!({
-            "model_name": head.model_name,
-            "model_version": head.model_version,
-            "id": head.id,
-            "parameters": parameters_to_json(head.parameters),
-            "outputs": described,
-        }),
+        &ResponseJson {
+            model_name: head.model_name,
+            model_version: head.model_version,
+            id: head.id,
+            parameters: parameters_to_json(head.parameters),
+            outputs: described,
+        },
         raw,
     )
+}
+
+/// A response's JSON header: written straight to text, so that its JSON tensors skip
+/// [`Value`] (see [`TensorJson`]).
+#[derive(serde::Serialize)]
+struct ResponseJson<'a> {
+    model_name: &'a str,
+    model_version: &'a str,
+    id: &'a str,
+    parameters: Value,
+    outputs: Vec<Described<'a>>,
+}
+
+/// An output in the header: a binary tensor's description, or a tensor with its data.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Described<'a> {
+    Binary(Value),
+    Json(TensorJson<'a>),
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value, json};
 
 use crate::error::DecodeError;
@@ -143,6 +144,49 @@ pub fn f32_to_json(f: f32) -> Value {
         .ok()
         .and_then(serde_json::Number::from_f64)
         .map_or(Value::Null, Value::Number)
+}
+
+/// A tensor as KServe v2 JSON with flat `data`, serialized straight to text: the same
+/// document as [`tensor_to_json`] without the [`Value`] in between. `Value` keeps numbers as
+/// f64, so [`f32_to_json`] finds each f32's shortest decimal by printing it and parsing that
+/// back; for a response of 16 embeddings (6,144 floats) that cost ~1 ms of the gateway's CPU.
+/// Here each f32 goes to serde_json's own shortest f32 form (a NaN or infinity is `null`).
+#[derive(Debug, Clone, Copy)]
+pub struct TensorJson<'a>(pub &'a HostTensor);
+
+impl Serialize for TensorJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let t = self.0;
+        let mut m = s.serialize_map(Some(4))?;
+        m.serialize_entry("name", &t.name)?;
+        m.serialize_entry("datatype", t.datatype().as_str())?;
+        m.serialize_entry("shape", &t.shape)?;
+        match &t.data {
+            TensorData::Bool(v) => m.serialize_entry("data", v)?,
+            TensorData::U8(v) => m.serialize_entry("data", v)?,
+            TensorData::U16(v) => m.serialize_entry("data", v)?,
+            TensorData::U32(v) => m.serialize_entry("data", v)?,
+            TensorData::U64(v) => m.serialize_entry("data", v)?,
+            TensorData::I8(v) => m.serialize_entry("data", v)?,
+            TensorData::I16(v) => m.serialize_entry("data", v)?,
+            TensorData::I32(v) => m.serialize_entry("data", v)?,
+            TensorData::I64(v) => m.serialize_entry("data", v)?,
+            TensorData::F32(v) => m.serialize_entry("data", v)?,
+            // As `json!` would write an f64: non-finite values are `null`.
+            TensorData::F64(v) => m.serialize_entry("data", v)?,
+            TensorData::Bytes(v) => m.serialize_entry("data", &LossyStrings(v))?,
+        }
+        m.end()
+    }
+}
+
+/// Byte strings as JSON strings, invalid UTF-8 replaced (as [`tensor_to_json`] writes them).
+struct LossyStrings<'a>(&'a [Vec<u8>]);
+
+impl Serialize for LossyStrings<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|b| String::from_utf8_lossy(b)))
+    }
 }
 
 /// Encodes a tensor as KServe v2 JSON with flat `data`.
@@ -321,6 +365,84 @@ mod tests {
             assert!(
                 significant(&text).len() <= significant(&shortest).len(),
                 "{f:e}: {text} against {shortest}"
+            );
+        }
+    }
+
+    #[test]
+    fn tensor_json_writes_what_tensor_to_json_builds() {
+        let text = |t: &HostTensor| serde_json::to_string(&TensorJson(t)).expect("serializes");
+        let cases = [
+            TensorData::Bool(vec![true, false]),
+            TensorData::U8(vec![0, 255]),
+            TensorData::U16(vec![1, 65535]),
+            TensorData::U32(vec![7, u32::MAX]),
+            TensorData::U64(vec![u64::MAX, 0]),
+            TensorData::I8(vec![-128, 127]),
+            TensorData::I16(vec![-1, 2]),
+            TensorData::I32(vec![i32::MIN, 3]),
+            TensorData::I64(vec![i64::MIN, i64::MAX]),
+            TensorData::F64(vec![0.1, f64::NAN]),
+            TensorData::Bytes(vec![b"caf\xc3\xa9".to_vec(), b"\xff\x00".to_vec()]),
+        ];
+        for data in cases {
+            let t = HostTensor::new("t", vec![2], data).expect("valid tensor");
+            let written: Value = serde_json::from_str(&text(&t)).expect("JSON");
+            assert_eq!(written, tensor_to_json(&t), "{t:?}");
+        }
+        // f32: the same document, each number reading back as the same f32 in no more
+        // significant digits than the `Value` path writes; NaN and infinities are null.
+        let mut x = 0x1234_5678u32;
+        let floats: Vec<f32> = (0..10_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                f32::from_bits(x)
+            })
+            .chain([
+                0.1,
+                -0.0,
+                f32::NAN,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::MIN_POSITIVE,
+            ])
+            .collect();
+        let t = HostTensor::new(
+            "e",
+            vec![2, floats.len() / 2],
+            TensorData::F32(floats.clone()),
+        )
+        .expect("valid tensor");
+        let written = text(&t);
+        let v: Value = serde_json::from_str(&written).expect("JSON");
+        let built = tensor_to_json(&t);
+        for key in ["name", "datatype", "shape"] {
+            assert_eq!(v[key], built[key]);
+        }
+        let numbers = written
+            .split_once("\"data\":[")
+            .and_then(|(_, d)| d.strip_suffix("]}"))
+            .expect("a data array")
+            .split(',');
+        let built = built["data"].as_array().expect("an array");
+        assert_eq!(v["data"].as_array().map(Vec::len), Some(floats.len()));
+        for ((f, number), b) in floats.iter().zip(numbers).zip(built) {
+            if !f.is_finite() {
+                assert_eq!(number, "null");
+                continue;
+            }
+            let back: f64 = number.parse().expect("a JSON number");
+            assert_eq!(
+                (back as f32).to_bits(),
+                f.to_bits(),
+                "{f:e} written as {number}"
+            );
+            let b = b.to_string();
+            assert!(
+                significant(number).len() <= significant(&b).len(),
+                "{number} against {b}"
             );
         }
     }
