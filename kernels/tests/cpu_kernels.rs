@@ -479,6 +479,8 @@ fn attention_matches_reference_on_every_isa() {
         // Query blocks that end in a group of 4 rows and single rows after groups of 8.
         (1, 2, 15, 15, 8),
         (2, 3, 14, 14, 16),
+        // Heads that split into unequal groups (of 2, 2 and 1 on two threads).
+        (1, 5, 7, 7, 8),
     ];
     for isa in Isa::available() {
         for (batch, heads, q_len, kv_len, head_dim) in shapes {

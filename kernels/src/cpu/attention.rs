@@ -5,8 +5,8 @@
 //! Stock candle-transformers BERT transposes Q, K and V to `[batch, heads, seq, d]` (three
 //! copies), runs two batched matrix products of tiny matrices (11 × 32 × 11 for a short
 //! sentence), five element-wise softmax ops and a transpose back. Here one task per
-//! (sequence, block of queries) does all heads in cache: it packs `Kᵀ` of all heads once
-//! (`hidden × seq`, zero-padded to two vector widths), computes six query rows of scores against
+//! (sequence, group of heads) does its heads in cache: it packs their `Kᵀ` once
+//! (`heads × d × seq`, zero-padded to two vector widths), computes six query rows of scores against
 //! two vectors of keys at a time (twelve independent FMA chains sharing each pair of `Kᵀ`
 //! loads), applies the softmax in place, and accumulates `P V` the same way.
 
@@ -169,47 +169,84 @@ fn attention_strided(
             batch * kv_len
         ));
     }
-    // Enough tasks for every thread even at batch 1, in blocks of whole `ROWS` groups.
+    // One task per (sequence, group of heads): enough groups that a short batch still gives
+    // every thread two tasks. A task packs `Kᵀ` and `V` of its own heads only; cut by blocks
+    // of queries instead, every task of a sequence packed all of them again (at 128 tokens
+    // and batch 1, a fifth of the attention's time).
     let threads = rayon::current_num_threads().max(1);
-    let blocks_per_seq = (2 * threads).div_ceil(batch).max(1);
-    let q_block = q_len
-        .div_ceil(blocks_per_seq)
-        .next_multiple_of(ROWS)
-        .min(q_len);
+    let groups = (2 * threads).div_ceil(batch).clamp(1, heads);
+    let per_group = heads.div_ceil(groups);
+    let groups = heads.div_ceil(per_group);
     #[allow(clippy::cast_precision_loss)]
     let scale = 1.0 / (head_dim as f32).sqrt();
-    out.par_chunks_mut(q_len * hidden)
-        .enumerate()
-        .for_each(|(b, out_seq)| {
-            out_seq
-                .par_chunks_mut(q_block * hidden)
-                .enumerate()
-                .for_each(|(blk, out)| {
-                    let q0 = blk * q_block;
-                    let seq_q = &q[(b * q_len + q0) * ld..];
-                    dispatch(
-                        isa,
-                        AttentionBlock {
-                            shape,
-                            scale,
-                            q: seq_q,
-                            k: &k[b * kv_len * ld..],
-                            v: &v[b * kv_len * ld..],
-                            ld,
-                            mask: mask.map(|m| &m[b * kv_len..][..kv_len]),
-                            out,
-                        },
-                    );
-                });
-        });
+    let base = OutPtr(out.as_mut_ptr());
+    let task = |t: usize| {
+        let (b, g) = (t / groups, t % groups);
+        let first = g * per_group;
+        let heads = first..(first + per_group).min(heads);
+        let cols = heads.start * head_dim..heads.end * head_dim;
+        // SAFETY: `out` is `batch × q_len × hidden` (checked above); task (b, g) makes slices
+        // of rows `b × q_len ..` and columns `cols` only, so no two tasks' slices overlap, and
+        // `out`'s borrow outlives the parallel loop.
+        let mut rows: Vec<&mut [f32]> = (0..q_len)
+            .map(|r| unsafe {
+                std::slice::from_raw_parts_mut(
+                    base.at((b * q_len + r) * hidden + cols.start),
+                    cols.len(),
+                )
+            })
+            .collect();
+        dispatch(
+            isa,
+            AttentionBlock {
+                shape,
+                heads,
+                scale,
+                q: &q[b * q_len * ld..],
+                k: &k[b * kv_len * ld..],
+                v: &v[b * kv_len * ld..],
+                ld,
+                mask: mask.map(|m| &m[b * kv_len..][..kv_len]),
+                out: &mut rows,
+            },
+        );
+    };
+    if batch * groups == 1 || threads == 1 {
+        (0..batch * groups).for_each(task);
+    } else {
+        (0..batch * groups).into_par_iter().for_each(task);
+    }
     Ok(())
 }
 
-/// One task: `rows = out.len() / hidden` queries of one sequence, all heads.
+/// `out`'s base pointer, shared by the tasks (each writes its own sequence's head columns).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+impl OutPtr {
+    /// The element `offset` past the base (a method, so closures capture the whole `Sync`
+    /// wrapper, not its raw field).
+    ///
+    /// # Safety
+    ///
+    /// `offset` is within `out`.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: the caller keeps `offset` within `out`.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+// SAFETY: the tasks that share it write disjoint parts of `out` (see `attention_strided`).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// One task: every query of one sequence, for a range of heads.
 struct AttentionBlock<'a> {
     shape: AttentionShape,
+    heads: std::ops::Range<usize>,
     scale: f32,
-    /// `rows` rows of `hidden`, `ld` apart.
+    /// `q_len` rows of `hidden`, `ld` apart.
     q: &'a [f32],
     /// `kv_len` rows of `hidden`, `ld` apart.
     k: &'a [f32],
@@ -219,8 +256,8 @@ struct AttentionBlock<'a> {
     ld: usize,
     /// `[kv_len]`.
     mask: Option<&'a [f32]>,
-    /// `[rows, hidden]`.
-    out: &'a mut [f32],
+    /// `q_len` rows: each the output's columns of `heads`.
+    out: &'a mut [&'a mut [f32]],
 }
 
 impl WithSimd for AttentionBlock<'_> {
@@ -229,13 +266,13 @@ impl WithSimd for AttentionBlock<'_> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, s: S) {
         let AttentionShape {
-            heads,
             kv_len,
             head_dim: d,
             ..
         } = self.shape;
-        let hidden = self.shape.hidden();
-        let rows = self.out.len() / hidden;
+        let rows = self.out.len();
+        let (first, heads) = (self.heads.start, self.heads.len());
+        let (c0, cols) = (first * d, heads * d);
         let kv_pad = kv_len.next_multiple_of(2 * S::LANES);
         // Scores bias per key: the mask, and -inf on the padding so it gets probability 0.
         let mut bias = vec![f32::NEG_INFINITY; kv_pad];
@@ -243,41 +280,40 @@ impl WithSimd for AttentionBlock<'_> {
             Some(m) => bias[..kv_len].copy_from_slice(m),
             None => bias[..kv_len].fill(0.0),
         }
-        // Kᵀ of every head, `[hidden, kv_pad]` (head h is rows h × d ..), in one pass that
-        // reads each key row front to back: per head, the reads would jump a whole row of
-        // `qkv` for every 32 floats.
+        // Kᵀ of the task's heads, `[cols, kv_pad]` (its head h is rows h × d ..), in one pass
+        // that reads each key row front to back: per head, the reads would jump a whole row
+        // of `qkv` for every 32 floats.
         // Eight keys at a time, so each row of Kᵀ gets eight consecutive floats per visit.
-        let mut kt_all = vec![0.0f32; hidden * kv_pad];
+        let mut kt_all = vec![0.0f32; cols * kv_pad];
         for j0 in (0..kv_len).step_by(8) {
             let keys = (kv_len - j0).min(8);
-            let rows = &self.k[j0 * self.ld..];
+            let rows = &self.k[j0 * self.ld + c0..];
             for (hc, kt) in kt_all.chunks_exact_mut(kv_pad).enumerate() {
                 for (jj, t) in kt[j0..j0 + keys].iter_mut().enumerate() {
                     *t = rows[jj * self.ld + hc];
                 }
             }
         }
-        // V of every head, `[heads, kv_len, d]`: each head's values contiguous, not a row of
-        // `qkv` (one page) apart.
-        let mut v_all = vec![0.0f32; heads * kv_len * d];
+        // V of the task's heads, `[heads, kv_len, d]`: each head's values contiguous, not a
+        // row of `qkv` (one page) apart.
+        let mut v_all = vec![0.0f32; cols * kv_len];
         for j in 0..kv_len {
-            let row = &self.v[j * self.ld..][..hidden];
+            let row = &self.v[j * self.ld + c0..][..cols];
             for (h, src) in row.chunks_exact(d).enumerate() {
                 v_all[(h * kv_len + j) * d..][..d].copy_from_slice(src);
             }
         }
         let mut scores = vec![0.0f32; ROWS * kv_pad];
         for h in 0..heads {
-            let col = h * d;
-            let kt = &kt_all[col * kv_pad..][..d * kv_pad];
+            let kt = &kt_all[h * d * kv_pad..][..d * kv_pad];
             let v = &v_all[h * kv_len * d..][..kv_len * d];
             let head = Head {
                 s,
                 d,
                 kv_len,
                 kv_pad,
-                col,
-                hidden,
+                col: c0 + h * d,
+                out_col: h * d,
                 ld: self.ld,
                 scale: self.scale,
             };
@@ -305,8 +341,10 @@ struct Head<S> {
     d: usize,
     kv_len: usize,
     kv_pad: usize,
+    /// The head's first column in `q`.
     col: usize,
-    hidden: usize,
+    /// The head's first column in the task's output rows.
+    out_col: usize,
     ld: usize,
     scale: f32,
 }
@@ -323,7 +361,7 @@ impl<S: Simd> Head<S> {
         bias: &[f32],
         v: &[f32],
         scores: &mut [f32],
-        out: &mut [f32],
+        out: &mut [&mut [f32]],
     ) {
         let Head {
             s,
@@ -331,7 +369,7 @@ impl<S: Simd> Head<S> {
             kv_len,
             kv_pad,
             col,
-            hidden,
+            out_col,
             ld,
             scale,
         } = *self;
@@ -383,7 +421,7 @@ impl<S: Simd> Head<S> {
                 }
             }
             for (r, a) in acc.iter().enumerate() {
-                let o = &mut out[(r0 + r) * hidden + col + c0..][..width];
+                let o = &mut out[r0 + r][out_col + c0..][..width];
                 if width == 2 * l {
                     s.store(o, a[0]);
                     s.store(&mut o[l..], a[1]);
