@@ -7,7 +7,7 @@
 //! | --- | --- |
 //! | query, key, value: three `Linear`s (matmul + single-threaded bias-add each) | one [`PackedLinear`] on the stacked weights, the bias as the accumulators' start |
 //! | `transpose_for_scores` ×3, `matmul`, `/ √d`, `broadcast_add(mask)`, `softmax`, `matmul`, transpose back | [`super::attention_packed_slice`] |
-//! | output dense bias-add + residual add + `LayerNorm` (3 passes) | [`PackedLinear`] + [`super::add_layer_norm_slice`] |
+//! | output dense bias-add + residual add + `LayerNorm` (3 passes) | [`PackedLinear`] whose tasks normalize each block of rows as they finish it (bias, residual and norm in one pass; [`super::add_layer_norm_slice`] after the product when a short batch splits rows by columns) |
 //! | intermediate bias-add + `gelu_erf` | [`PackedLinear`] with the bias and GELU applied before the store |
 //!
 //! Each op of `BertModel` allocates its output tensor (about 50 per forward); here one
@@ -19,6 +19,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
 
+use super::linear::AddNorm;
 use super::linear_i8::BertLinear;
 use super::{Activation, AttentionShape, Int8Isa, Isa, PackedLinear, Precision, QuantizedLinear};
 
@@ -342,8 +343,14 @@ impl CpuBert {
         for l in &self.layers {
             l.qkv.forward(&x, qkv, n, Activation::Identity)?;
             super::attention_packed_slice(isa, shape, qkv, mask.as_deref(), ctx)?;
-            l.out.forward(ctx, sum, n, Activation::Identity)?;
-            super::add_layer_norm_slice(isa, sum, &x, &l.out_b, &l.ln1.0, &l.ln1.1, self.eps, x1)?;
+            let norm = AddNorm {
+                residual: &x,
+                x_bias: &l.out_b,
+                weight: &l.ln1.0,
+                bias: &l.ln1.1,
+                eps: self.eps,
+            };
+            l.out.forward_add_norm(isa, ctx, sum, n, norm, x1)?;
             // The feed-forward block by blocks of rows, so its widest activation (4 × hidden
             // per row) stays one block's worth.
             for ((x1, sum), x) in x1
@@ -354,10 +361,14 @@ impl CpuBert {
                 let rows = x1.len() / h;
                 let inter = &mut inter[..rows * self.intermediate];
                 l.inter.forward(x1, inter, rows, Activation::Gelu)?;
-                l.down.forward(inter, sum, rows, Activation::Identity)?;
-                super::add_layer_norm_slice(
-                    isa, sum, x1, &l.down_b, &l.ln2.0, &l.ln2.1, self.eps, x,
-                )?;
+                let norm = AddNorm {
+                    residual: x1,
+                    x_bias: &l.down_b,
+                    weight: &l.ln2.0,
+                    bias: &l.ln2.1,
+                    eps: self.eps,
+                };
+                l.down.forward_add_norm(isa, inter, sum, rows, norm, x)?;
             }
         }
         if scratch.floats() <= SCRATCH_KEEP_FLOATS

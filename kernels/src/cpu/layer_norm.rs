@@ -122,6 +122,32 @@ pub fn add_layer_norm(
     Ok(())
 }
 
+/// [`add_layer_norm`] on the calling thread, for rows that one task of a product has just
+/// written (see `PackedLinear::forward_add_norm`); the caller has checked the lengths.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_layer_norm_rows(
+    isa: Isa,
+    x: &[f32],
+    residual: &[f32],
+    x_bias: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+    out: &mut [f32],
+) {
+    dispatch(
+        isa,
+        LayerNormRows {
+            x,
+            residual: Some((residual, x_bias)),
+            out,
+            weight,
+            bias,
+            eps,
+        },
+    );
+}
+
 struct LayerNormRows<'a> {
     x: &'a [f32],
     /// For [`add_layer_norm`]: the residual (as long as `x`) and the bias of `x`.

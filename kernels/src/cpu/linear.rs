@@ -183,6 +183,90 @@ impl PackedLinear {
         rows: usize,
         act: Activation,
     ) -> Result<(), CpuKernelError> {
+        self.check(a, dst, rows)?;
+        let split = self.split(rows);
+        self.run(a, dst, act, split, None);
+        Ok(())
+    }
+
+    /// The end of a BERT sub-layer in one call: `dst = a · wᵀ` (+ the bias, if any), then
+    /// `out = layer_norm(dst + norm.x_bias + norm.residual)` as `add_layer_norm`.
+    /// Where each task owns whole rows (every product but the shortest), it normalizes its
+    /// rows as soon as it has computed them, while they are in its cache, and the norm needs
+    /// no parallel step of its own.
+    ///
+    /// # Errors
+    ///
+    /// As [`PackedLinear::forward`], and [`CpuKernelError::Shape`] when `out` or
+    /// `norm.residual` differ from `dst` in length or a vector of `norm` from
+    /// `out_features`.
+    pub(crate) fn forward_add_norm(
+        &self,
+        a: &[f32],
+        dst: &mut [f32],
+        rows: usize,
+        norm: AddNorm<'_>,
+        out: &mut [f32],
+    ) -> Result<(), CpuKernelError> {
+        let n = self.out_features;
+        if out.len() != dst.len()
+            || norm.residual.len() != dst.len()
+            || [norm.x_bias, norm.weight, norm.bias]
+                .iter()
+                .any(|v| v.len() != n)
+        {
+            return Err(CpuKernelError::shape(
+                "PackedLinear::forward_add_norm",
+                format!(
+                    "dst has {} elements, out {}, residual {}; bias, weight and norm bias {:?}; {n} outputs",
+                    dst.len(),
+                    out.len(),
+                    norm.residual.len(),
+                    [norm.x_bias.len(), norm.weight.len(), norm.bias.len()]
+                ),
+            ));
+        }
+        let split = self.split(rows);
+        if split.col_tasks() > 1 {
+            self.forward(a, dst, rows, Activation::Identity)?;
+            let AddNorm {
+                residual,
+                x_bias,
+                weight,
+                bias,
+                eps,
+            } = norm;
+            return super::add_layer_norm_slice(
+                self.isa, dst, residual, x_bias, weight, bias, eps, out,
+            );
+        }
+        self.check(a, dst, rows)?;
+        let isa = self.isa;
+        let base = DstPtr(out.as_mut_ptr());
+        let then = |range: Range<usize>, done: &[f32]| {
+            // SAFETY: `out` is as long as `dst` (checked above), and the task that calls this
+            // owns rows `range` of both alone (whole rows: one column task).
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(base.at(range.start * n), range.len() * n)
+            };
+            super::layer_norm::add_layer_norm_rows(
+                isa,
+                done,
+                &norm.residual[range.start * n..range.end * n],
+                norm.x_bias,
+                norm.weight,
+                norm.bias,
+                norm.eps,
+                out,
+            );
+        };
+        self.run(a, dst, Activation::Identity, split, Some(&then));
+        Ok(())
+    }
+
+    /// [`CpuKernelError::Shape`] unless `a` is `rows × in_features` and `dst` `rows ×
+    /// out_features`, `rows > 0`.
+    fn check(&self, a: &[f32], dst: &[f32], rows: usize) -> Result<(), CpuKernelError> {
         let (n, k) = (self.out_features, self.in_features);
         if rows == 0 || a.len() != rows * k || dst.len() != rows * n {
             return Err(CpuKernelError::shape(
@@ -194,16 +278,38 @@ impl PackedLinear {
                 ),
             ));
         }
-        let panels = n.div_ceil(self.nr);
+        Ok(())
+    }
+
+    /// How a product of `rows` is cut into tasks on the current pool.
+    fn split(&self, rows: usize) -> Split {
+        let panels = self.out_features.div_ceil(self.nr);
         let threads = rayon::current_num_threads().max(1);
-        let split = Split::new(rows, mr(lanes(self.isa)), MC, panels, threads);
+        Split::new(rows, mr(lanes(self.isa)), MC, panels, threads)
+    }
+
+    /// Runs the product's tasks over rayon's pool (shapes checked by the caller); `then`,
+    /// given only when every task owns whole rows, gets each task's rows of `dst` once
+    /// they are done.
+    #[allow(clippy::type_complexity)]
+    fn run(
+        &self,
+        a: &[f32],
+        dst: &mut [f32],
+        act: Activation,
+        split: Split,
+        then: Option<&(dyn Fn(Range<usize>, &[f32]) + Sync)>,
+    ) {
+        debug_assert!(then.is_none() || split.col_tasks() == 1);
+        let (n, k) = (self.out_features, self.in_features);
         let out = DstPtr(dst.as_mut_ptr());
         let run = |t: usize| {
             let (row_range, panel_range) = split.task(t);
             let cols = panel_range.start * self.nr..(panel_range.end * self.nr).min(n);
             // SAFETY: tasks cover disjoint (row range × column range) rectangles of `dst`,
-            // which is `rows × n` (checked above), so each row slice made here is in bounds
-            // and no two live slices overlap; `dst`'s borrow outlives the parallel loop.
+            // which is `rows × n` (checked by the caller), so each row slice made here is in
+            // bounds and no two live slices overlap; `dst`'s borrow outlives the parallel
+            // loop.
             let mut dst_rows: Vec<&mut [f32]> = row_range
                 .clone()
                 .map(|r| unsafe {
@@ -220,15 +326,35 @@ impl PackedLinear {
                     act,
                 },
             );
+            drop(dst_rows);
+            if let Some(then) = then {
+                // SAFETY: with `then` every task owns whole rows (one column task), so rows
+                // `row_range` of `dst` are this task's alone, and its mutable slices of them
+                // are gone.
+                let done = unsafe {
+                    std::slice::from_raw_parts(out.at(row_range.start * n), row_range.len() * n)
+                };
+                then(row_range, done);
+            }
         };
         let tasks = split.tasks();
-        if tasks == 1 || threads == 1 {
+        if tasks == 1 || rayon::current_num_threads() <= 1 {
             (0..tasks).for_each(run);
         } else {
             (0..tasks).into_par_iter().for_each(run);
         }
-        Ok(())
     }
+}
+
+/// The layer norm that ends a BERT sub-layer, for [`PackedLinear::forward_add_norm`]:
+/// `residual` is as long as the product, the vectors `out_features` long.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AddNorm<'a> {
+    pub(crate) residual: &'a [f32],
+    pub(crate) x_bias: &'a [f32],
+    pub(crate) weight: &'a [f32],
+    pub(crate) bias: &'a [f32],
+    pub(crate) eps: f32,
 }
 
 /// `dst`'s base pointer, shared by the tasks (each writes its own rectangle).
@@ -433,5 +559,73 @@ fn tile<S: Simd, const MR: usize, const V: usize>(
             }
         }
         row[col..col + cols].copy_from_slice(&out[..cols]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Activation, AddNorm, PackedLinear};
+    use crate::cpu::{Isa, add_layer_norm_slice};
+
+    fn values(seed: u32, n: usize) -> Vec<f32> {
+        let mut x = seed.max(1);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                #[allow(clippy::cast_precision_loss)]
+                let v = x as f32 / u32::MAX as f32;
+                v * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The fused norm writes what the product followed by `add_layer_norm` writes, bit for
+    /// bit, whether the tasks own whole rows (fused) or split the columns (two steps).
+    #[test]
+    fn forward_add_norm_equals_the_product_then_the_norm() {
+        let (n, k) = (100, 70);
+        for isa in Isa::available() {
+            let w = PackedLinear::new(isa, &values(1, n * k), None, n, k).expect("packs");
+            let (xb, g, b) = (values(2, n), values(3, n), values(4, n));
+            for rows in [1, 7, 16, 100, 256] {
+                let a = values(5, rows * k);
+                let residual = values(6, rows * n);
+                let norm = AddNorm {
+                    residual: &residual,
+                    x_bias: &xb,
+                    weight: &g,
+                    bias: &b,
+                    eps: 1e-12,
+                };
+                let (mut dst, mut out) = (vec![0.0; rows * n], vec![f32::NAN; rows * n]);
+                w.forward_add_norm(&a, &mut dst, rows, norm, &mut out)
+                    .expect("fused");
+                let (mut dst2, mut out2) = (vec![0.0; rows * n], vec![0.0; rows * n]);
+                w.forward(&a, &mut dst2, rows, Activation::Identity)
+                    .expect("product");
+                add_layer_norm_slice(isa, &dst2, &residual, &xb, &g, &b, 1e-12, &mut out2)
+                    .expect("norm");
+                assert_eq!(dst, dst2, "{isa:?}, {rows} rows: product");
+                let same = out
+                    .iter()
+                    .zip(&out2)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{isa:?}, {rows} rows: norm");
+            }
+            let mut short = vec![0.0; n];
+            let norm = AddNorm {
+                residual: &xb,
+                x_bias: &xb,
+                weight: &g,
+                bias: &b[1..],
+                eps: 1e-12,
+            };
+            assert!(
+                w.forward_add_norm(&values(7, k), &mut vec![0.0; n], 1, norm, &mut short)
+                    .is_err()
+            );
+        }
     }
 }

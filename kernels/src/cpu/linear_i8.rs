@@ -25,6 +25,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::linear::AddNorm;
 use super::quant::{Int8Isa, QuantizedRows, quantize_rows, quantize_weights};
 use super::split::Split;
 use super::{Activation, CpuKernelError, PackedLinear};
@@ -378,6 +379,36 @@ impl BertLinear {
         match self {
             BertLinear::Fp32(l) => l.forward(a, dst, rows, act),
             BertLinear::Int8(l) => l.forward(a, dst, rows, act),
+        }
+    }
+
+    /// `dst = a · wᵀ (+ bias)`, then `out = layer_norm(dst + norm.x_bias + norm.residual)`:
+    /// fused on f32 (see [`PackedLinear::forward_add_norm`]), two steps on int8 (the norm
+    /// on `isa`).
+    pub(crate) fn forward_add_norm(
+        &self,
+        isa: super::Isa,
+        a: &[f32],
+        dst: &mut [f32],
+        rows: usize,
+        norm: AddNorm<'_>,
+        out: &mut [f32],
+    ) -> Result<(), CpuKernelError> {
+        match self {
+            BertLinear::Fp32(l) => l.forward_add_norm(a, dst, rows, norm, out),
+            BertLinear::Int8(l) => {
+                l.forward(a, dst, rows, Activation::Identity)?;
+                super::add_layer_norm_slice(
+                    isa,
+                    dst,
+                    norm.residual,
+                    norm.x_bias,
+                    norm.weight,
+                    norm.bias,
+                    norm.eps,
+                    out,
+                )
+            }
         }
     }
 }

@@ -82,6 +82,11 @@ impl Split {
         }
     }
 
+    /// Ranges of panels the columns are cut into (1: every task owns whole rows).
+    pub(crate) fn col_tasks(&self) -> usize {
+        self.col_tasks
+    }
+
     /// How many tasks.
     pub(crate) fn tasks(&self) -> usize {
         self.row_tasks * self.col_tasks
