@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use super::simd::{Simd, WithSimd, dispatch};
 use super::softmax::softmax_row;
+use super::split::SharedOut;
 use super::{CpuKernelError, Isa};
 
 /// The dimensions of one [`attention`] call.
@@ -179,7 +180,7 @@ fn attention_strided(
     let groups = heads.div_ceil(per_group);
     #[allow(clippy::cast_precision_loss)]
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let base = OutPtr(out.as_mut_ptr());
+    let base = SharedOut::new(out);
     let task = |t: usize| {
         let (b, g) = (t / groups, t % groups);
         let first = g * per_group;
@@ -218,28 +219,6 @@ fn attention_strided(
     }
     Ok(())
 }
-
-/// `out`'s base pointer, shared by the tasks (each writes its own sequence's head columns).
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-
-impl OutPtr {
-    /// The element `offset` past the base (a method, so closures capture the whole `Sync`
-    /// wrapper, not its raw field).
-    ///
-    /// # Safety
-    ///
-    /// `offset` is within `out`.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: the caller keeps `offset` within `out`.
-        unsafe { self.0.add(offset) }
-    }
-}
-
-// SAFETY: the tasks that share it write disjoint parts of `out` (see `attention_strided`).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
 
 /// One task: every query of one sequence, for a range of heads.
 struct AttentionBlock<'a> {

@@ -107,17 +107,7 @@ pub fn add_layer_norm(
         .zip(residual.par_chunks(rows_per_block * n))
         .zip(out.par_chunks_mut(rows_per_block * n))
         .for_each(|((x, r), out)| {
-            dispatch(
-                isa,
-                LayerNormRows {
-                    x,
-                    residual: Some((r, x_bias)),
-                    out,
-                    weight,
-                    bias,
-                    eps,
-                },
-            );
+            add_layer_norm_rows(isa, x, r, x_bias, weight, bias, eps, out);
         });
     Ok(())
 }

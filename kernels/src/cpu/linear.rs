@@ -27,7 +27,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::simd::{Simd, WithSimd, dispatch, gelu};
-use super::split::Split;
+use super::split::{SharedOut, Split};
 use super::{CpuKernelError, Isa};
 
 /// The largest [`nv`].
@@ -229,20 +229,11 @@ impl PackedLinear {
         let split = self.split(rows);
         if split.col_tasks() > 1 {
             self.forward(a, dst, rows, Activation::Identity)?;
-            let AddNorm {
-                residual,
-                x_bias,
-                weight,
-                bias,
-                eps,
-            } = norm;
-            return super::add_layer_norm_slice(
-                self.isa, dst, residual, x_bias, weight, bias, eps, out,
-            );
+            return norm.apply(self.isa, dst, out);
         }
         self.check(a, dst, rows)?;
         let isa = self.isa;
-        let base = DstPtr(out.as_mut_ptr());
+        let base = SharedOut::new(out);
         let then = |range: Range<usize>, done: &[f32]| {
             // SAFETY: `out` is as long as `dst` (checked above), and the task that calls this
             // owns rows `range` of both alone (whole rows: one column task).
@@ -302,7 +293,7 @@ impl PackedLinear {
     ) {
         debug_assert!(then.is_none() || split.col_tasks() == 1);
         let (n, k) = (self.out_features, self.in_features);
-        let out = DstPtr(dst.as_mut_ptr());
+        let out = SharedOut::new(dst);
         let run = |t: usize| {
             let (row_range, panel_range) = split.task(t);
             let cols = panel_range.start * self.nr..(panel_range.end * self.nr).min(n);
@@ -357,26 +348,24 @@ pub(crate) struct AddNorm<'a> {
     pub(crate) eps: f32,
 }
 
-/// `dst`'s base pointer, shared by the tasks (each writes its own rectangle).
-#[derive(Clone, Copy)]
-struct DstPtr(*mut f32);
-impl DstPtr {
-    /// The element `offset` past the base (a method, so closures capture the whole
-    /// `Sync` wrapper, not its raw field).
-    ///
-    /// # Safety
-    ///
-    /// `offset` is within `dst`.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: the caller keeps `offset` within `dst`.
-        unsafe { self.0.add(offset) }
+impl AddNorm<'_> {
+    /// `out = layer_norm(dst + x_bias + residual)` over rayon's pool, as a step of its own.
+    pub(crate) fn apply(
+        self,
+        isa: Isa,
+        dst: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), CpuKernelError> {
+        let AddNorm {
+            residual,
+            x_bias,
+            weight,
+            bias,
+            eps,
+        } = self;
+        super::add_layer_norm_slice(isa, dst, residual, x_bias, weight, bias, eps, out)
     }
 }
-
-// SAFETY: the tasks that share it write disjoint parts of `dst` (see `forward`).
-unsafe impl Send for DstPtr {}
-// SAFETY: as above.
-unsafe impl Sync for DstPtr {}
 
 /// One task: rows of `a` against a range of column panels.
 struct Block<'a, 'd> {

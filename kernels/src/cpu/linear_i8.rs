@@ -398,16 +398,7 @@ impl BertLinear {
             BertLinear::Fp32(l) => l.forward_add_norm(a, dst, rows, norm, out),
             BertLinear::Int8(l) => {
                 l.forward(a, dst, rows, Activation::Identity)?;
-                super::add_layer_norm_slice(
-                    isa,
-                    dst,
-                    norm.residual,
-                    norm.x_bias,
-                    norm.weight,
-                    norm.bias,
-                    norm.eps,
-                    out,
-                )
+                norm.apply(isa, dst, out)
             }
         }
     }

@@ -102,6 +102,35 @@ impl Split {
     }
 }
 
+/// An output buffer's base pointer, shared by the tasks of one parallel step that each
+/// write their own disjoint part of it (rows, or a rectangle of rows × columns). The
+/// callers make their slices from it and say why those do not overlap.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(*mut f32);
+
+impl SharedOut {
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        SharedOut(out.as_mut_ptr())
+    }
+
+    /// The element `offset` past the base (a method, so closures capture the whole
+    /// `Sync` wrapper, not its raw field).
+    ///
+    /// # Safety
+    ///
+    /// `offset` is within the buffer.
+    pub(crate) unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: the caller keeps `offset` within the buffer.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+// SAFETY: the tasks that share it write disjoint parts of the buffer (each caller's
+// SAFETY comment says how), and the buffer's borrow outlives the parallel step.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
 #[cfg(test)]
 mod tests {
     use super::Split;
