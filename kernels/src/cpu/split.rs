@@ -12,11 +12,15 @@
 use std::ops::Range;
 
 /// Row blocks per thread that a product is cut into before its blocks reach `mc` rows.
-/// MiniLM, 2 threads, Zen 4 (paired runs of `embedding_throughput`, 8 rounds): 256 rows in
-/// 32 one-tile blocks ran 1-2% faster than in 8 blocks of 32 rows, 512 rows 1-3%; 4,096
-/// rows in one-tile blocks ran 6% slower than in 48-row blocks (each block streams all the
-/// weights past its rows), so large products keep `mc`.
-const TASKS_PER_THREAD: usize = 16;
+/// MiniLM, 2 threads, Zen 4 (paired runs of `embedding_throughput`): 256 rows in 32
+/// one-tile blocks ran 1-2% faster than in 8 blocks of 32 rows; 512 rows in 64 one-tile
+/// blocks 2-3% faster than in 32 of two tiles, and those 1-3% faster than 16 of four;
+/// 2,048 rows the same in 64 blocks of 32 rows as in 43 of 48; 4,096 rows in one-tile
+/// blocks ran 6% slower than in 48-row blocks (each block streams all the weights past its
+/// rows), so large products keep `mc`.
+const TASKS_PER_THREAD: usize = 32;
+/// Row blocks per thread past which unequal blocks (by one tile) no longer matter.
+const MANY_PER_THREAD: usize = 32;
 
 /// The tasks of a `rows × panels` product: `row_tasks` blocks of register tiles (equal in
 /// tiles where a count that is a multiple of the threads allows it, else differing by at
@@ -49,7 +53,7 @@ impl Split {
         let least = tiles.div_ceil(per_block);
         let row_tasks = if threads == 1 || least == 1 {
             least
-        } else if least >= 2 * TASKS_PER_THREAD * threads {
+        } else if least >= MANY_PER_THREAD * threads {
             // Blocks enough that one more or less at the end is noise.
             least.next_multiple_of(threads).min(tiles)
         } else {
@@ -168,8 +172,8 @@ mod tests {
     #[test]
     fn equal_tasks_a_multiple_of_the_threads() {
         // MiniLM's 16-token batches of 1, 8, 16 and 32 on AVX-512's 8-row tiles, 2 threads:
-        // at least 16 row blocks per thread down to one tile each, then columns split.
-        for (rows, tasks, rows_each) in [(128, 16, 8), (256, 32, 8), (512, 32, 16)] {
+        // at least 32 row blocks per thread down to one tile each, then columns split.
+        for (rows, tasks, rows_each) in [(128, 16, 8), (256, 32, 8), (512, 64, 8)] {
             let s = Split::new(rows, 8, 48, 8, 2);
             assert_eq!(s.tasks(), tasks, "{rows} rows: {s:?}");
             for t in 0..s.tasks() {
